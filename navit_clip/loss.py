@@ -1,0 +1,382 @@
+"""Exact global contrastive losses (CLIP softmax and SigLIP sigmoid), chunked around a ring of ranks.
+
+Neither the global N x N nor the local b x N logit matrix is ever built: every rank keeps its image
+embeddings, text chunks travel around the ring (send to rank+1, receive from rank-1) in tiles, and
+the backward pass recomputes tiles instead of saving them. Memory saved for backward is O(b * D).
+
+Shape legend: b local slots, D embedding width, t rows/columns of one tile, W world size,
+N valid slots in the global batch (all ranks).
+
+Math (softmax), with s = exp(logit_scale) clamped to max_scale:
+    z_ij = s <I_i, T_j>,  a_i = logsumexp_j z_ij,  c_j = logsumexp_i z_ij
+    L = 1/(2N) [sum_i (a_i - z_ii) + sum_j (c_j - z_jj)]
+    G_ij = (exp(z_ij - a_i) + exp(z_ij - c_j) - 2 delta_ij) / (2N)
+    dL/dI_i = s sum_j G_ij T_j,  dL/dT_j = s sum_i G_ij I_i,  dL/ds = sum_ij G_ij <I_i, T_j>
+The loss imports no model code: it sees embeddings, a validity mask and the temperature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+NEG_INF = float("-inf")
+
+
+class _Ring:
+    """Point-to-point neighbours of this rank in `group` (or a single process with no group)."""
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        if group is None and not (dist.is_available() and dist.is_initialized()):
+            self.group, self.rank, self.world = None, 0, 1
+            return
+        self.group = group if group is not None else dist.group.WORLD
+        self.world = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.world)
+        self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.world)
+
+    def start_shift(self, tensors: list[torch.Tensor], first_tag: int = 0) -> tuple[list[torch.Tensor], list]:
+        """Post sends of `tensors` to rank+1 and receives of the same shapes from rank-1.
+
+        Every tensor in flight at once gets its own tag, so messages can never be matched crosswise.
+        """
+        received = [torch.empty_like(t) for t in tensors]
+        works = []
+        for tag, (out, into) in enumerate(zip(tensors, received), start=first_tag):
+            works.append(dist.isend(out.contiguous(), self.next, group=self.group, tag=tag))
+            works.append(dist.irecv(into, self.prev, group=self.group, tag=tag))
+        return received, works
+
+    def shift(self, tensors: list[torch.Tensor], first_tag: int = 0) -> list[torch.Tensor]:
+        received, works = self.start_shift(tensors, first_tag)
+        for w in works:
+            w.wait()
+        return received
+
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def global_count(self, valid_b: torch.Tensor) -> int:
+        """N, the number of valid slots over all ranks; checks every rank has the same b."""
+        counts = torch.tensor([valid_b.numel(), int(valid_b.sum())], dtype=torch.long)
+        if self.world == 1:
+            return int(counts[1])
+        gathered = [torch.empty_like(counts) for _ in range(self.world)]
+        dist.all_gather(gathered, counts, group=self.group)
+        sizes = {int(g[0]) for g in gathered}
+        if len(sizes) != 1:
+            raise ValueError(f"every rank must pass the same number of slots to the loss; got {sorted(sizes)}")
+        return int(sum(int(g[1]) for g in gathered))
+
+
+def _ring_pass(
+    ring: _Ring,
+    chunk: list[torch.Tensor],
+    carry: list[torch.Tensor],
+    visit: Callable[[int, list[torch.Tensor], list[torch.Tensor]], None],
+) -> list[torch.Tensor]:
+    """Move `chunk` (read-only) and `carry` (updated in place by `visit`) once around the ring.
+
+    At step k this rank visits the chunk owned by rank - k. The chunk for the next step is received
+    while `visit` computes (communication overlapped with compute); the carry, which `visit` updates,
+    moves after it. After W steps the carry is back with the chunk's owner and is returned.
+    """
+    for step in range(ring.world):
+        last = step == ring.world - 1
+        if not last:
+            incoming, works = ring.start_shift(chunk)
+        visit(step, chunk, carry)
+        if ring.world > 1:
+            carry = ring.shift(carry, first_tag=len(chunk))
+        if not last:
+            for w in works:
+                w.wait()
+            chunk = incoming
+    return carry
+
+
+def _tiles(n: int, tile: int):
+    for start in range(0, n, tile):
+        yield slice(start, min(start + tile, n))
+
+
+def _masked_bias(valid_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 for valid slots, -inf for padding: added to logits it removes padding from every statistic."""
+    return torch.zeros(valid_b.shape, dtype=dtype, device=valid_b.device).masked_fill(~valid_b, NEG_INF)
+
+
+def _acc(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Upcast to the accumulation dtype: float32, or float64 when an input already is."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return [t.to(dtype) for t in tensors]
+
+
+class _SoftmaxRing(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, img_bD, txt_bD, valid_b, scale, ring: _Ring, tile: int, n_global: int):
+        I_bD, T_bD, s = _acc(img_bD, txt_bD, scale)
+        row_lse_b = torch.full((I_bD.shape[0],), NEG_INF, dtype=I_bD.dtype, device=I_bD.device)
+        bias_b = _masked_bias(valid_b, I_bD.dtype)
+        Is_bD = I_bD * s
+
+        def visit(step, chunk, carry):
+            Tc_bD, bias_c_b = chunk
+            (col_lse_b,) = carry
+            for rows in _tiles(Is_bD.shape[0], tile):
+                for cols in _tiles(Tc_bD.shape[0], tile):
+                    z_tt = Is_bD[rows] @ Tc_bD[cols].T
+                    z_tt += bias_b[rows, None]
+                    z_tt += bias_c_b[None, cols]
+                    row_lse_b[rows] = torch.logaddexp(row_lse_b[rows], z_tt.logsumexp(1))
+                    col_lse_b[cols] = torch.logaddexp(col_lse_b[cols], z_tt.logsumexp(0))
+
+        (col_lse_b,) = _ring_pass(ring, [T_bD, bias_b], [torch.full_like(row_lse_b, NEG_INF)], visit)
+        diag_b = (Is_bD * T_bD).sum(1)
+        local = (row_lse_b[valid_b].sum() + col_lse_b[valid_b].sum() - 2 * diag_b[valid_b].sum()) / (2 * n_global)
+        loss = ring.all_reduce_sum(local.detach().clone())
+        # Padding slots: finite placeholders, so exp(-inf - lse) is 0 instead of NaN in backward.
+        ctx.save_for_backward(img_bD, txt_bD, valid_b, scale, row_lse_b.masked_fill(~valid_b, 0), col_lse_b.masked_fill(~valid_b, 0))
+        ctx.ring, ctx.tile, ctx.n_global = ring, tile, n_global
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        img_bD, txt_bD, valid_b, scale, row_lse_b, col_lse_b = ctx.saved_tensors
+        ring, tile, n = ctx.ring, ctx.tile, ctx.n_global
+        I_bD, T_bD, s = _acc(img_bD, txt_bD, scale)
+        bias_b = _masked_bias(valid_b, I_bD.dtype)
+        dI_bD = torch.zeros_like(I_bD)
+        ds = torch.zeros((), dtype=I_bD.dtype, device=I_bD.device)
+
+        def visit(step, chunk, carry):
+            nonlocal ds
+            Tc_bD, bias_c_b, col_lse_c_b = chunk
+            (dTc_bD,) = carry
+            for rows in _tiles(I_bD.shape[0], tile):
+                for cols in _tiles(Tc_bD.shape[0], tile):
+                    dot_tt = I_bD[rows] @ Tc_bD[cols].T
+                    z_tt = dot_tt * s + bias_b[rows, None] + bias_c_b[None, cols]
+                    G_tt = (torch.exp(z_tt - row_lse_b[rows, None]) + torch.exp(z_tt - col_lse_c_b[None, cols])) / (2 * n)
+                    dI_bD[rows] += G_tt @ Tc_bD[cols]
+                    dTc_bD[cols] += G_tt.T @ I_bD[rows]
+                    ds += (G_tt * dot_tt).sum()
+
+        (dT_bD,) = _ring_pass(ring, [T_bD, bias_b, col_lse_b], [torch.zeros_like(T_bD)], visit)
+        # The -2 delta_ij / (2N) part of G: only this rank's own pairs, valid ones only.
+        v_b1 = valid_b[:, None].to(I_bD.dtype)
+        dI_bD -= T_bD * v_b1 / n
+        dT_bD -= I_bD * v_b1 / n
+        ds -= (I_bD * T_bD * v_b1).sum() / n
+        # DDP/FSDP average gradients over ranks; scaling by W makes the average the global gradient.
+        g = grad_loss.to(I_bD.dtype) * ring.world
+        dI_bD, dT_bD, ds = dI_bD * (s * g), dT_bD * (s * g), ds * g
+        return dI_bD.to(img_bD.dtype), dT_bD.to(txt_bD.dtype), None, ds.to(scale.dtype).reshape(scale.shape), None, None, None
+
+
+class _SigmoidRing(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, img_bD, txt_bD, valid_b, scale, logit_bias, ring: _Ring, tile: int, n_global: int):
+        I_bD, T_bD, s, beta = _acc(img_bD, txt_bD, scale, logit_bias)
+        bias_b = _masked_bias(valid_b, I_bD.dtype)
+        total = torch.zeros((), dtype=I_bD.dtype, device=I_bD.device)
+        Is_bD = I_bD * s
+
+        def visit(step, chunk, carry):
+            nonlocal total
+            Tc_bD, bias_c_b = chunk
+            for rows in _tiles(Is_bD.shape[0], tile):
+                for cols in _tiles(Tc_bD.shape[0], tile):
+                    x_tt = Is_bD[rows] @ Tc_bD[cols].T + beta
+                    # -log sigmoid(-x) = softplus(x) for every (negative) pair; padding adds -inf -> 0.
+                    keep_tt = torch.isfinite(bias_b[rows, None] + bias_c_b[None, cols])
+                    total += F.softplus(x_tt).masked_fill(~keep_tt, 0).sum()
+
+        _ring_pass(ring, [T_bD, bias_b], [], visit)
+        # Positive pairs: softplus(-x) - softplus(x) = -x corrects the diagonal, which was counted as negative.
+        diag_b = (Is_bD * T_bD).sum(1) + beta
+        local = (total - diag_b[valid_b].sum()) / n_global
+        loss = ring.all_reduce_sum(local.detach().clone())
+        ctx.save_for_backward(img_bD, txt_bD, valid_b, scale, logit_bias)
+        ctx.ring, ctx.tile, ctx.n_global = ring, tile, n_global
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        img_bD, txt_bD, valid_b, scale, logit_bias = ctx.saved_tensors
+        ring, tile, n = ctx.ring, ctx.tile, ctx.n_global
+        I_bD, T_bD, s, beta = _acc(img_bD, txt_bD, scale, logit_bias)
+        bias_b = _masked_bias(valid_b, I_bD.dtype)
+        dI_bD = torch.zeros_like(I_bD)
+        ds = torch.zeros((), dtype=I_bD.dtype, device=I_bD.device)
+        dbeta = torch.zeros((), dtype=I_bD.dtype, device=I_bD.device)
+
+        def visit(step, chunk, carry):
+            nonlocal ds, dbeta
+            Tc_bD, bias_c_b = chunk
+            (dTc_bD,) = carry
+            for rows in _tiles(I_bD.shape[0], tile):
+                for cols in _tiles(Tc_bD.shape[0], tile):
+                    dot_tt = I_bD[rows] @ Tc_bD[cols].T
+                    # d softplus(x)/dx = sigmoid(x); the -inf mask bias sends padding pairs to 0.
+                    G_tt = torch.sigmoid(dot_tt * s + beta + bias_b[rows, None] + bias_c_b[None, cols]) / n
+                    dI_bD[rows] += G_tt @ Tc_bD[cols]
+                    dTc_bD[cols] += G_tt.T @ I_bD[rows]
+                    ds += (G_tt * dot_tt).sum()
+                    dbeta += G_tt.sum()
+
+        (dT_bD,) = _ring_pass(ring, [T_bD, bias_b], [torch.zeros_like(T_bD)], visit)
+        v_b1 = valid_b[:, None].to(I_bD.dtype)
+        dI_bD -= T_bD * v_b1 / n
+        dT_bD -= I_bD * v_b1 / n
+        ds -= (I_bD * T_bD * v_b1).sum() / n
+        dbeta -= valid_b.sum().to(I_bD.dtype) / n
+        g = grad_loss.to(I_bD.dtype) * ring.world
+        return (
+            (dI_bD * (s * g)).to(img_bD.dtype),
+            (dT_bD * (s * g)).to(txt_bD.dtype),
+            None,
+            (ds * g).to(scale.dtype).reshape(scale.shape),
+            (dbeta * g).to(logit_bias.dtype).reshape(logit_bias.shape),
+            None,
+            None,
+            None,
+        )
+
+
+def _direct_clip_loss(img_bD, txt_bD, valid_b, scale) -> torch.Tensor:
+    """Single-process softmax loss with ordinary autograd (small batches: one matrix is cheap)."""
+    I_nD, T_nD = img_bD[valid_b].float(), txt_bD[valid_b].float()
+    if I_nD.shape[0] == 0:
+        return (img_bD.sum() + txt_bD.sum() + scale).float() * 0
+    logits_nn = scale.float() * I_nD @ T_nD.T
+    labels = torch.arange(I_nD.shape[0], device=I_nD.device)
+    return (F.cross_entropy(logits_nn, labels) + F.cross_entropy(logits_nn.T, labels)) / 2
+
+
+def _direct_sigmoid_loss(img_bD, txt_bD, valid_b, scale, logit_bias) -> torch.Tensor:
+    I_nD, T_nD = img_bD[valid_b].float(), txt_bD[valid_b].float()
+    n = I_nD.shape[0]
+    if n == 0:
+        return (img_bD.sum() + txt_bD.sum() + scale + logit_bias).float() * 0
+    x_nn = scale.float() * I_nD @ T_nD.T + logit_bias.float()
+    y_nn = 2 * torch.eye(n, device=x_nn.device) - 1
+    return -F.logsigmoid(y_nn * x_nn).sum() / n
+
+
+def _check_inputs(img_bD, txt_bD, valid_b) -> torch.Tensor:
+    if img_bD.ndim != 2 or img_bD.shape != txt_bD.shape:
+        raise ValueError(f"image and text embeddings must both be [N_local, D]; got {tuple(img_bD.shape)} and {tuple(txt_bD.shape)}")
+    if valid_b is None:
+        return torch.ones(img_bD.shape[0], dtype=torch.bool, device=img_bD.device)
+    if valid_b.shape != img_bD.shape[:1]:
+        raise ValueError(f"valid mask must be [N_local]={img_bD.shape[0]}; got {tuple(valid_b.shape)}")
+    return valid_b.bool()
+
+
+def clip_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    valid: torch.Tensor | None,
+    logit_scale: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    tile_size: int = 1024,
+    max_scale: float = 100.0,
+    direct_max_slots: int = 2048,
+) -> torch.Tensor:
+    """Exact symmetric CLIP loss over the global batch of every rank in `group`.
+
+    Args:
+        image_emb, text_emb: [N_local, D] embeddings of this rank (any float dtype; the logits, LSEs
+            and gradient accumulators are float32 with max subtraction). Pair i is (image i, text i).
+            Every rank must pass the same N_local.
+        valid: [N_local] bool, False for padding slots (excluded from statistics and from N; their
+            gradient is exactly zero). None means all valid. A rank may have no valid slot.
+        logit_scale: the learnable temperature in log space, as open_clip's `logit_scale`;
+            s = exp(logit_scale) is clamped to `max_scale`.
+        group: process group (default: the default group if one is initialised, else one process).
+        tile_size: rows/columns of one logit tile; bounds the transient memory to tile_size^2 floats.
+        direct_max_slots: in a single process with at most this many slots, ordinary autograd over
+            the b x b matrix is used (faster for small batches); otherwise the tiled path.
+    Returns:
+        The global loss (the same value on every rank).
+
+    Gradient scale: every rank's gradients are W times its share, so that after the mean all-reduce
+    DDP and FSDP apply to replicated parameters, each gradient (the temperature's included) equals
+    the gradient of the single-process loss over the global batch. Do not all-reduce the temperature
+    gradient yourself; without DDP/FSDP averaging, divide gradients by W.
+    """
+    valid = _check_inputs(image_emb, text_emb, valid)
+    ring = _Ring(group)
+    scale = logit_scale.exp().clamp(max=max_scale)
+    if ring.world == 1 and image_emb.shape[0] <= direct_max_slots:
+        return _direct_clip_loss(image_emb, text_emb, valid, scale)
+    n_global = max(ring.global_count(valid), 1)
+    return _SoftmaxRing.apply(image_emb, text_emb, valid, scale, ring, tile_size, n_global)
+
+
+def sigmoid_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    valid: torch.Tensor | None,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    tile_size: int = 1024,
+    max_scale: float = 100.0,
+    direct_max_slots: int = 2048,
+) -> torch.Tensor:
+    """Exact SigLIP loss -(1/N) sum_ij log sigmoid(y_ij (s <I_i, T_j> + bias)) over the global batch.
+
+    y_ij = +1 for matching pairs and -1 otherwise. Same arguments, ring, tiling and gradient-scale
+    convention as `clip_loss`, plus the learnable `logit_bias`.
+    """
+    valid = _check_inputs(image_emb, text_emb, valid)
+    ring = _Ring(group)
+    scale = logit_scale.exp().clamp(max=max_scale)
+    if ring.world == 1 and image_emb.shape[0] <= direct_max_slots:
+        return _direct_sigmoid_loss(image_emb, text_emb, valid, scale, logit_bias)
+    n_global = max(ring.global_count(valid), 1)
+    return _SigmoidRing.apply(image_emb, text_emb, valid, scale, logit_bias, ring, tile_size, n_global)
+
+
+class ContrastiveLoss(nn.Module):
+    """Module form of `clip_loss` / `sigmoid_loss` (kind='softmax' or 'sigmoid').
+
+    forward(image_emb [N_local, D], text_emb [N_local, D], valid [N_local], logit_scale, logit_bias=None)
+    """
+
+    def __init__(
+        self,
+        kind: str = "softmax",
+        group: dist.ProcessGroup | None = None,
+        tile_size: int = 1024,
+        max_scale: float = 100.0,
+        direct_max_slots: int = 2048,
+    ):
+        super().__init__()
+        if kind not in ("softmax", "sigmoid"):
+            raise ValueError(f"loss kind={kind!r} must be 'softmax' or 'sigmoid'")
+        if tile_size < 1:
+            raise ValueError(f"tile_size={tile_size} must be positive")
+        self.kind, self.group, self.tile_size = kind, group, tile_size
+        self.max_scale, self.direct_max_slots = max_scale, direct_max_slots
+
+    def forward(self, image_emb, text_emb, valid, logit_scale, logit_bias=None) -> torch.Tensor:
+        opts = dict(group=self.group, tile_size=self.tile_size, max_scale=self.max_scale, direct_max_slots=self.direct_max_slots)
+        if self.kind == "sigmoid":
+            if logit_bias is None:
+                raise ValueError("the sigmoid loss needs logit_bias (SigLIP initialises it to -10)")
+            return sigmoid_loss(image_emb, text_emb, valid, logit_scale, logit_bias, **opts)
+        return clip_loss(image_emb, text_emb, valid, logit_scale, **opts)
+
+
+__all__ = ["ContrastiveLoss", "clip_loss", "sigmoid_loss"]

@@ -1,0 +1,83 @@
+"""Factorized 2D position embeddings: phi_y(row) + phi_x(col), summed (NaViT section 2.1).
+
+Shape legend: B sequences, L tokens, D width.
+
+Variants:
+    learned     absolute patch index into a learned table per axis (the paper's best). Indices past
+                the table (max_grid) are clamped to its last row.
+    fractional  coordinate / grid side in [0, 1), read from a learned table by linear interpolation;
+                any grid size maps onto the same table.
+    sinusoidal  fixed sin/cos of the absolute index, as in the original Transformer.
+    fourier     learned Fourier features of the absolute index: cos/sin of learned frequencies,
+                then a linear map to D.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+POSEMB_KINDS = ("learned", "fractional", "sinusoidal", "fourier")
+
+
+def _interpolate_rows(table_TD: torch.Tensor, pos_BL: torch.Tensor) -> torch.Tensor:
+    """Read a table at fractional row positions in [0, T-1] by linear interpolation: -> [B, L, D]."""
+    T = table_TD.shape[0]
+    pos_BL = pos_BL.clamp(0, T - 1)
+    lo_BL = pos_BL.floor().long().clamp(max=T - 2) if T > 1 else torch.zeros_like(pos_BL, dtype=torch.long)
+    hi_BL = (lo_BL + 1).clamp(max=T - 1)
+    frac_BL1 = (pos_BL - lo_BL.to(pos_BL.dtype)).unsqueeze(-1)
+    return table_TD[lo_BL] * (1 - frac_BL1) + table_TD[hi_BL] * frac_BL1
+
+
+def _sinusoid(pos_BL: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=pos_BL.device, dtype=torch.float32) / half)
+    angle_BLh = pos_BL.float().unsqueeze(-1) * freq
+    return torch.cat([angle_BLh.sin(), angle_BLh.cos()], dim=-1)
+
+
+class FactorizedPosEmb(nn.Module):
+    """phi_y(row) + phi_x(col) for every token of a packed batch.
+
+    forward(coords [B, L, 2] (row, col), grid [B, L, 2] (h, w)) -> [B, L, D] float32.
+    """
+
+    def __init__(self, kind: str, dim: int, max_grid: int = 64, fourier_features: int = 64):
+        super().__init__()
+        if kind not in POSEMB_KINDS:
+            raise ValueError(f"posemb={kind!r} is not one of {POSEMB_KINDS}")
+        if dim % 2:
+            raise ValueError(f"width {dim} must be even for factorized position embeddings")
+        self.kind, self.dim, self.max_grid = kind, dim, max_grid
+        if kind in ("learned", "fractional"):
+            self.table_y = nn.Parameter(torch.randn(max_grid, dim) * 0.02)
+            self.table_x = nn.Parameter(torch.randn(max_grid, dim) * 0.02)
+        elif kind == "fourier":
+            # Frequencies in cycles per patch, initialised over the band a grid of max_grid can hold.
+            self.freq_y = nn.Parameter(torch.randn(fourier_features) / max_grid * 2)
+            self.freq_x = nn.Parameter(torch.randn(fourier_features) / max_grid * 2)
+            self.proj_y = nn.Linear(2 * fourier_features, dim, bias=False)
+            self.proj_x = nn.Linear(2 * fourier_features, dim, bias=False)
+
+    def _axis(self, pos_BL: torch.Tensor, side_BL: torch.Tensor, axis: str) -> torch.Tensor:
+        if self.kind == "learned":
+            table = self.table_y if axis == "y" else self.table_x
+            return table[pos_BL.clamp(max=self.max_grid - 1)]
+        if self.kind == "fractional":
+            table = self.table_y if axis == "y" else self.table_x
+            frac_BL = pos_BL.float() / side_BL.clamp(min=1).float()
+            return _interpolate_rows(table, frac_BL * (self.max_grid - 1))
+        if self.kind == "sinusoidal":
+            return _sinusoid(pos_BL, self.dim)
+        freq = self.freq_y if axis == "y" else self.freq_x
+        proj = self.proj_y if axis == "y" else self.proj_x
+        angle_BLF = 2 * math.pi * pos_BL.float().unsqueeze(-1) * freq
+        return proj(torch.cat([angle_BLF.cos(), angle_BLF.sin()], dim=-1))
+
+    def forward(self, coords_BL2: torch.Tensor, grid_BL2: torch.Tensor) -> torch.Tensor:
+        return self._axis(coords_BL2[..., 0], grid_BL2[..., 0], "y") + self._axis(
+            coords_BL2[..., 1], grid_BL2[..., 1], "x"
+        )

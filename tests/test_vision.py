@@ -1,0 +1,170 @@
+import pytest
+import torch
+
+from navit_clip.model import NaViT, VisionConfig
+from navit_clip.model.attention import AttentionPlan, block_attention
+from navit_clip.packing import build_packed_batch, first_fit, patchify
+
+P = 4
+
+
+def tiny(**kw) -> NaViT:
+    torch.manual_seed(0)
+    cfg = dict(patch_size=P, width=32, depth=2, heads=4, seq_len=64, max_images=4, attn_backend="dense")
+    cfg.update(kw)
+    return NaViT(VisionConfig(**cfg)).eval()
+
+
+def images(seed=0, n=6):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(8, 8), (4, 28), (20, 8), (12, 12), (4, 4), (16, 24)][:n]
+    return [torch.rand(3, h, w, generator=g) for h, w in sizes]
+
+
+def rel(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm()) if b.norm() > 0 else float((a - b).norm())
+
+
+def alone(model, img):
+    return model.encode_images([img])[0]
+
+
+@pytest.mark.parametrize("backend", ["dense", "grouped", "flex"])
+@pytest.mark.parametrize("pool", ["map", "mean"])
+def test_packing_invariance(backend, pool):
+    model = tiny(attn_backend=backend, pool=pool)
+    imgs = images()
+    with torch.no_grad():
+        ref = torch.stack([alone(model, im) for im in imgs])
+        for seq_len, max_images in [(64, 4), (96, 6), (64, 2), (40, 8)]:
+            got = model.encode_images(imgs, seq_len=seq_len, max_images=max_images)
+            assert rel(got, ref) < 1e-5, (seq_len, max_images)
+        # reversed order puts every image at another position and in other company
+        got = model.encode_images(imgs[::-1], seq_len=64, max_images=4).flip(0)
+        assert rel(got, ref) < 1e-5
+
+
+def test_image_position_inside_sequence_does_not_matter():
+    model = tiny()
+    imgs = images()
+    cut = [patchify(im, P) for im in imgs]
+    p, c = [x for x, _ in cut], [y for _, y in cut]
+    with torch.no_grad():
+        ref = torch.stack([alone(model, im) for im in imgs])
+        # all images in one long sequence, in two different orders, and with empty slots in between
+        for order in ([0, 1, 2, 3, 4, 5], [5, 3, 1, 0, 4, 2]):
+            batch = build_packed_batch(p, c, [order], seq_len=160, max_images=8, num_seqs=2)
+            pooled = model(batch).pooled
+            for e, ex in enumerate(order):
+                assert rel(pooled[0, e], ref[ex]) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["dense", "grouped"])
+def test_padding_values_change_no_output(backend):
+    model = tiny(attn_backend=backend)
+    imgs = images()
+    cut = [patchify(im, P) for im in imgs]
+    bins, _ = first_fit([x.shape[0] for x, _ in cut], 64, 4)
+    batch = build_packed_batch([x for x, _ in cut], [y for _, y in cut], bins, 64, 4, num_seqs=len(bins) + 1)
+    with torch.no_grad():
+        out1 = model(batch)
+        pad = batch.segment_ids == 0
+        batch.patches[pad] = torch.randn_like(batch.patches[pad]) * 100
+        batch.coords[pad] = 7
+        batch.grid[pad] = 9
+        out2 = model(batch)
+    torch.testing.assert_close(out1.pooled, out2.pooled, rtol=0, atol=0)
+    torch.testing.assert_close(out1.tokens[~pad], out2.tokens[~pad], rtol=0, atol=0)
+    assert torch.all(out1.pooled[~batch.slot_valid] == 0)
+
+
+CUDA = torch.cuda.is_available()
+TRAIN_BACKENDS = ["grouped"] + [pytest.param(b, marks=pytest.mark.cuda) for b in ("flex", "varlen")]
+
+
+@pytest.mark.parametrize("backend", TRAIN_BACKENDS)
+def test_backends_match_dense_outputs_and_grads(backend):
+    if backend in ("flex", "varlen") and not CUDA:
+        pytest.skip("flex and varlen train only on CUDA (on CPU they fall back to dense, tested below)")
+    device = "cuda" if backend in ("flex", "varlen") else "cpu"
+    imgs = images()
+    cut = [patchify(im, P) for im in imgs]
+    bins, _ = first_fit([x.shape[0] for x, _ in cut], 64, 4)
+    batch = build_packed_batch([x for x, _ in cut], [y for _, y in cut], bins, 64, 4, num_seqs=len(bins) + 1)
+    results = {}
+    for b in ("dense", backend):
+        model = tiny(attn_backend=b).train().to(device)
+        out = model(batch.to(device))
+        loss = (out.pooled**2).sum() + (out.tokens[batch.segment_ids > 0] ** 3).mean()
+        loss.backward()
+        results[b] = (out, {n: p.grad.clone().cpu() for n, p in model.named_parameters()})
+    (o_ref, g_ref), (o, g) = results["dense"], results[backend]
+    assert rel(o.pooled, o_ref.pooled) < 1e-5
+    real = batch.segment_ids.to(device) > 0
+    assert rel(o.tokens[real], o_ref.tokens[real]) < 1e-5
+    total = torch.cat([x.flatten() for x in g_ref.values()]).norm()
+    for name in g_ref:
+        if g_ref[name].norm() < 1e-6 * total:
+            # zero in exact arithmetic (a key bias shifts every logit of a row equally): both ~0
+            assert g[name].norm() < 1e-6 * total, name
+        else:
+            assert rel(g[name], g_ref[name]) < 1e-5, name
+
+
+def test_block_attention_kernel_level():
+    torch.manual_seed(1)
+    seg = torch.tensor([[1, 1, 1, 2, 2, 0, 0], [1, 2, 2, 2, 3, 3, 0]])
+    q, k, v = (torch.randn(2, 7, 2, 8, requires_grad=True) for _ in range(3))
+    real = (seg > 0)[..., None, None]
+    outs, grads = {}, {}
+    for b in ("dense", "grouped"):
+        o = block_attention(q, k, v, AttentionPlan.build(seg, b)) * real
+        o.pow(2).sum().backward()
+        outs[b], grads[b] = o, [t.grad.clone() for t in (q, k, v)]
+        for t in (q, k, v):
+            t.grad = None
+    assert rel(outs["grouped"], outs["dense"]) < 1e-5
+    for x, y in zip(grads["grouped"], grads["dense"]):
+        assert rel(x, y) < 1e-5
+    with torch.no_grad():  # FlexAttention on CPU: forward only
+        plan = AttentionPlan.build(seg, "flex")
+        assert plan.backend == "flex"
+        assert rel(block_attention(q.detach(), k.detach(), v.detach(), plan) * real, outs["dense"]) < 1e-5
+    assert AttentionPlan.build(seg, "flex").backend == "dense"  # grad on, CPU: falls back
+
+
+def test_unavailable_backend_falls_back_with_one_notice(caplog):
+    seg = torch.tensor([[1, 1, 0]])
+    with caplog.at_level("WARNING"):
+        plans = [AttentionPlan.build(seg, "varlen") for _ in range(3)]
+    assert all(p.backend == "dense" for p in plans)
+    assert sum("varlen" in r.message for r in caplog.records) <= 1
+    with pytest.raises(ValueError, match="attn_backend"):
+        AttentionPlan.build(seg, "magic")
+
+
+@pytest.mark.parametrize("posemb", ["learned", "fractional", "sinusoidal", "fourier"])
+def test_posemb_variants_on_unseen_grids(posemb):
+    # max_grid=16 is the "training" table: 1 x 40 and 37 x 3 go past it.
+    model = tiny(posemb=posemb, max_grid=16, seq_len=128)
+    imgs = [torch.rand(3, P, 40 * P), torch.rand(3, 37 * P, 3 * P), torch.rand(3, P, P)]
+    with torch.no_grad():
+        out = model.encode_images(imgs)
+    assert out.shape == (3, 32) and torch.isfinite(out).all()
+
+
+def test_encode_images_keeps_input_order_and_raises_seq_len_for_big_images():
+    model = tiny(seq_len=16)
+    imgs = images()
+    with torch.no_grad():
+        out = model.encode_images(imgs)  # the 16 x 24 image has 24 tokens > seq_len=16
+        for i, im in enumerate(imgs):
+            assert rel(out[i], alone(model, im)) < 1e-5
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="divisible"):
+        NaViT(VisionConfig(width=30, heads=4))
+    with pytest.raises(ValueError, match="posemb"):
+        NaViT(VisionConfig(width=32, heads=4, depth=1, posemb="rope"))
