@@ -72,7 +72,9 @@ class _Ring:
         dist.all_gather(gathered, counts, group=self.group)
         sizes = {int(g[0]) for g in gathered}
         if len(sizes) != 1:
-            raise ValueError(f"every rank must pass the same number of slots to the loss; got {sorted(sizes)}")
+            raise ValueError(
+                f"every rank must pass the same number of slots to the loss; got {sorted(sizes)}"
+            )
         return int(sum(int(g[1]) for g in gathered))
 
 
@@ -141,10 +143,19 @@ class _SoftmaxRing(torch.autograd.Function):
 
         (col_lse_b,) = _ring_pass(ring, [T_bD, bias_b], [torch.full_like(row_lse_b, NEG_INF)], visit)
         diag_b = (Is_bD * T_bD).sum(1)
-        local = (row_lse_b[valid_b].sum() + col_lse_b[valid_b].sum() - 2 * diag_b[valid_b].sum()) / (2 * n_global)
+        local = (row_lse_b[valid_b].sum() + col_lse_b[valid_b].sum() - 2 * diag_b[valid_b].sum()) / (
+            2 * n_global
+        )
         loss = ring.all_reduce_sum(local.detach().clone())
         # Padding slots: finite placeholders, so exp(-inf - lse) is 0 instead of NaN in backward.
-        ctx.save_for_backward(img_bD, txt_bD, valid_b, scale, row_lse_b.masked_fill(~valid_b, 0), col_lse_b.masked_fill(~valid_b, 0))
+        ctx.save_for_backward(
+            img_bD,
+            txt_bD,
+            valid_b,
+            scale,
+            row_lse_b.masked_fill(~valid_b, 0),
+            col_lse_b.masked_fill(~valid_b, 0),
+        )
         ctx.ring, ctx.tile, ctx.n_global = ring, tile, n_global
         return loss
 
@@ -165,7 +176,9 @@ class _SoftmaxRing(torch.autograd.Function):
                 for cols in _tiles(Tc_bD.shape[0], tile):
                     dot_tt = I_bD[rows] @ Tc_bD[cols].T
                     z_tt = dot_tt * s + bias_b[rows, None] + bias_c_b[None, cols]
-                    G_tt = (torch.exp(z_tt - row_lse_b[rows, None]) + torch.exp(z_tt - col_lse_c_b[None, cols])) / (2 * n)
+                    G_tt = (
+                        torch.exp(z_tt - row_lse_b[rows, None]) + torch.exp(z_tt - col_lse_c_b[None, cols])
+                    ) / (2 * n)
                     dI_bD[rows] += G_tt @ Tc_bD[cols]
                     dTc_bD[cols] += G_tt.T @ I_bD[rows]
                     ds += (G_tt * dot_tt).sum()
@@ -179,7 +192,15 @@ class _SoftmaxRing(torch.autograd.Function):
         # DDP/FSDP average gradients over ranks; scaling by W makes the average the global gradient.
         g = grad_loss.to(I_bD.dtype) * ring.world
         dI_bD, dT_bD, ds = dI_bD * (s * g), dT_bD * (s * g), ds * g
-        return dI_bD.to(img_bD.dtype), dT_bD.to(txt_bD.dtype), None, ds.to(scale.dtype).reshape(scale.shape), None, None, None
+        return (
+            dI_bD.to(img_bD.dtype),
+            dT_bD.to(txt_bD.dtype),
+            None,
+            ds.to(scale.dtype).reshape(scale.shape),
+            None,
+            None,
+            None,
+        )
 
 
 class _SigmoidRing(torch.autograd.Function):
@@ -274,7 +295,9 @@ def _direct_sigmoid_loss(img_bD, txt_bD, valid_b, scale, logit_bias) -> torch.Te
 
 def _check_inputs(img_bD, txt_bD, valid_b) -> torch.Tensor:
     if img_bD.ndim != 2 or img_bD.shape != txt_bD.shape:
-        raise ValueError(f"image and text embeddings must both be [N_local, D]; got {tuple(img_bD.shape)} and {tuple(txt_bD.shape)}")
+        raise ValueError(
+            f"image and text embeddings must both be [N_local, D]; got {tuple(img_bD.shape)} and {tuple(txt_bD.shape)}"
+        )
     if valid_b is None:
         return torch.ones(img_bD.shape[0], dtype=torch.bool, device=img_bD.device)
     if valid_b.shape != img_bD.shape[:1]:
@@ -371,7 +394,12 @@ class ContrastiveLoss(nn.Module):
         self.max_scale, self.direct_max_slots = max_scale, direct_max_slots
 
     def forward(self, image_emb, text_emb, valid, logit_scale, logit_bias=None) -> torch.Tensor:
-        opts = dict(group=self.group, tile_size=self.tile_size, max_scale=self.max_scale, direct_max_slots=self.direct_max_slots)
+        opts = dict(
+            group=self.group,
+            tile_size=self.tile_size,
+            max_scale=self.max_scale,
+            direct_max_slots=self.direct_max_slots,
+        )
         if self.kind == "sigmoid":
             if logit_bias is None:
                 raise ValueError("the sigmoid loss needs logit_bias (SigLIP initialises it to -10)")

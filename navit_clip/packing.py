@@ -12,6 +12,8 @@ Shape legend:
 
 from __future__ import annotations
 
+import random
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -28,6 +30,24 @@ def grid_size(height: int, width: int, patch_size: int) -> tuple[int, int]:
     if height <= 0 or width <= 0:
         raise ValueError(f"image size {height}x{width} is empty; every side must be at least 1 pixel")
     return max(1, round(height / patch_size)), max(1, round(width / patch_size))
+
+
+def size_for_budget(height: int, width: int, patch_size: int, max_tokens: int) -> tuple[int, int]:
+    """The largest (H, W) with the same aspect ratio whose patch grid holds at most `max_tokens`.
+
+    Images already within budget are returned unchanged. Used to shrink images that would not fit
+    a sequence (`native` resolution) and to evaluate at a fixed token budget per image.
+    """
+    h, w = grid_size(height, width, patch_size)
+    if h * w <= max_tokens:
+        return height, width
+    factor = (max_tokens / (height * width / patch_size**2)) ** 0.5
+    while True:
+        H, W = max(1, int(height * factor)), max(1, int(width * factor))
+        h, w = grid_size(H, W, patch_size)
+        if h * w <= max_tokens:
+            return H, W
+        factor *= 0.98
 
 
 def patchify(image_3HW: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +113,9 @@ class PackedBatch:
         return int(self.slot_valid.sum())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
-        return PackedBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+        return PackedBatch(
+            **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
+        )
 
     def pin_memory(self) -> PackedBatch:
         return PackedBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
@@ -157,12 +179,15 @@ def build_packed_batch(
     seq_len: int,
     max_images: int,
     num_seqs: int | None = None,
+    grids: Sequence[tuple[int, int]] | None = None,
 ) -> PackedBatch:
     """Lay out examples into a `PackedBatch` following a packing plan (`first_fit`'s bins).
 
     Args:
         patches: per example [N_i, C]; coords: per example [N_i, 2] (row, col).
         bins: example indices per sequence. num_seqs: B (>= len(bins)); extra sequences are padding.
+        grids: per example (h, w) of its full patch grid; default: one past the largest coordinate
+            (pass it when tokens were dropped).
     """
     B = len(bins) if num_seqs is None else num_seqs
     if len(bins) > B:
@@ -188,11 +213,13 @@ def build_packed_batch(
             raise ValueError(f"sequence {b} holds {n_total} tokens, more than seq_len={L}")
         seq_coords = torch.cat([coords[i] for i in members])
         lengths = torch.tensor([patches[i].shape[0] for i in members])
-        # The grid of an image is one past its largest (row, col) coordinate.
-        grids = torch.stack([coords[i].max(0).values + 1 for i in members])
+        if grids is None:  # one past the largest (row, col) coordinate
+            seq_grids = torch.stack([coords[i].max(0).values + 1 for i in members])
+        else:
+            seq_grids = torch.tensor([list(grids[i]) for i in members], dtype=torch.long)
         batch.patches[b, :n_total] = seq_patches
         batch.coords[b, :n_total] = seq_coords
-        batch.grid[b, :n_total] = grids.repeat_interleave(lengths, dim=0)
+        batch.grid[b, :n_total] = seq_grids.repeat_interleave(lengths, dim=0)
         batch.segment_ids[b, :n_total] = torch.arange(1, len(members) + 1).repeat_interleave(lengths)
         batch.slot_valid[b, : len(members)] = True
         batch.slot_example[b, : len(members)] = torch.tensor(list(members))
@@ -214,3 +241,145 @@ def unpack_slots(values_BED: torch.Tensor, batch: PackedBatch, num_examples: int
     out = values_BED.new_zeros(num_examples, values_BED.shape[-1])
     out[batch.slot_example[valid]] = values_BED[valid]
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution sampling and token dropping (NaViT sections 3.1 and 3.2). Pure functions of sizes,
+# token counts and a torch.Generator: the data pipeline calls them per image.
+# ---------------------------------------------------------------------------------------------
+
+RESOLUTION_POLICIES = ("native", "side_sampling")
+SIDE_DISTRIBUTIONS = ("uniform", "truncnorm")
+DROP_KINDS = ("none", "fixed", "beta", "resolution")
+
+
+@dataclass
+class ResolutionPolicy:
+    """How each image's size is chosen before patchifying; the aspect ratio is always kept.
+
+    native          the image's own size, shrunk only to fit `max_side` and `seq_len` tokens.
+    side_sampling   the longer side is drawn from [min_side, max_side]: `uniform`, or `truncnorm`,
+                    the paper's best: N(-0.5, 1) truncated to [-1, 1], mapped linearly onto the range
+                    (biased towards low resolutions).
+    """
+
+    kind: str = "native"
+    min_side: int = 64
+    max_side: int = 512
+    distribution: str = "uniform"
+
+    def validate(self) -> None:
+        if self.kind not in RESOLUTION_POLICIES:
+            raise ValueError(f"resolution.kind={self.kind!r} is not one of {RESOLUTION_POLICIES}")
+        if self.distribution not in SIDE_DISTRIBUTIONS:
+            raise ValueError(
+                f"resolution.distribution={self.distribution!r} is not one of {SIDE_DISTRIBUTIONS}"
+            )
+        if not 1 <= self.min_side <= self.max_side:
+            raise ValueError(
+                f"resolution sides must satisfy 1 <= min_side ({self.min_side}) <= max_side ({self.max_side})"
+            )
+
+
+def _truncnorm_unit(rng: random.Random, mean: float = -0.5, std: float = 1.0) -> float:
+    """One draw of N(mean, std) truncated to [-1, 1], by inverse CDF."""
+    normal = statistics.NormalDist(mean, std)
+    lo, hi = normal.cdf(-1.0), normal.cdf(1.0)
+    return normal.inv_cdf(min(max(lo + (hi - lo) * rng.random(), 1e-12), 1 - 1e-12))
+
+
+def target_size(
+    height: int, width: int, policy: ResolutionPolicy, patch_size: int, seq_len: int, rng: random.Random
+) -> tuple[int, int]:
+    """The pixel size (H, W), multiples of `patch_size`, an image is resized to under `policy`.
+
+    The longer side is set (native: kept, at most max_side; side_sampling: drawn), the shorter one
+    follows the aspect ratio, both are rounded to the nearest patch multiple (so the aspect ratio is
+    kept within one patch), and the result is shrunk further if it has more than `seq_len` tokens.
+    """
+    long_side = max(height, width)
+    if policy.kind == "native":
+        side = min(long_side, policy.max_side)
+    else:
+        u = rng.random() if policy.distribution == "uniform" else (_truncnorm_unit(rng) + 1) / 2
+        side = policy.min_side + u * (policy.max_side - policy.min_side)
+    scale = side / long_side
+    H, W = max(1, round(height * scale)), max(1, round(width * scale))
+    H, W = size_for_budget(H, W, patch_size, seq_len)
+    h, w = grid_size(H, W, patch_size)
+    return h * patch_size, w * patch_size
+
+
+@dataclass
+class TokenDropConfig:
+    """Per-image token dropping before packing (freed room takes more images).
+
+    none        keep every token.
+    fixed       every image drops `rate`.
+    beta        rate = u * d_max with u ~ Beta of mean rate / d_max and variance 0.3 * mu * (1 - mu)
+                (the paper's parametrisation; `rate` is the mean drop rate).
+    resolution  rate ~ N(mu(n), 0.02) truncated to [0, d_max], mu growing linearly with the image's
+                token count n from `rate` at 0 tokens to `d_max` at `max_tokens`.
+    schedule    optional [(step, rate), ...]: `rate` is interpolated linearly over training steps
+                (the paper found decreasing schedules best).
+    """
+
+    kind: str = "none"
+    rate: float = 0.0
+    d_max: float = 0.9
+    max_tokens: int = 1024
+    schedule: list[tuple[int, float]] | None = None
+
+    def validate(self) -> None:
+        if self.kind not in DROP_KINDS:
+            raise ValueError(f"token_drop.kind={self.kind!r} is not one of {DROP_KINDS}")
+        if not 0 <= self.rate < 1 or not 0 < self.d_max < 1:
+            raise ValueError(
+                f"token_drop.rate={self.rate} must be in [0, 1) and d_max={self.d_max} in (0, 1)"
+            )
+        if self.kind == "beta" and not self.rate < self.d_max:
+            raise ValueError(
+                f"token_drop.rate={self.rate} must be below d_max={self.d_max} for the beta kind"
+            )
+
+    def rate_at(self, step: int) -> float:
+        if not self.schedule:
+            return self.rate
+        steps, rates = zip(*self.schedule)
+        if step <= steps[0]:
+            return rates[0]
+        for (s0, r0), (s1, r1) in zip(self.schedule, self.schedule[1:]):
+            if step <= s1:
+                return r0 + (r1 - r0) * (step - s0) / max(s1 - s0, 1)
+        return rates[-1]
+
+
+def sample_drop_rate(n_tokens: int, cfg: TokenDropConfig, rng: random.Random, step: int = 0) -> float:
+    """The drop rate of one image of `n_tokens` tokens at training step `step`."""
+    rate = cfg.rate_at(step)
+    if cfg.kind == "none" or rate <= 0:
+        return 0.0
+    if cfg.kind == "fixed":
+        return rate
+    if cfg.kind == "beta":
+        mu = rate / cfg.d_max
+        # Beta(a, b) with mean mu and variance 0.3 mu (1 - mu): a + b = mu (1 - mu) / var - 1 = 7/3
+        total = 1 / 0.3 - 1
+        return rng.betavariate(mu * total, (1 - mu) * total) * cfg.d_max
+    mean = rate + (cfg.d_max - rate) * min(n_tokens / cfg.max_tokens, 1.0)
+    return min(max(rng.gauss(mean, 0.02), 0.0), cfg.d_max)
+
+
+def drop_tokens(
+    patches_NC: torch.Tensor, coords_N2: torch.Tensor, rate: float, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep a random subset of round(N * (1 - rate)) tokens (at least one), in their original order.
+
+    Coordinates travel with the kept tokens, so position embeddings still see where each came from.
+    """
+    n = patches_NC.shape[0]
+    keep = max(1, round(n * (1 - rate)))
+    if keep >= n:
+        return patches_NC, coords_N2
+    idx = torch.randperm(n, generator=g)[:keep].sort().values
+    return patches_NC[idx], coords_N2[idx]

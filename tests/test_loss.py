@@ -4,10 +4,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from dist_utils import run_world
 
 from navit_clip.loss import ContrastiveLoss, clip_loss, sigmoid_loss
-
-from dist_utils import run_world
 
 B_LOCAL, D, TILE = 6, 16, 4
 
@@ -35,12 +34,18 @@ def make_problem(world: int, masked: bool, seed: int = 0):
     """Global features, replicated projections and a validity mask with uneven counts per rank."""
     g = torch.Generator().manual_seed(seed)
     n = world * B_LOCAL
-    Xi, Xt = torch.randn(n, D, generator=g, dtype=torch.float64), torch.randn(n, D, generator=g, dtype=torch.float64)
-    Wi, Wt = torch.randn(D, D, generator=g, dtype=torch.float64) / 4, torch.randn(D, D, generator=g, dtype=torch.float64) / 4
+    Xi, Xt = (
+        torch.randn(n, D, generator=g, dtype=torch.float64),
+        torch.randn(n, D, generator=g, dtype=torch.float64),
+    )
+    Wi, Wt = (
+        torch.randn(D, D, generator=g, dtype=torch.float64) / 4,
+        torch.randn(D, D, generator=g, dtype=torch.float64) / 4,
+    )
     valid = torch.ones(n, dtype=torch.bool)
     if masked:
         for r in range(world):
-            valid[r * B_LOCAL + (B_LOCAL - r % 3 - 1) :(r + 1) * B_LOCAL] = False  # uneven counts
+            valid[r * B_LOCAL + (B_LOCAL - r % 3 - 1) : (r + 1) * B_LOCAL] = False  # uneven counts
         if world > 1:
             valid[(world - 1) * B_LOCAL :] = False  # the last rank has no valid slot at all
         else:
@@ -51,7 +56,10 @@ def make_problem(world: int, masked: bool, seed: int = 0):
 def reference(kind, Xi, Xt, Wi, Wt, valid, t0, b0):
     """float64, single process, full matrix, ordinary autograd."""
     Wi, Wt = Wi.clone().requires_grad_(), Wt.clone().requires_grad_()
-    t, bias = torch.tensor(t0, dtype=torch.float64, requires_grad=True), torch.tensor(b0, dtype=torch.float64, requires_grad=True)
+    t, bias = (
+        torch.tensor(t0, dtype=torch.float64, requires_grad=True),
+        torch.tensor(b0, dtype=torch.float64, requires_grad=True),
+    )
     I, T = F.normalize(Xi @ Wi, dim=-1), F.normalize(Xt @ Wt, dim=-1)
     I.retain_grad(), T.retain_grad()
     loss = naive_clip(I, T, valid, t) if kind == "softmax" else naive_sigmoid(I, T, valid, t, bias)
@@ -158,7 +166,9 @@ def test_single_process_without_group_both_paths(kind, masked):
     Xi, Xt, Wi, Wt, valid = make_problem(1, masked)
     ref = reference(kind, Xi, Xt, Wi, Wt, valid, 2.0, -1.5)
     for direct_max_slots in (0, 10_000):  # tiled ring path, direct autograd path
-        loss, grads, dI, dT = ours_on_rank(kind, 0, 1, Xi, Xt, Wi, Wt, valid, 2.0, -1.5, tile_size=TILE, direct_max_slots=direct_max_slots)
+        loss, grads, dI, dT = ours_on_rank(
+            kind, 0, 1, Xi, Xt, Wi, Wt, valid, 2.0, -1.5, tile_size=TILE, direct_max_slots=direct_max_slots
+        )
         assert rel(loss, ref[0]) < 1e-6
         for g, r in zip(grads, ref[1:5]):
             assert rel(g, r) < 1e-6

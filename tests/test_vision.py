@@ -119,7 +119,14 @@ def test_block_attention_kernel_level():
     real = (seg > 0)[..., None, None]
     outs, grads = {}, {}
     for b in ("dense", "grouped"):
-        o = block_attention(q, k, v, AttentionPlan.build(seg, b)) * real
+        plan = AttentionPlan.build(seg, b)
+        if plan.flat:
+            o = (
+                plan.from_flat(block_attention(plan.to_flat(q), plan.to_flat(k), plan.to_flat(v), plan))
+                * real
+            )
+        else:
+            o = block_attention(q, k, v, plan) * real
         o.pow(2).sum().backward()
         outs[b], grads[b] = o, [t.grad.clone() for t in (q, k, v)]
         for t in (q, k, v):

@@ -8,8 +8,10 @@ Shape legend: B sequences, L tokens, H heads, d head width, k images in a group,
 Backends (config `attn_backend`):
     dense     reference: a [B, 1, L, L] boolean mask and scaled_dot_product_attention. Works
               everywhere; cost grows with L^2 per sequence.
-    grouped   images of equal token count are gathered into one batched unmasked SDPA call, so cost
-              grows with sum_i n_i^2. The fastest exact variant measured on CPU (bench/vision_tower.py).
+    grouped   runs on the real tokens only, gathered once per forward image by image (`plan.to_flat`),
+              so padding costs nothing; images of equal token count form one batched unmasked
+              SDPA call and cost grows with sum_i n_i^2. The fastest exact variant measured on CPU
+              (bench/vision_tower.py). Its inputs are flat: [1, T, H, d], T real tokens.
     flex      FlexAttention with a document mask (block-sparse; cost ~ sum_i n_i^2 at block
               granularity). Meant for CUDA under torch.compile. On CPU it has no backward, so it
               runs (unfused) only under no_grad and falls back to `dense` when gradients are on.
@@ -63,14 +65,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "varlen" if _has_varlen() else ("flex" if _has_flex() else "dense")
         return "grouped"
     if backend == "varlen" and (device.type != "cuda" or not _has_varlen()):
-        _notice_once(f"attn_backend='varlen' needs CUDA and torch.nn.attention.varlen; using 'dense' on {device}")
+        _notice_once(
+            f"attn_backend='varlen' needs CUDA and torch.nn.attention.varlen; using 'dense' on {device}"
+        )
         return "dense"
     if backend == "flex" and not _has_flex():
         _notice_once("attn_backend='flex' needs torch.nn.attention.flex_attention; using 'dense'")
         return "dense"
     if backend == "flex" and device.type != "cuda" and torch.is_grad_enabled():
         # FlexAttention has no CPU backward; inference (no_grad) still runs it, unfused.
-        _notice_once(f"attn_backend='flex' has no backward on {device}; using 'dense' where gradients are needed")
+        _notice_once(
+            f"attn_backend='flex' has no backward on {device}; using 'dense' where gradients are needed"
+        )
         return "dense"
     return backend
 
@@ -86,11 +92,27 @@ class AttentionPlan:
     B: int
     L: int
     mask_B1LL: torch.Tensor | None = None
-    # grouped: one [k, n] index tensor into the flattened B*L tokens per distinct image length n
-    groups: list[torch.Tensor] | None = None
+    # grouped: token indices (into the flattened B*L tokens) ordered image by image, images of
+    # equal length n adjacent; groups lists (k images, n tokens) for each run of equal lengths
+    perm: torch.Tensor | None = None
+    groups: list[tuple[int, int]] | None = None
     block_mask: object | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
+
+    @property
+    def flat(self) -> bool:
+        """True when the backend runs on the real tokens only, in `perm` order ([1, T, ...])."""
+        return self.backend == "grouped"
+
+    def to_flat(self, x_BL: torch.Tensor) -> torch.Tensor:
+        """[B, L, ...] -> [1, T, ...]: the real tokens, image by image in `perm` order."""
+        return x_BL.reshape(self.B * self.L, *x_BL.shape[2:])[self.perm][None]
+
+    def from_flat(self, x_1T: torch.Tensor) -> torch.Tensor:
+        """[1, T, ...] -> [B, L, ...], zeros at padding tokens."""
+        out = x_1T.new_zeros(self.B * self.L, *x_1T.shape[2:]).index_copy(0, self.perm, x_1T[0])
+        return out.view(self.B, self.L, *x_1T.shape[2:])
 
     @classmethod
     def build(cls, segment_ids_BL: torch.Tensor, backend: str) -> AttentionPlan:
@@ -101,10 +123,15 @@ class AttentionPlan:
             plan.mask_B1LL = (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :])[:, None]
         elif backend == "grouped":
             starts, lengths = _runs(segment_ids_BL, include_padding=False)
-            plan.groups = []
-            for n in torch.unique(lengths).tolist():
-                s = starts[lengths == n]
-                plan.groups.append(s[:, None] + torch.arange(n, device=s.device))
+            lengths, order = torch.sort(lengths, stable=True)
+            starts = starts[order]
+            # token j of image i sits at starts[i] + j: one gather index for every real token
+            offsets = torch.arange(int(lengths.sum()), device=starts.device) - torch.repeat_interleave(
+                torch.cumsum(lengths, 0) - lengths, lengths
+            )
+            plan.perm = torch.repeat_interleave(starts, lengths) + offsets
+            n_unique, counts = torch.unique_consecutive(lengths, return_counts=True)
+            plan.groups = list(zip(counts.tolist(), n_unique.tolist()))
         elif backend == "flex":
             from torch.nn.attention.flex_attention import create_block_mask
 
@@ -134,8 +161,11 @@ def _runs(segment_ids_BL: torch.Tensor, include_padding: bool) -> tuple[torch.Te
     return starts, lengths
 
 
-def block_attention(q_BLHd: torch.Tensor, k_BLHd: torch.Tensor, v_BLHd: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-    """Block-diagonal softmax attention; returns [B, L, H, d]."""
+def block_attention(
+    q_BLHd: torch.Tensor, k_BLHd: torch.Tensor, v_BLHd: torch.Tensor, plan: AttentionPlan
+) -> torch.Tensor:
+    """Block-diagonal softmax attention; returns the shape of q ([B, L, H, d], or [1, T, H, d] when
+    `plan.flat`, i.e. for inputs laid out by `plan.to_flat`)."""
     B, L, H, d = q_BLHd.shape
     if plan.backend == "dense":
         o_BHLd = F.scaled_dot_product_attention(
@@ -143,15 +173,20 @@ def block_attention(q_BLHd: torch.Tensor, k_BLHd: torch.Tensor, v_BLHd: torch.Te
         )
         return o_BHLd.transpose(1, 2)
     if plan.backend == "grouped":
-        q, k, v = (t.reshape(B * L, H, d) for t in (q_BLHd, k_BLHd, v_BLHd))
-        # Padding tokens get zeros: nothing reads them but the residual stream of padding itself.
-        out = q.new_zeros(B * L, H, d)
-        for idx_kn in plan.groups:
-            o_kHnd = F.scaled_dot_product_attention(
-                q[idx_kn].transpose(1, 2), k[idx_kn].transpose(1, 2), v[idx_kn].transpose(1, 2)
+        # Tokens are already flat, image by image with equal lengths adjacent: each run of equal-length
+        # images is a free view [k, n, H, d] and one unmasked SDPA call. split (not slicing) so that
+        # backward is one cat rather than a zero-filled buffer per group.
+        q, k, v = (t.reshape(-1, H, d) for t in (q_BLHd, k_BLHd, v_BLHd))
+        sizes = [count * n for count, n in plan.groups]
+        outs = []
+        for (count, n), q_, k_, v_ in zip(plan.groups, q.split(sizes), k.split(sizes), v.split(sizes)):
+            q_kHnd, k_kHnd, v_kHnd = (t.view(count, n, H, d).transpose(1, 2) for t in (q_, k_, v_))
+            outs.append(
+                F.scaled_dot_product_attention(q_kHnd, k_kHnd, v_kHnd)
+                .transpose(1, 2)
+                .reshape(count * n, H, d)
             )
-            out = out.index_copy(0, idx_kn.flatten(), o_kHnd.transpose(1, 2).reshape(-1, H, d))
-        return out.view(B, L, H, d)
+        return torch.cat(outs).view(B, L, H, d)
     if plan.backend == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 

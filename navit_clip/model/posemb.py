@@ -34,7 +34,9 @@ def _interpolate_rows(table_TD: torch.Tensor, pos_BL: torch.Tensor) -> torch.Ten
 
 def _sinusoid(pos_BL: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
-    freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=pos_BL.device, dtype=torch.float32) / half)
+    freq = torch.exp(
+        -math.log(10000.0) * torch.arange(half, device=pos_BL.device, dtype=torch.float32) / half
+    )
     angle_BLh = pos_BL.float().unsqueeze(-1) * freq
     return torch.cat([angle_BLh.sin(), angle_BLh.cos()], dim=-1)
 

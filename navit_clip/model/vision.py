@@ -106,7 +106,9 @@ class MAPHead(nn.Module):
         self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
         self.mlp = Mlp(D, int(D * cfg.mlp_ratio), cfg.bias)
 
-    def forward(self, x_BLD: torch.Tensor, member_BEL: torch.Tensor, slot_valid_BE: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_BLD: torch.Tensor, member_BEL: torch.Tensor, slot_valid_BE: torch.Tensor
+    ) -> torch.Tensor:
         B, L, D = x_BLD.shape
         E, H = member_BEL.shape[1], self.heads
         q_BHEd = self.q(self.probe).view(1, H, 1, D // H).expand(B, H, E, D // H)
@@ -151,10 +153,14 @@ class NaViT(nn.Module):
         seg_BL = batch.segment_ids
         E = batch.slot_valid.shape[1]
         plan = AttentionPlan.build(seg_BL, self.cfg.attn_backend)
-        x_BLD = self.patch_embed(batch.patches) + self.posemb(batch.coords, batch.grid).to(batch.patches.dtype)
+        patches, coords, grid = batch.patches, batch.coords, batch.grid
+        if plan.flat:  # the backend runs on real tokens only: padding costs no compute at all
+            patches, coords, grid = plan.to_flat(patches), plan.to_flat(coords), plan.to_flat(grid)
+        x = self.patch_embed(patches) + self.posemb(coords, grid).to(patches.dtype)
         for block in self.blocks:
-            x_BLD = block(x_BLD, plan)
-        x_BLD = self.norm(x_BLD)
+            x = block(x, plan)
+        x = self.norm(x)
+        x_BLD = plan.from_flat(x) if plan.flat else x
         slot_ids = torch.arange(1, E + 1, device=seg_BL.device)
         member_BEL = seg_BL[:, None, :] == slot_ids[None, :, None]
         if self.head is not None:
@@ -176,7 +182,10 @@ class NaViT(nn.Module):
         seq_len = seq_len or self.cfg.seq_len
         largest = max(h * w for h, w in (grid_size(im.shape[-2], im.shape[-1], P) for im in images))
         batch = pack_images(
-            [im.to(torch.float32) for im in images], P, max(seq_len, largest), max_images or self.cfg.max_images
+            [im.to(torch.float32) for im in images],
+            P,
+            max(seq_len, largest),
+            max_images or self.cfg.max_images,
         ).to(device)
         batch.patches = batch.patches.to(next(self.parameters()).dtype)
         return unpack_slots(self(batch).pooled, batch, len(images))

@@ -1,0 +1,73 @@
+"""Padding fraction of streaming first-fit packing on NaViT-style image sizes.
+
+Side length ~ U(64, 384) px (the longer side), aspect ratio log-uniform in 1:3..3:1, P = 16. Images
+bigger than a sequence are shrunk to fit it (aspect kept), as the `native` policy does. A buffer of
+examples is packed into B sequences per batch; what does not fit waits for the next batch.
+
+    python bench/packing.py      -> bench/results/packing.json
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from navit_clip.packing import first_fit, grid_size, size_for_budget
+
+P, BATCHES, SEED = 16, 200, 0
+
+
+def sample_tokens(n: int, seq_len: int, g: torch.Generator) -> list[int]:
+    side = torch.empty(n).uniform_(64, 384, generator=g)
+    aspect = torch.exp(torch.empty(n).uniform_(-math.log(3), math.log(3), generator=g))
+    out = []
+    for s, a in zip(side.tolist(), aspect.tolist()):
+        H, W = (s, s / a) if a >= 1 else (s * a, s)
+        H, W = size_for_budget(round(H), round(W), P, seq_len)
+        h, w = grid_size(H, W, P)
+        out.append(h * w)
+    return out
+
+
+def streaming_padding(seq_len: int, max_images: int, num_seqs: int, buffer: int) -> dict:
+    g = torch.Generator().manual_seed(SEED)
+    pending = sample_tokens(buffer, seq_len, g)
+    used = images = 0
+    t0 = time.perf_counter()
+    for _ in range(BATCHES):
+        bins, left = first_fit(pending, seq_len, max_images, num_seqs=num_seqs)
+        used += sum(pending[i] for b in bins for i in b)
+        images += sum(len(b) for b in bins)
+        pending = [pending[i] for i in left]
+        pending += sample_tokens(buffer - len(pending), seq_len, g)
+    dt = time.perf_counter() - t0
+    return {
+        "padding_fraction": 1 - used / (BATCHES * num_seqs * seq_len),
+        "images_per_seq": images / (BATCHES * num_seqs),
+        "pack_ms_per_batch": 1e3 * dt / BATCHES,
+    }
+
+
+def main() -> None:
+    results = {"patch_size": P, "batches": BATCHES, "side_px": "U(64,384)", "aspect": "1:3..3:1 log-uniform"}
+    for seq_len, max_images, num_seqs, buffer in [(256, 16, 32, 512), (1024, 48, 8, 512)]:
+        r = streaming_padding(seq_len, max_images, num_seqs, buffer)
+        key = f"L{seq_len}"
+        results[f"padding_fraction_{key}"] = r["padding_fraction"]
+        results[f"images_per_seq_{key}"] = r["images_per_seq"]
+        results[f"pack_ms_per_batch_{key}"] = r["pack_ms_per_batch"]
+        results[f"settings_{key}"] = f"E_max={max_images} B={num_seqs} buffer={buffer}"
+        print(
+            f"L={seq_len:5d} E_max={max_images} B={num_seqs} buffer={buffer}: padding {100 * r['padding_fraction']:.2f}%"
+            f"  images/seq {r['images_per_seq']:.2f}  packing {r['pack_ms_per_batch']:.1f} ms/batch"
+        )
+    out = Path(__file__).parent / "results" / "packing.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Forward+backward tokens/s of the packed NaViT tower vs open_clip's ViT, same run, CPU.
+
+Both towers: the same width, depth, heads and MLP ratio, biases on, no qk-norm. open_clip's ViT sees
+224 x 224 images (196 patches + 1 class token), about as many tokens per step as ours. Ours runs
+two workloads of packed sequences:
+    mixed   side ~ U(64, 384) px, aspect 1:3..3:1 (the paper's contrastive recipe; images average
+            about twice 224 x 224's token count, so attention costs more per token than the peer's);
+    square  the peer's own 224 x 224 images, packed 5 to a sequence (the same work per token: this
+            isolates the cost of packing and block-diagonal attention).
+Tokens/s counts the tokens each model really processes (ours: image tokens, padding excluded;
+open_clip: 197 per image). Timings alternate between the models to share the machine's noise.
+`ratio_tokens_per_s_best` is the best backend on the mixed workload.
+
+    python bench/vision_tower.py     -> bench/results/vision_tower.json
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from open_clip.transformer import VisionTransformer
+
+from navit_clip.model import NaViT, VisionConfig
+from navit_clip.packing import build_packed_batch, first_fit, grid_size, size_for_budget
+
+WIDTH, DEPTH, HEADS, MLP, P = 384, 6, 6, 4.0, 16
+SEQ_LEN, NUM_SEQS, MAX_IMAGES = 1024, 4, 32
+WARMUP, REPEATS = 2, 6
+
+
+def packed_batch(workload: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    sizes, shapes = [], []
+    while sum(sizes) < 1.2 * SEQ_LEN * NUM_SEQS:
+        if workload == "square":
+            h = w = 224 // P
+        else:
+            s = float(torch.empty(()).uniform_(64, 384, generator=g))
+            a = math.exp(float(torch.empty(()).uniform_(-math.log(3), math.log(3), generator=g)))
+            h, w = grid_size(*size_for_budget(round(s), max(1, round(s / a)), P, SEQ_LEN), P)
+        sizes.append(h * w)
+        shapes.append((h, w))
+    bins, _ = first_fit(sizes, SEQ_LEN, MAX_IMAGES, num_seqs=NUM_SEQS)
+    patches = [torch.randn(h * w, P * P * 3, generator=g) for h, w in shapes]
+    coords = [
+        torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).view(-1, 2)
+        for h, w in shapes
+    ]
+    return build_packed_batch(patches, coords, bins, SEQ_LEN, MAX_IMAGES, num_seqs=NUM_SEQS)
+
+
+def step_flops(image_tokens: list[int]) -> float:
+    """Forward+backward FLOPs of the transformer blocks (3x forward): dense layers 24 D^2 per token,
+    attention 4 n D per token of an n-token image, per layer. Normalises away the workload's size mix."""
+    per_layer = sum(n * 24 * WIDTH**2 + 4 * n * n * WIDTH for n in image_tokens)
+    return 3 * DEPTH * per_layer
+
+
+def step_time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    batches = {w: packed_batch(w) for w in ("mixed", "square")}
+    real = {w: int((b.segment_ids > 0).sum()) for w, b in batches.items()}
+    n_images = max(1, round(real["mixed"] / 197))
+    pixels = torch.randn(n_images, 3, 224, 224)
+    peer = VisionTransformer(224, P, WIDTH, DEPTH, HEADS, MLP, output_dim=WIDTH)
+    ours = {
+        b: NaViT(
+            VisionConfig(
+                patch_size=P,
+                width=WIDTH,
+                depth=DEPTH,
+                heads=HEADS,
+                mlp_ratio=MLP,
+                qk_norm=False,
+                bias=True,
+                pool="map",
+                attn_backend=b,
+                seq_len=SEQ_LEN,
+                max_images=MAX_IMAGES,
+            )
+        )
+        for b in ("dense", "grouped")
+    }
+
+    def run_peer():
+        peer(pixels).square().mean().backward()
+
+    def run_ours(model, batch):
+        return lambda: model(batch).pooled.square().mean().backward()
+
+    fns, tokens = {"open_clip": run_peer}, {"open_clip": n_images * 197}
+    for w, batch in batches.items():
+        for b, m in ours.items():
+            fns[f"ours_{b}_{w}"] = run_ours(m, batch)
+            tokens[f"ours_{b}_{w}"] = real[w]
+    times = {k: [] for k in fns}
+    for i in range(WARMUP + REPEATS):
+        for k, fn in fns.items():
+            dt = step_time(fn)
+            if i >= WARMUP:
+                times[k].append(dt)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    tps = {k: tokens[k] / med[k] for k in fns}
+    lengths = {  # tokens of every packed image
+        w: torch.stack([(b.segment_ids == e + 1).sum(1) for e in range(MAX_IMAGES)], 1)[b.slot_valid].tolist()
+        for w, b in batches.items()
+    }
+    flops = {
+        "open_clip": step_flops([197] * n_images),
+        **{k: step_flops(lengths[k.rsplit("_", 1)[1]]) for k in fns if k != "open_clip"},
+    }
+    fps = {k: flops[k] / med[k] for k in fns}
+    results = {
+        "width": WIDTH,
+        "depth": DEPTH,
+        "heads": HEADS,
+        "mlp_ratio": MLP,
+        "patch_size": P,
+        "seq_len": SEQ_LEN,
+        "num_seqs": NUM_SEQS,
+        "open_clip_images": n_images,
+        "threads": torch.get_num_threads(),
+        "repeats": REPEATS,
+    }
+    for w, batch in batches.items():
+        results[f"images_{w}"] = batch.num_images
+        results[f"padding_fraction_{w}"] = batch.padding_fraction
+        print(
+            f"ours {w}: {batch.num_images} images, {real[w]} tokens in {NUM_SEQS}x{SEQ_LEN} "
+            f"({100 * batch.padding_fraction:.1f}% padding, {real[w] / batch.num_images:.0f} tokens/image)"
+        )
+    print(f"open_clip: {n_images} images x 197 tokens")
+    for k in fns:
+        results[f"tokens_per_s_{k}"] = tps[k]
+        line = f"{k:22s} {tps[k]:9.0f} tokens/s  ({1e3 * med[k]:.0f} ms/step)"
+        results[f"gflops_per_s_{k}"] = fps[k] / 1e9
+        line += f"  {fps[k] / 1e9:5.1f} GFLOP/s"
+        if k != "open_clip":
+            results[f"ratio_tokens_per_s_{k}"] = tps[k] / tps["open_clip"]
+            results[f"ratio_flops_per_s_{k}"] = fps[k] / fps["open_clip"]
+            line += f"  tokens/s ratio vs open_clip {tps[k] / tps['open_clip']:.2f}x, FLOP/s ratio {fps[k] / fps['open_clip']:.2f}x"
+        print(line)
+    for w in batches:
+        best = max(ours, key=lambda b: tps[f"ours_{b}_{w}"])
+        results[f"best_backend_{w}"] = best
+        results[f"ratio_tokens_per_s_best_{w}"] = tps[f"ours_{best}_{w}"] / tps["open_clip"]
+        results[f"ratio_flops_per_s_best_{w}"] = fps[f"ours_{best}_{w}"] / fps["open_clip"]
+        print(
+            f"best on {w}: {best} at {results[f'ratio_tokens_per_s_best_{w}']:.2f}x open_clip's tokens/s, "
+            f"{results[f'ratio_flops_per_s_best_{w}']:.2f}x its FLOP/s"
+        )
+    results["ratio_tokens_per_s_best"] = results["ratio_tokens_per_s_best_mixed"]
+    out = Path(__file__).parent / "results" / "vision_tower.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The `navit-clip` command. Subcommands are thin doors: parse arguments, call the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+
+    import navit_clip
+    from navit_clip.model.attention import ATTN_BACKENDS, resolve_backend
+
+    print(f"navit-clip {navit_clip.__version__}, torch {torch.__version__}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        with torch.no_grad():
+            inference = {b: resolve_backend(b, torch.device(dev)) for b in ATTN_BACKENDS}
+        training = {b: resolve_backend(b, torch.device(dev)) for b in ATTN_BACKENDS}
+        print(f"{dev}: attention backend -> used for training / inference")
+        for b in ATTN_BACKENDS:
+            print(f"  {b:8s} -> {training[b]} / {inference[b]}")
+    return 0
+
+
+def _make_shards(args: argparse.Namespace) -> int:
+    from navit_clip.data.shards import pairs_from_folder, pairs_from_table, write_shards
+
+    src = Path(args.source)
+    pairs = (
+        pairs_from_folder(src)
+        if src.is_dir()
+        else pairs_from_table(src, args.path_column, args.caption_column)
+    )
+    counts = write_shards(pairs, args.out_dir, args.prefix, args.max_count)
+    print(
+        f"wrote {counts['written']} samples to {args.out_dir}/{args.prefix}-*.tar ({counts['skipped']} skipped)"
+    )
+    return 0
+
+
+def _data_stats(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm import tqdm
+
+    from navit_clip.data.pipeline import DataConfig, PackedImageText, make_loader
+    from navit_clip.packing import ResolutionPolicy, TokenDropConfig
+
+    cfg = DataConfig(
+        shards="::".join(args.shards),
+        patch_size=args.patch_size,
+        seq_len=args.seq_len,
+        max_images=args.max_images,
+        batch_seqs=args.batch_seqs,
+        resampled=False,
+        num_workers=args.workers,
+        resolution=ResolutionPolicy(args.resolution, max_side=args.max_side),
+        token_drop=TokenDropConfig("beta" if args.drop_rate > 0 else "none", rate=args.drop_rate),
+    )
+    totals: dict[str, float] = {}
+    batches = 0
+    t0 = time.perf_counter()
+    for batch in tqdm(make_loader(PackedImageText(cfg)), desc="batches", unit="batch"):
+        batches += 1
+        for k, v in batch.stats.items():
+            totals[k] = totals.get(k, 0) + v
+        if args.max_batches and batches >= args.max_batches:
+            break
+    dt = time.perf_counter() - t0
+    slots = batches * cfg.batch_seqs * cfg.seq_len
+    print(f"batches {batches}, images {int(totals.get('images', 0))}, {dt:.1f} s")
+    print(f"padding fraction {1 - totals.get('tokens', 0) / max(slots, 1):.4f}")
+    print(f"images per sequence {totals.get('images', 0) / max(batches * cfg.batch_seqs, 1):.2f}")
+    print(f"images/s {totals.get('images', 0) / dt:.1f}, tokens/s {totals.get('tokens', 0) / dt:.0f}")
+    dropped = totals.get("tokens_dropped", 0)
+    print(f"tokens dropped {dropped / max(dropped + totals.get('tokens', 0), 1):.3f}")
+    for k in sorted(totals):
+        if k.startswith("skip_") or k == "corrupt_shard":
+            print(f"{k}: {int(totals[k])}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="navit-clip", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions and which attention backend runs where")
+    p.set_defaults(fn=_info)
+
+    p = sub.add_parser("make-shards", help="write webdataset shards from an image folder or a CSV/TSV")
+    p.add_argument("source", help="folder of IMG.ext + IMG.txt, or a .csv/.tsv with path and caption columns")
+    p.add_argument("out_dir")
+    p.add_argument("--prefix", default="shard")
+    p.add_argument("--max-count", type=int, default=10000, help="samples per shard")
+    p.add_argument("--path-column", default="path")
+    p.add_argument("--caption-column", default="caption")
+    p.set_defaults(fn=_make_shards)
+
+    p = sub.add_parser("data-stats", help="padding, images per sequence, skips and loader throughput")
+    p.add_argument("shards", nargs="+", help="shard paths or brace patterns")
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-images", type=int, default=16)
+    p.add_argument("--batch-seqs", type=int, default=8)
+    p.add_argument("--resolution", default="native", choices=["native", "side_sampling"])
+    p.add_argument("--max-side", type=int, default=512)
+    p.add_argument("--drop-rate", type=float, default=0.0, help="mean Beta token-drop rate (0: none)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--max-batches", type=int, default=0)
+    p.set_defaults(fn=_data_stats)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

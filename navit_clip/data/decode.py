@@ -1,0 +1,90 @@
+"""Decoding one image-text sample robustly: every failure is a `BadSample` with a countable reason."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, ImageOps
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+# Skip reasons, counted per worker and reported with every batch.
+SKIP_REASONS = ("undecodable", "no_image", "no_caption", "empty_image", "aspect_ratio", "too_many_pixels")
+
+
+class BadSample(Exception):
+    """A sample the pipeline skips; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def decode_image(data: bytes, max_pixels: int, max_aspect: float) -> Image.Image:
+    """Bytes -> RGB PIL image, EXIF orientation applied.
+
+    Palette, alpha (composited on white), CMYK, 16-bit and grayscale images become 8-bit RGB.
+    Raises BadSample for undecodable data, zero-size images (0 bytes or a 0-pixel side), more than `max_pixels` pixels (checked
+    from the header, before decoding: a decompression bomb never gets decoded) and aspect ratios
+    beyond `max_aspect`:1.
+    """
+    if not data:
+        raise BadSample("empty_image", "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w == 0 or h == 0:
+                raise BadSample("empty_image", f"{w}x{h}")
+            if w * h > max_pixels:
+                raise BadSample("too_many_pixels", f"{w}x{h} > {max_pixels}")
+            if max(w, h) / min(w, h) > max_aspect:
+                raise BadSample("aspect_ratio", f"{w}x{h} beyond {max_aspect}:1")
+            img = ImageOps.exif_transpose(img)
+            img.load()
+    except BadSample:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadSample("too_many_pixels", str(e)) from e
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise BadSample("undecodable", f"{type(e).__name__}: {e}") from e
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale the value range down to 8 bits
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float32)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.rint(arr * (255.0 / top)).clip(0, 255).astype("uint8"))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def find_image(sample: dict) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    raise BadSample("no_image", f"keys {sorted(k for k in sample if not k.startswith('__'))}")
+
+
+def find_caption(sample: dict) -> str:
+    raw = sample.get("txt")
+    if raw is None:
+        raise BadSample("no_caption")
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
+    text = text.strip()
+    if not text:
+        raise BadSample("no_caption", "empty")
+    return text

@@ -1,0 +1,293 @@
+"""Webdataset image-text pipeline: decode, size, patchify, drop tokens and pack inside the workers.
+
+Reading, shard lists, splitting and shuffling are webdataset's; this module adds the NaViT steps
+and a streaming first-fit packer whose output is fixed-shape `ImageTextBatch`es.
+
+Shape legend: B sequences, L tokens per sequence, E slots per sequence, C values per patch,
+K text context length.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from navit_clip.data.decode import BadSample, decode_image, find_caption, find_image
+from navit_clip.packing import (
+    PackedBatch,
+    ResolutionPolicy,
+    TokenDropConfig,
+    build_packed_batch,
+    drop_tokens,
+    first_fit,
+    grid_coords,
+    sample_drop_rate,
+    target_size,
+)
+
+log = logging.getLogger(__name__)
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how images become packed batches.
+
+    shards: one brace pattern ("shards-{0000..0099}.tar"), or a list of sources, each a pattern or a
+    {"urls": pattern, "weight": w} mapping; weights mix the sources in resampled mode.
+    """
+
+    shards: list | str = ""
+    patch_size: int = 16
+    seq_len: int = 256
+    max_images: int = 8
+    batch_seqs: int = 8  # B, packed sequences per batch (per rank)
+    resolution: ResolutionPolicy = field(default_factory=ResolutionPolicy)
+    token_drop: TokenDropConfig = field(default_factory=TokenDropConfig)
+    resampled: bool = True  # endless, shards drawn with replacement (pretraining); False: one epoch
+    shuffle_buffer: int = 1000
+    pack_factor: float = 2.0  # pack when the buffer holds this many batches' worth of tokens
+    normalize: str = "clip"  # clip | half (0.5 / 0.5)
+    max_pixels: int = 50_000_000
+    max_aspect: float = 20.0
+    num_workers: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.shards:
+            raise ValueError(
+                "data.shards is empty: give a shard pattern such as 'data/shards-{0000..0009}.tar'"
+            )
+        if self.normalize not in ("clip", "half"):
+            raise ValueError(f"data.normalize={self.normalize!r} must be 'clip' or 'half'")
+        if self.pack_factor < 1:
+            raise ValueError(f"data.pack_factor={self.pack_factor} must be at least 1")
+        for name in ("seq_len", "max_images", "batch_seqs", "patch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name}={getattr(self, name)} must be positive")
+        self.resolution.validate()
+        self.token_drop.validate()
+
+    def sources(self) -> list[tuple[list[str], float]]:
+        items = self.shards if isinstance(self.shards, list) else [self.shards]
+        out = []
+        for item in items:
+            pattern, weight = (
+                (item["urls"], float(item.get("weight", 1.0))) if isinstance(item, dict) else (item, 1.0)
+            )
+            urls = [u for part in str(pattern).split("::") for u in braceexpand.braceexpand(part)]
+            out.append((urls, weight))
+        return out
+
+
+@dataclass
+class ImageTextBatch:
+    """One packed batch: images, the tokenised caption of every slot, and what it took to make it.
+
+    images: PackedBatch ([B, L, ...], slots [B, E]); text: [B, E, K] token ids (0 for empty slots);
+    keys: [B][E] sample keys ("" for empty slots); stats: counts since the worker's last batch
+    (images, tokens kept and dropped, skips by reason, corrupt shards).
+    """
+
+    images: PackedBatch
+    text: torch.Tensor | None
+    keys: list[list[str]]
+    stats: dict[str, float]
+
+    def to(self, device, non_blocking: bool = False) -> ImageTextBatch:
+        text = None if self.text is None else self.text.to(device, non_blocking=non_blocking)
+        return ImageTextBatch(self.images.to(device, non_blocking), text, self.keys, self.stats)
+
+    def pin_memory(self) -> ImageTextBatch:
+        text = None if self.text is None else self.text.pin_memory()
+        return ImageTextBatch(self.images.pin_memory(), text, self.keys, self.stats)
+
+
+@dataclass
+class Example:
+    key: str
+    caption: str
+    patches: torch.Tensor  # [N, C] float, normalised
+    coords: torch.Tensor  # [N, 2]
+    grid: tuple[int, int]
+    full_tokens: int  # before dropping
+
+
+def image_to_patches(img: Image.Image, size_hw: tuple[int, int], patch_size: int, mean, std) -> torch.Tensor:
+    """PIL RGB image -> normalised flat patches [h*w, P*P*3] at pixel size `size_hw` (multiples of P)."""
+    H, W = size_hw
+    if img.size != (W, H):
+        img = img.resize((W, H), Image.BICUBIC)
+    P = patch_size
+    x_HW3 = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    patches = x_HW3.view(H // P, P, W // P, P, 3).permute(0, 2, 1, 3, 4).reshape(-1, P * P, 3)
+    mean_t, std_t = torch.tensor(mean) * 255, torch.tensor(std) * 255
+    return ((patches.float() - mean_t) / std_t).reshape(-1, P * P * 3)
+
+
+class PackedImageText(IterableDataset):
+    """Iterable of `ImageTextBatch`es from webdataset shards; use with `make_loader`.
+
+    Each DataLoader worker reads its own shards (split by rank, then by worker), decodes and sizes
+    images, drops tokens, and first-fit packs a buffer of examples into B sequences per batch; what
+    does not fit waits in the buffer. In finite mode the buffer is flushed at the end, so every
+    valid sample is delivered exactly once per epoch.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+    ):
+        cfg.validate()
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+        self.epoch = 0
+        self.mean, self.std = (CLIP_MEAN, CLIP_STD) if cfg.normalize == "clip" else (HALF_MEAN, HALF_STD)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    # -- reading (webdataset) ------------------------------------------------------------------
+    def _samples(self, seed: int, stats: Counter) -> Iterator[dict]:
+        def shard_error(exn: Exception) -> bool:
+            stats["corrupt_shard"] += 1
+            log.warning("skipping the rest of a corrupt or unreadable shard: %s", exn)
+            return True
+
+        pipelines = []
+        weights = []
+        for urls, weight in self.cfg.sources():
+            if self.cfg.resampled:
+                stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+            else:
+                mine = urls[self.rank :: self.world_size]
+                stages = [wds.SimpleShardList(mine), wds.split_by_worker]
+            stages.append(wds.tarfile_to_samples(handler=shard_error))
+            if self.cfg.shuffle_buffer > 1:
+                stages.append(
+                    wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer // 2, seed=seed)
+                )
+            pipelines.append(wds.DataPipeline(*stages))
+            weights.append(weight)
+        if len(pipelines) == 1:
+            return iter(pipelines[0])
+        if self.cfg.resampled:
+            return iter(wds.RandomMix(pipelines, weights))
+        return (s for p in pipelines for s in p)
+
+    # -- one sample -> Example -----------------------------------------------------------------
+    def _example(self, sample: dict, rng: random.Random, g: torch.Generator, step: int) -> Example:
+        cfg = self.cfg
+        caption = find_caption(sample)
+        img = decode_image(find_image(sample), cfg.max_pixels, cfg.max_aspect)
+        H, W = target_size(img.height, img.width, cfg.resolution, cfg.patch_size, cfg.seq_len, rng)
+        patches = image_to_patches(img, (H, W), cfg.patch_size, self.mean, self.std)
+        h, w = H // cfg.patch_size, W // cfg.patch_size
+        rate = sample_drop_rate(h * w, cfg.token_drop, rng, step)
+        patches, coords = drop_tokens(patches, grid_coords(h, w), rate, g)
+        return Example(sample.get("__key__", ""), caption, patches, coords, (h, w), h * w)
+
+    def _batch(self, examples: list[Example], bins: list[list[int]], stats: Counter) -> ImageTextBatch:
+        cfg = self.cfg
+        B, E = cfg.batch_seqs, cfg.max_images
+        packed = build_packed_batch(
+            [e.patches for e in examples],
+            [e.coords for e in examples],
+            bins,
+            cfg.seq_len,
+            E,
+            num_seqs=B,
+            grids=[e.grid for e in examples],
+        )
+        keys = [[""] * E for _ in range(B)]
+        captions, where = [], []
+        for b, members in enumerate(bins):
+            for e, i in enumerate(members):
+                keys[b][e] = examples[i].key
+                captions.append(examples[i].caption)
+                where.append((b, e))
+        text = None
+        if self.tokenizer is not None:
+            ids = self.tokenizer(captions)
+            text = torch.zeros(B, E, ids.shape[-1], dtype=ids.dtype)
+            if where:
+                bb, ee = torch.tensor(where).T
+                text[bb, ee] = ids
+        placed = [examples[i] for m in bins for i in m]
+        kept = sum(e.patches.shape[0] for e in placed)
+        full = sum(e.full_tokens for e in placed)
+        out_stats = dict(stats)
+        out_stats.update(
+            images=len(placed),
+            tokens=kept,
+            tokens_dropped=full - kept,
+            padding_fraction=packed.padding_fraction,
+            images_per_seq=len(placed) / B,
+        )
+        stats.clear()
+        return ImageTextBatch(packed, text, keys, out_stats)
+
+    def __iter__(self) -> Iterator[ImageTextBatch]:
+        cfg = self.cfg
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        seed = hash((cfg.seed, self.epoch, self.rank, worker)) & 0x7FFFFFFF
+        rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+        stats: Counter = Counter()
+        buffer: list[Example] = []
+        buffered_tokens, emitted = 0, 0
+        threshold = cfg.pack_factor * cfg.batch_seqs * cfg.seq_len
+        for sample in self._samples(seed, stats):
+            step = self.start_step + emitted * num_workers  # this worker makes every num_workers-th batch
+            try:
+                ex = self._example(sample, rng, g, step)
+            except BadSample as e:
+                stats[f"skip_{e.reason}"] += 1
+                continue
+            buffer.append(ex)
+            buffered_tokens += ex.patches.shape[0]
+            if buffered_tokens >= threshold:
+                batch, buffer = self._pack(buffer, stats)
+                buffered_tokens = sum(e.patches.shape[0] for e in buffer)
+                emitted += 1
+                yield batch
+        while buffer:  # finite mode: deliver the rest, in partly filled batches
+            batch, buffer = self._pack(buffer, stats)
+            yield batch
+
+    def _pack(self, buffer: list[Example], stats: Counter) -> tuple[ImageTextBatch, list[Example]]:
+        cfg = self.cfg
+        sizes = [e.patches.shape[0] for e in buffer]
+        bins, left = first_fit(sizes, cfg.seq_len, cfg.max_images, num_seqs=cfg.batch_seqs)
+        return self._batch(buffer, bins, stats), [buffer[i] for i in left]
+
+
+def make_loader(
+    dataset: PackedImageText, num_workers: int | None = None, pin_memory: bool = False
+) -> DataLoader:
+    """A DataLoader over ready-made batches (batch_size=None: the workers already packed them)."""
+    n = dataset.cfg.num_workers if num_workers is None else num_workers
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=n,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=2 if n > 0 else None,
+    )

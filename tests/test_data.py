@@ -1,0 +1,258 @@
+"""The webdataset pipeline on shards built here: delivery, bad samples, sizes, dropping, shapes."""
+
+import io
+import random
+import tarfile
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from navit_clip.data.decode import BadSample, decode_image
+from navit_clip.data.pipeline import DataConfig, PackedImageText, make_loader
+from navit_clip.data.shards import pairs_from_folder, pairs_from_table, write_shards
+from navit_clip.packing import ResolutionPolicy, TokenDropConfig, sample_drop_rate, target_size
+
+P = 16
+
+
+def encode(img: Image.Image, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def good_image(rng: random.Random) -> bytes:
+    W, H = rng.randint(20, 200), rng.randint(20, 200)
+    return encode(Image.new("RGB", (W, H), tuple(rng.randint(0, 255) for _ in range(3))), "JPEG")
+
+
+BAD = {
+    "undecodable": {"jpg": b"this is not a jpeg", "txt": "broken"},
+    "no_caption": {"jpg": None, "txt": "   "},
+    "no_image": {"txt": "a caption without an image"},
+    "empty_image": {"png": b"", "txt": "empty file"},
+    "aspect_ratio": {"png": encode(Image.new("RGB", (1000, 10))), "txt": "a line"},
+    "too_many_pixels": {"png": encode(Image.new("L", (1500, 1000))), "txt": "huge"},
+}
+MAX_PIXELS = 1_000_000
+
+
+def write_corpus(root, n_shards=4, per_shard=12, bad_every=5):
+    """Shards with good samples and every kind of bad one; returns (patterns, good keys, bad counts)."""
+    rng = random.Random(0)
+    good, bad_counts, i = set(), {k: 0 for k in BAD}, 0
+    for s in range(n_shards):
+        with wds.TarWriter(str(root / f"shard-{s:04d}.tar")) as sink:
+            for _ in range(per_shard):
+                key = f"s{i:05d}"
+                i += 1
+                if i % bad_every == 0:
+                    reason = list(BAD)[(i // bad_every) % len(BAD)]
+                    sample = {k: (good_image(rng) if v is None else v) for k, v in BAD[reason].items()}
+                    bad_counts[reason] += 1
+                else:
+                    sample = {"jpg": good_image(rng), "txt": f"caption {key}"}
+                    good.add(key)
+                sink.write({"__key__": key, **sample})
+    return str(root / f"shard-{{0000..{n_shards - 1:04d}}}.tar"), good, bad_counts
+
+
+def config(shards, **kw):
+    base = dict(
+        shards=shards,
+        patch_size=P,
+        seq_len=64,
+        max_images=4,
+        batch_seqs=3,
+        resampled=False,
+        shuffle_buffer=10,
+        max_pixels=MAX_PIXELS,
+        max_aspect=20.0,
+        num_workers=2,
+        resolution=ResolutionPolicy("native", max_side=128),
+    )
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def collect(ds, workers=2, limit=None):
+    keys, stats, shapes = [], {}, set()
+    for n, batch in enumerate(make_loader(ds, num_workers=workers)):
+        imgs = batch.images
+        shapes.add((tuple(imgs.patches.shape), tuple(imgs.slot_valid.shape), tuple(batch.text.shape)))
+        for b in range(imgs.segment_ids.shape[0]):
+            assert int((imgs.segment_ids[b] > 0).sum()) <= ds.cfg.seq_len
+            assert int(imgs.slot_valid[b].sum()) <= ds.cfg.max_images
+        keys += [k for row in batch.keys for k in row if k]
+        for k, v in batch.stats.items():
+            stats[k] = stats.get(k, 0) + v
+        if limit and n + 1 >= limit:
+            break
+    return keys, stats, shapes
+
+
+def toy_tokenizer(texts):
+    return torch.tensor([[len(t), 1, 2] for t in texts])
+
+
+def test_finite_mode_delivers_every_valid_sample_once_across_ranks_and_workers(tmp_path):
+    shards, good, bad_counts = write_corpus(tmp_path)
+    keys, stats = [], {}
+    for rank in range(2):
+        ds = PackedImageText(config(shards), tokenizer=toy_tokenizer, rank=rank, world_size=2)
+        k, s, shapes = collect(ds)
+        keys += k
+        for name, v in s.items():
+            stats[name] = stats.get(name, 0) + v
+        assert shapes == {((3, 64, P * P * 3), (3, 4), (3, 4, 3))}  # fixed shapes
+    assert len(keys) == len(set(keys)) and set(keys) == good
+    for reason, n in bad_counts.items():
+        assert stats.get(f"skip_{reason}", 0) == n, (reason, stats)
+
+
+def test_corrupt_shard_is_skipped_and_the_stream_goes_on(tmp_path):
+    shards, good, _ = write_corpus(tmp_path, n_shards=2)
+    data = (tmp_path / "shard-0001.tar").read_bytes()
+    (tmp_path / "shard-0001.tar").write_bytes(data[: len(data) // 2] + b"\x00garbage" * 100)
+    (tmp_path / "shard-0002.tar").write_bytes(b"not a tar at all")
+    pattern = str(tmp_path / "shard-{0000..0002}.tar")
+    keys, stats, _ = collect(PackedImageText(config(pattern), tokenizer=toy_tokenizer), workers=0)
+    assert stats.get("corrupt_shard", 0) >= 2
+    assert len(keys) == len(set(keys)) and set(keys) <= good and len(keys) > len(good) / 2
+    # resampled (endless) mode keeps producing batches over the same bad shards
+    cfg = config(pattern, resampled=True)
+    keys, stats, _ = collect(PackedImageText(cfg, tokenizer=toy_tokenizer), workers=0, limit=30)
+    assert len(keys) >= 30
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        ResolutionPolicy("native", max_side=512),
+        ResolutionPolicy("native", max_side=100),
+        ResolutionPolicy("side_sampling", 64, 384, "uniform"),
+        ResolutionPolicy("side_sampling", 64, 384, "truncnorm"),
+    ],
+)
+def test_aspect_ratio_kept_within_one_patch(policy):
+    rng = random.Random(0)
+    for _ in range(500):
+        H0, W0 = rng.randint(16, 2000), rng.randint(16, 2000)
+        if max(H0, W0) / min(H0, W0) > 8:
+            continue
+        H, W = target_size(H0, W0, policy, P, 256, rng)
+        assert H % P == 0 and W % P == 0 and (H // P) * (W // P) <= 256
+        h, w = H // P, W // P
+        # the grid's other side is within one patch of what the aspect ratio asks
+        assert abs(w - h * W0 / H0) <= 1 or abs(h - w * H0 / W0) <= 1, (H0, W0, h, w)
+
+
+def test_side_sampling_distributions():
+    rng = random.Random(0)
+    uni = [
+        target_size(1000, 1000, ResolutionPolicy("side_sampling", 64, 512, "uniform"), P, 4096, rng)[0]
+        for _ in range(4000)
+    ]
+    tn = [
+        target_size(1000, 1000, ResolutionPolicy("side_sampling", 64, 512, "truncnorm"), P, 4096, rng)[0]
+        for _ in range(4000)
+    ]
+    assert min(uni) >= 64 and max(uni) <= 512
+    assert abs(sum(uni) / len(uni) - 288) < 10
+    assert sum(tn) / len(tn) < 288 - 30  # biased to low resolutions
+
+
+def test_beta_drop_rate_mean():
+    rng = random.Random(1)
+    for mean in (0.25, 0.5):
+        cfg = TokenDropConfig("beta", rate=mean, d_max=0.9)
+        rates = [sample_drop_rate(196, cfg, rng) for _ in range(10_000)]
+        assert abs(sum(rates) / len(rates) - mean) < 0.01
+        assert 0 <= min(rates) and max(rates) <= 0.9
+        mu = mean / 0.9
+        var = sum((r / 0.9 - mu) ** 2 for r in rates) / len(rates)
+        assert abs(var - 0.3 * mu * (1 - mu)) < 0.01
+
+
+def test_other_drop_kinds_and_schedule():
+    rng = random.Random(0)
+    assert sample_drop_rate(100, TokenDropConfig("none"), rng) == 0
+    assert sample_drop_rate(100, TokenDropConfig("fixed", 0.3), rng) == 0.3
+    res = TokenDropConfig("resolution", rate=0.1, d_max=0.8, max_tokens=1000)
+    small = sum(sample_drop_rate(50, res, rng) for _ in range(500)) / 500
+    big = sum(sample_drop_rate(900, res, rng) for _ in range(500)) / 500
+    assert small < big
+    sched = TokenDropConfig("fixed", 0.5, schedule=[(0, 0.5), (100, 0.1)])
+    assert sched.rate_at(0) == 0.5 and abs(sched.rate_at(50) - 0.3) < 1e-9 and sched.rate_at(1000) == 0.1
+
+
+def test_dropping_frees_room_for_more_images(tmp_path):
+    shards, good, _ = write_corpus(tmp_path, bad_every=10**9)
+    plain = collect(PackedImageText(config(shards), tokenizer=toy_tokenizer), workers=0)[1]
+    dropped = collect(
+        PackedImageText(config(shards, token_drop=TokenDropConfig("fixed", 0.5)), tokenizer=toy_tokenizer),
+        workers=0,
+    )[1]
+    assert plain["images"] == dropped["images"] == len(good)
+    assert dropped["tokens"] < 0.6 * plain["tokens"] and dropped["tokens_dropped"] > 0
+
+
+def test_decode_conversions():
+    base = Image.new("RGB", (30, 20), (200, 10, 10))
+    cases = {
+        "palette": encode(base.convert("P")),
+        "alpha": encode(Image.new("RGBA", (30, 20), (200, 10, 10, 0))),
+        "cmyk": encode(base.convert("CMYK"), "JPEG"),
+        "gray": encode(base.convert("L")),
+        "gray16": encode(Image.new("I;16", (30, 20), 40000)),
+    }
+    for name, data in cases.items():
+        img = decode_image(data, MAX_PIXELS, 20)
+        assert img.mode == "RGB" and img.size == (30, 20), name
+    assert decode_image(cases["alpha"], MAX_PIXELS, 20).getpixel((0, 0)) == (
+        255,
+        255,
+        255,
+    )  # alpha over white
+    assert decode_image(cases["gray16"], MAX_PIXELS, 20).getpixel((0, 0))[0] == round(40000 * 255 / 65535)
+    # EXIF orientation 6 (rotate 90 degrees clockwise): a 30 x 20 picture is shown 20 x 30
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = decode_image(encode(base, "JPEG", exif=exif.tobytes()), MAX_PIXELS, 20)
+    assert rotated.size == (20, 30)
+    with pytest.raises(BadSample) as e:
+        decode_image(encode(Image.new("L", (1200, 1000))), MAX_PIXELS, 20)
+    assert e.value.reason == "too_many_pixels"
+
+
+def test_make_shards_from_folder_and_table(tmp_path):
+    src = tmp_path / "images"
+    src.mkdir()
+    for i in range(5):
+        Image.new("RGB", (16 + i, 16)).save(src / f"img{i}.png")
+        if i != 3:
+            (src / f"img{i}.txt").write_text(f"picture {i}\n")
+    counts = write_shards(pairs_from_folder(src), tmp_path / "out1", max_count=2)
+    assert counts == {"written": 4, "skipped": 0}
+    assert len(list((tmp_path / "out1").glob("*.tar"))) == 2
+    table = tmp_path / "pairs.tsv"
+    table.write_text("path\tcaption\nimages/img0.png\tzero\nimages/img1.png\tone\nimages/missing.png\tnone\n")
+    counts = write_shards(pairs_from_table(table), tmp_path / "out2")
+    assert counts == {"written": 2, "skipped": 1}
+    with tarfile.open(next((tmp_path / "out2").glob("*.tar"))) as tar:
+        names = tar.getnames()
+    assert {n.split(".", 1)[1] for n in names} == {"png", "txt", "json"}
+    cfg = config(str(next((tmp_path / "out2").glob("*.tar"))))
+    keys, _, _ = collect(PackedImageText(cfg, tokenizer=toy_tokenizer), workers=0)
+    assert len(keys) == 2
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="data.shards"):
+        DataConfig().validate()
+    with pytest.raises(ValueError, match="resolution.kind"):
+        config("x.tar", resolution=ResolutionPolicy("square")).validate()
+    with pytest.raises(ValueError, match="token_drop"):
+        config("x.tar", token_drop=TokenDropConfig("beta", rate=0.95, d_max=0.9)).validate()
