@@ -10,7 +10,7 @@ import webdataset as wds
 from PIL import Image
 
 from navit_clip.data.decode import BadSample, decode_image
-from navit_clip.data.pipeline import DataConfig, PackedImageText, make_loader
+from navit_clip.data.pipeline import CLIP_MEAN, CLIP_STD, DataConfig, PackedImageText, make_loader
 from navit_clip.data.shards import pairs_from_folder, pairs_from_table, write_shards
 from navit_clip.packing import ResolutionPolicy, TokenDropConfig, sample_drop_rate, target_size
 
@@ -209,19 +209,25 @@ def test_decode_conversions():
         "gray16": encode(Image.new("I;16", (30, 20), 40000)),
     }
     for name, data in cases.items():
-        img = decode_image(data, MAX_PIXELS, 20)
+        img, _ = decode_image(data, MAX_PIXELS, 20)
         assert img.mode == "RGB" and img.size == (30, 20), name
-    assert decode_image(cases["alpha"], MAX_PIXELS, 20).getpixel((0, 0)) == (
+    assert decode_image(cases["alpha"], MAX_PIXELS, 20)[0].getpixel((0, 0)) == (
         255,
         255,
         255,
     )  # alpha over white
-    assert decode_image(cases["gray16"], MAX_PIXELS, 20).getpixel((0, 0))[0] == round(40000 * 255 / 65535)
+    assert decode_image(cases["gray16"], MAX_PIXELS, 20)[0].getpixel((0, 0))[0] == round(40000 * 255 / 65535)
     # EXIF orientation 6 (rotate 90 degrees clockwise): a 30 x 20 picture is shown 20 x 30
     exif = Image.Exif()
     exif[0x0112] = 6
-    rotated = decode_image(encode(base, "JPEG", exif=exif.tobytes()), MAX_PIXELS, 20)
+    rotated, _ = decode_image(encode(base, "JPEG", exif=exif.tobytes()), MAX_PIXELS, 20)
     assert rotated.size == (20, 30)
+    # draft decoding of a large rotated JPEG still yields the upright image, at least the target size
+    big = Image.new("RGB", (800, 400), (10, 200, 10))
+    img, target = decode_image(
+        encode(big, "JPEG", exif=exif.tobytes()), MAX_PIXELS, 20, lambda h, w: (h // 4, w // 4)
+    )
+    assert target == (200, 100) and img.width * 2 == img.height and img.height >= 200 and img.height < 800
     with pytest.raises(BadSample) as e:
         decode_image(encode(Image.new("L", (1200, 1000))), MAX_PIXELS, 20)
     assert e.value.reason == "too_many_pixels"
@@ -256,3 +262,17 @@ def test_bad_config_raises():
         config("x.tar", resolution=ResolutionPolicy("square")).validate()
     with pytest.raises(ValueError, match="token_drop"):
         config("x.tar", token_drop=TokenDropConfig("beta", rate=0.95, d_max=0.9)).validate()
+
+
+def test_patches_travel_as_uint8_and_are_normalised_on_the_device(tmp_path):
+    with wds.TarWriter(str(tmp_path / "one.tar")) as sink:
+        sink.write({"__key__": "k", "png": encode(Image.new("RGB", (32, 16), (255, 0, 128))), "txt": "pink"})
+    for norm, (mean, std) in {"clip": (CLIP_MEAN, CLIP_STD), "half": ((0.5,) * 3, (0.5,) * 3)}.items():
+        batch = next(
+            iter(PackedImageText(config(str(tmp_path / "one.tar"), normalize=norm), tokenizer=toy_tokenizer))
+        )
+        assert batch.images.patches.dtype == torch.uint8
+        moved = batch.to("cpu")
+        pixel = moved.images.patches[0, 0].view(-1, 3)[0]
+        expected = (torch.tensor([1.0, 0.0, 128 / 255]) - torch.tensor(mean)) / torch.tensor(std)
+        torch.testing.assert_close(pixel, expected)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 
 from PIL import Image, ImageOps
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 # Skip reasons, counted per worker and reported with every batch.
+ORIENTATION = 0x0112  # the EXIF tag
 SKIP_REASONS = ("undecodable", "no_image", "no_caption", "empty_image", "aspect_ratio", "too_many_pixels")
 
 
@@ -21,13 +23,22 @@ class BadSample(Exception):
         self.reason = reason
 
 
-def decode_image(data: bytes, max_pixels: int, max_aspect: float) -> Image.Image:
-    """Bytes -> RGB PIL image, EXIF orientation applied.
+def decode_image(
+    data: bytes,
+    max_pixels: int,
+    max_aspect: float,
+    size_fn: Callable[[int, int], tuple[int, int]] | None = None,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Bytes -> (RGB PIL image, target (H, W)), EXIF orientation applied.
 
     Palette, alpha (composited on white), CMYK, 16-bit and grayscale images become 8-bit RGB.
-    Raises BadSample for undecodable data, zero-size images (0 bytes or a 0-pixel side), more than `max_pixels` pixels (checked
-    from the header, before decoding: a decompression bomb never gets decoded) and aspect ratios
-    beyond `max_aspect`:1.
+    Raises BadSample for undecodable data, zero-size images (0 bytes or a 0-pixel side), more than
+    `max_pixels` pixels (checked from the header, before decoding: a decompression bomb never gets
+    decoded) and aspect ratios beyond `max_aspect`:1.
+
+    `size_fn(height, width)` (of the upright image) gives the size the caller will resize to; a
+    JPEG is then decoded directly at the smallest 1/2, 1/4 or 1/8 scale still at least that large
+    (libjpeg's DCT scaling), which saves most of the decoding time for large photos.
     """
     if not data:
         raise BadSample("empty_image", "0 bytes")
@@ -42,6 +53,11 @@ def decode_image(data: bytes, max_pixels: int, max_aspect: float) -> Image.Image
                 raise BadSample("too_many_pixels", f"{w}x{h} > {max_pixels}")
             if max(w, h) / min(w, h) > max_aspect:
                 raise BadSample("aspect_ratio", f"{w}x{h} beyond {max_aspect}:1")
+            transposed = img.format == "JPEG" and img.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
+            up_h, up_w = (w, h) if transposed else (h, w)
+            target = size_fn(up_h, up_w) if size_fn else (up_h, up_w)
+            if img.format == "JPEG" and size_fn:
+                img.draft("RGB", (target[0], target[1]) if transposed else (target[1], target[0]))
             img = ImageOps.exif_transpose(img)
             img.load()
     except BadSample:
@@ -50,7 +66,7 @@ def decode_image(data: bytes, max_pixels: int, max_aspect: float) -> Image.Image
         raise BadSample("too_many_pixels", str(e)) from e
     except Exception as e:  # PIL raises many types for corrupt data
         raise BadSample("undecodable", f"{type(e).__name__}: {e}") from e
-    return to_rgb(img)
+    return to_rgb(img), target
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -96,45 +96,62 @@ class DataConfig:
 class ImageTextBatch:
     """One packed batch: images, the tokenised caption of every slot, and what it took to make it.
 
-    images: PackedBatch ([B, L, ...], slots [B, E]); text: [B, E, K] token ids (0 for empty slots);
-    keys: [B][E] sample keys ("" for empty slots); stats: counts since the worker's last batch
-    (images, tokens kept and dropped, skips by reason, corrupt shards).
+    images: PackedBatch ([B, L, ...], slots [B, E]); its patches are *uint8* pixels: they travel
+        4x smaller and `to()` normalises them on the target device with `mean` / `std`.
+    text: [B, E, K] token ids (0 for empty slots); keys: [B][E] sample keys ("" for empty slots);
+    stats: counts since the worker's last batch (images, tokens kept and dropped, skips by reason,
+    corrupt shards).
     """
 
     images: PackedBatch
     text: torch.Tensor | None
     keys: list[list[str]]
     stats: dict[str, float]
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
 
-    def to(self, device, non_blocking: bool = False) -> ImageTextBatch:
+    def to(self, device, non_blocking: bool = False, dtype: torch.dtype = torch.float32) -> ImageTextBatch:
+        """Move to `device` and normalise the patches there, as `dtype`."""
+        images = self.images.to(device, non_blocking)
+        if images.patches.dtype == torch.uint8:
+            images.patches = normalize_patches(images.patches, self.mean, self.std).to(dtype)
         text = None if self.text is None else self.text.to(device, non_blocking=non_blocking)
-        return ImageTextBatch(self.images.to(device, non_blocking), text, self.keys, self.stats)
+        return ImageTextBatch(images, text, self.keys, self.stats, self.mean, self.std)
 
     def pin_memory(self) -> ImageTextBatch:
         text = None if self.text is None else self.text.pin_memory()
-        return ImageTextBatch(self.images.pin_memory(), text, self.keys, self.stats)
+        return ImageTextBatch(self.images.pin_memory(), text, self.keys, self.stats, self.mean, self.std)
 
 
 @dataclass
 class Example:
     key: str
     caption: str
-    patches: torch.Tensor  # [N, C] float, normalised
+    patches: torch.Tensor  # [N, C] uint8 pixels
     coords: torch.Tensor  # [N, 2]
     grid: tuple[int, int]
     full_tokens: int  # before dropping
 
 
-def image_to_patches(img: Image.Image, size_hw: tuple[int, int], patch_size: int, mean, std) -> torch.Tensor:
-    """PIL RGB image -> normalised flat patches [h*w, P*P*3] at pixel size `size_hw` (multiples of P)."""
+def image_to_patches(img: Image.Image, size_hw: tuple[int, int], patch_size: int) -> torch.Tensor:
+    """PIL RGB image -> uint8 flat patches [h*w, P*P*3] at pixel size `size_hw` (multiples of P).
+
+    Bilinear resizing with PIL's antialiasing filter; normalisation happens on the training device.
+    """
     H, W = size_hw
     if img.size != (W, H):
-        img = img.resize((W, H), Image.BICUBIC)
+        img = img.resize((W, H), Image.BILINEAR)
     P = patch_size
     x_HW3 = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-    patches = x_HW3.view(H // P, P, W // P, P, 3).permute(0, 2, 1, 3, 4).reshape(-1, P * P, 3)
-    mean_t, std_t = torch.tensor(mean) * 255, torch.tensor(std) * 255
-    return ((patches.float() - mean_t) / std_t).reshape(-1, P * P * 3)
+    return x_HW3.view(H // P, P, W // P, P, 3).permute(0, 2, 1, 3, 4).reshape(-1, P * P * 3)
+
+
+def normalize_patches(patches_NC: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 patches [..., P*P*3] (channel last) -> float32, (x / 255 - mean) / std per channel."""
+    scale = 1 / (255 * torch.tensor(std, device=patches_NC.device))
+    shift = -torch.tensor(mean, device=patches_NC.device) / torch.tensor(std, device=patches_NC.device)
+    shape = patches_NC.shape
+    return (patches_NC.view(*shape[:-1], shape[-1] // 3, 3).float() * scale + shift).view(shape)
 
 
 class PackedImageText(IterableDataset):
@@ -195,9 +212,13 @@ class PackedImageText(IterableDataset):
     def _example(self, sample: dict, rng: random.Random, g: torch.Generator, step: int) -> Example:
         cfg = self.cfg
         caption = find_caption(sample)
-        img = decode_image(find_image(sample), cfg.max_pixels, cfg.max_aspect)
-        H, W = target_size(img.height, img.width, cfg.resolution, cfg.patch_size, cfg.seq_len, rng)
-        patches = image_to_patches(img, (H, W), cfg.patch_size, self.mean, self.std)
+        img, (H, W) = decode_image(
+            find_image(sample),
+            cfg.max_pixels,
+            cfg.max_aspect,
+            lambda h, w: target_size(h, w, cfg.resolution, cfg.patch_size, cfg.seq_len, rng),
+        )
+        patches = image_to_patches(img, (H, W), cfg.patch_size)
         h, w = H // cfg.patch_size, W // cfg.patch_size
         rate = sample_drop_rate(h * w, cfg.token_drop, rng, step)
         patches, coords = drop_tokens(patches, grid_coords(h, w), rate, g)
@@ -241,7 +262,7 @@ class PackedImageText(IterableDataset):
             images_per_seq=len(placed) / B,
         )
         stats.clear()
-        return ImageTextBatch(packed, text, keys, out_stats)
+        return ImageTextBatch(packed, text, keys, out_stats, self.mean, self.std)
 
     def __iter__(self) -> Iterator[ImageTextBatch]:
         cfg = self.cfg
