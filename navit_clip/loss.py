@@ -287,7 +287,7 @@ def _direct_sigmoid_loss(img_bD, txt_bD, valid_b, scale, logit_bias) -> torch.Te
     I_nD, T_nD = img_bD[valid_b].float(), txt_bD[valid_b].float()
     n = I_nD.shape[0]
     if n == 0:
-        return (img_bD.sum() + txt_bD.sum() + scale + logit_bias).float() * 0
+        return (img_bD.sum() + txt_bD.sum() + scale + logit_bias).float() * 0  # 0-d, zero gradients
     x_nn = scale.float() * I_nD @ T_nD.T + logit_bias.float()
     y_nn = 2 * torch.eye(n, device=x_nn.device) - 1
     return -F.logsigmoid(y_nn * x_nn).sum() / n
@@ -339,7 +339,7 @@ def clip_loss(
     """
     valid = _check_inputs(image_emb, text_emb, valid)
     ring = _Ring(group)
-    scale = logit_scale.exp().clamp(max=max_scale)
+    scale = logit_scale.exp().clamp(max=max_scale).reshape(())  # open_clip-style 0-d or FSDP-style [1]
     if ring.world == 1 and image_emb.shape[0] <= direct_max_slots:
         return _direct_clip_loss(image_emb, text_emb, valid, scale)
     n_global = max(ring.global_count(valid), 1)
@@ -364,11 +364,11 @@ def sigmoid_loss(
     """
     valid = _check_inputs(image_emb, text_emb, valid)
     ring = _Ring(group)
-    scale = logit_scale.exp().clamp(max=max_scale)
+    scale = logit_scale.exp().clamp(max=max_scale).reshape(())  # open_clip-style 0-d or FSDP-style [1]
     if ring.world == 1 and image_emb.shape[0] <= direct_max_slots:
-        return _direct_sigmoid_loss(image_emb, text_emb, valid, scale, logit_bias)
+        return _direct_sigmoid_loss(image_emb, text_emb, valid, scale, logit_bias.reshape(()))
     n_global = max(ring.global_count(valid), 1)
-    return _SigmoidRing.apply(image_emb, text_emb, valid, scale, logit_bias, ring, tile_size, n_global)
+    return _SigmoidRing.apply(image_emb, text_emb, valid, scale, logit_bias.reshape(()), ring, tile_size, n_global)
 
 
 class ContrastiveLoss(nn.Module):

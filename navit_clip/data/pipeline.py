@@ -64,6 +64,7 @@ class DataConfig:
     max_aspect: float = 20.0
     num_workers: int = 2
     seed: int = 0
+    label_key: str = ""  # e.g. "cls": read an integer class label per sample; the caption becomes optional
 
     def validate(self) -> None:
         if not self.shards:
@@ -99,6 +100,7 @@ class ImageTextBatch:
     images: PackedBatch ([B, L, ...], slots [B, E]); its patches are *uint8* pixels: they travel
         4x smaller and `to()` normalises them on the target device with `mean` / `std`.
     text: [B, E, K] token ids (0 for empty slots); keys: [B][E] sample keys ("" for empty slots);
+    labels: [B, E] class labels when the config names a label_key (-1 for empty slots), else None;
     stats: counts since the worker's last batch (images, tokens kept and dropped, skips by reason,
     corrupt shards).
     """
@@ -107,6 +109,7 @@ class ImageTextBatch:
     text: torch.Tensor | None
     keys: list[list[str]]
     stats: dict[str, float]
+    labels: torch.Tensor | None = None
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
 
@@ -116,11 +119,13 @@ class ImageTextBatch:
         if images.patches.dtype == torch.uint8:
             images.patches = normalize_patches(images.patches, self.mean, self.std).to(dtype)
         text = None if self.text is None else self.text.to(device, non_blocking=non_blocking)
-        return ImageTextBatch(images, text, self.keys, self.stats, self.mean, self.std)
+        labels = None if self.labels is None else self.labels.to(device, non_blocking=non_blocking)
+        return ImageTextBatch(images, text, self.keys, self.stats, labels, self.mean, self.std)
 
     def pin_memory(self) -> ImageTextBatch:
         text = None if self.text is None else self.text.pin_memory()
-        return ImageTextBatch(self.images.pin_memory(), text, self.keys, self.stats, self.mean, self.std)
+        labels = None if self.labels is None else self.labels.pin_memory()
+        return ImageTextBatch(self.images.pin_memory(), text, self.keys, self.stats, labels, self.mean, self.std)
 
 
 @dataclass
@@ -131,6 +136,7 @@ class Example:
     coords: torch.Tensor  # [N, 2]
     grid: tuple[int, int]
     full_tokens: int  # before dropping
+    label: int = -1
 
 
 def image_to_patches(img: Image.Image, size_hw: tuple[int, int], patch_size: int) -> torch.Tensor:
@@ -211,7 +217,15 @@ class PackedImageText(IterableDataset):
     # -- one sample -> Example -----------------------------------------------------------------
     def _example(self, sample: dict, rng: random.Random, g: torch.Generator, step: int) -> Example:
         cfg = self.cfg
-        caption = find_caption(sample)
+        label = -1
+        if cfg.label_key:
+            try:
+                label = int(sample[cfg.label_key])
+            except (KeyError, ValueError) as e:
+                raise BadSample("no_label", f"{cfg.label_key}: {e}") from e
+            caption = find_caption(sample) if "txt" in sample else ""
+        else:
+            caption = find_caption(sample)
         img, (H, W) = decode_image(
             find_image(sample),
             cfg.max_pixels,
@@ -222,7 +236,7 @@ class PackedImageText(IterableDataset):
         h, w = H // cfg.patch_size, W // cfg.patch_size
         rate = sample_drop_rate(h * w, cfg.token_drop, rng, step)
         patches, coords = drop_tokens(patches, grid_coords(h, w), rate, g)
-        return Example(sample.get("__key__", ""), caption, patches, coords, (h, w), h * w)
+        return Example(sample.get("__key__", ""), caption, patches, coords, (h, w), h * w, label)
 
     def _batch(self, examples: list[Example], bins: list[list[int]], stats: Counter) -> ImageTextBatch:
         cfg = self.cfg
@@ -237,12 +251,15 @@ class PackedImageText(IterableDataset):
             grids=[e.grid for e in examples],
         )
         keys = [[""] * E for _ in range(B)]
+        labels = torch.full((B, E), -1, dtype=torch.long) if cfg.label_key else None
         captions, where = [], []
         for b, members in enumerate(bins):
             for e, i in enumerate(members):
                 keys[b][e] = examples[i].key
                 captions.append(examples[i].caption)
                 where.append((b, e))
+                if labels is not None:
+                    labels[b, e] = examples[i].label
         text = None
         if self.tokenizer is not None:
             ids = self.tokenizer(captions)
@@ -262,7 +279,7 @@ class PackedImageText(IterableDataset):
             images_per_seq=len(placed) / B,
         )
         stats.clear()
-        return ImageTextBatch(packed, text, keys, out_stats, self.mean, self.std)
+        return ImageTextBatch(packed, text, keys, out_stats, labels, self.mean, self.std)
 
     def __iter__(self) -> Iterator[ImageTextBatch]:
         cfg = self.cfg

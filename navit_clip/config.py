@@ -1,0 +1,234 @@
+"""Typed run configuration: YAML file + dotted command-line overrides, validated before any work.
+
+    cfg = load_config("configs/demo.yaml", ["train.steps=100", "model.vision.width=256"])
+
+Every field has a default, so a YAML file names only what it changes. Unknown keys and values of
+the wrong type are ValueErrors that name the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from navit_clip.data.pipeline import DataConfig
+from navit_clip.model.clip import ModelConfig
+
+
+@dataclass
+class LossConfig:
+    kind: str = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
+    tile_size: int = 1024
+    direct_max_slots: int = 2048
+
+    def validate(self) -> None:
+        if self.kind not in ("softmax", "sigmoid"):
+            raise ValueError(f"loss.kind={self.kind!r} must be 'softmax' or 'sigmoid'")
+        if self.tile_size < 1:
+            raise ValueError(f"loss.tile_size={self.tile_size} must be positive")
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "openclip"  # openclip (BPE shipped with open_clip) | sentencepiece | hf
+    path: str = ""  # sentencepiece .model file, or a local Hugging Face tokenizer folder
+    context_length: int = 32
+
+    def validate(self) -> None:
+        if self.kind not in ("openclip", "sentencepiece", "hf"):
+            raise ValueError(f"tokenizer.kind={self.kind!r} must be openclip, sentencepiece or hf")
+        if self.kind != "openclip" and not self.path:
+            raise ValueError(f"tokenizer.kind={self.kind!r} needs tokenizer.path (a local file or folder)")
+        if self.context_length < 2:
+            raise ValueError(f"tokenizer.context_length={self.context_length} must be at least 2")
+
+
+@dataclass
+class EvalConfig:
+    shards: str = ""  # webdataset with a class-label field (KEY.cls); empty: no zero-shot eval
+    classnames: str = ""  # file with one class name per line
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    label_key: str = "cls"
+    every: int = 0  # evaluate every K training steps (0: only at the end)
+    max_side: int = 512  # native resolution, longer side capped
+    seq_len: int = 0  # 0: the model's vision seq_len
+    batch_seqs: int = 8
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/demo"
+    steps: int = 1000
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup: int = 100
+    grad_clip: float = 1.0  # 0: no clipping
+    accum: int = 1  # gradient accumulation micro-steps per optimizer step
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard), used under torchrun
+    compile: bool = False
+    activation_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep_last: int = 3
+    resume: str = ""  # "", "latest", or a checkpoint path
+    resume_data: str = "exact"  # exact: replay the data stream to the saved position | fresh: new stream
+    device: str = "auto"  # auto | cpu | cuda
+
+    def validate(self) -> None:
+        checks = {
+            "steps": self.steps >= 1,
+            "lr": self.lr > 0,
+            "warmup": 0 <= self.warmup,
+            "accum": self.accum >= 1,
+            "keep_last": self.keep_last >= 1,
+            "log_every": self.log_every >= 1,
+            "ckpt_every": self.ckpt_every >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"train.{name}={getattr(self, name)} is out of range")
+        choices = {"precision": ("fp32", "bf16"), "parallel": ("ddp", "fsdp"), "resume_data": ("exact", "fresh"),
+                   "device": ("auto", "cpu", "cuda")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"train.{name}={getattr(self, name)!r} must be one of {allowed}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    demo: bool = False  # generate the demo dataset and point data/eval at it
+
+    def validate(self) -> None:
+        """Check every section and the fields that must agree across sections."""
+        self.model.validate()
+        self.data.validate()
+        self.tokenizer.validate()
+        self.loss.validate()
+        self.train.validate()
+        v = self.model.vision
+        for name in PACKING_FIELDS:
+            if getattr(self.data, name) != getattr(v, name):
+                raise ValueError(
+                    f"data.{name}={getattr(self.data, name)} differs from model.vision.{name}={getattr(v, name)}; "
+                    f"set it once, in model.vision"
+                )
+        if self.model.text.context_length != self.tokenizer.context_length:
+            raise ValueError(
+                f"model.text.context_length={self.model.text.context_length} differs from "
+                f"tokenizer.context_length={self.tokenizer.context_length}; set them equal"
+            )
+        if self.loss.kind == "sigmoid" and not self.model.logit_bias:
+            raise ValueError("loss.kind='sigmoid' needs model.logit_bias=true")
+
+
+# The packed layout is the model's: data takes these from model.vision unless set (then equal).
+PACKING_FIELDS = ("patch_size", "seq_len", "max_images")
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        for a in args:
+            try:
+                return _coerce(value, a, where)
+            except ValueError:
+                continue
+        raise ValueError(f"{where}={value!r} does not fit {tp}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        return list(value) if inner is Any else [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is Any or tp is dict or origin is dict:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{where}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where}={value!r} must be a string")
+    return value
+
+
+def _build(cls: type, values: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(f'{where}.{k}'.lstrip('.') for k in unknown)}; known: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}".lstrip(".")) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Config from a YAML file (or defaults) with `key.sub=value` overrides (values parsed as YAML)."""
+    tree: dict = {}
+    if path:
+        path = Path(path)
+        if not path.exists():
+            raise ValueError(f"config file {path} does not exist")
+        tree = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    cfg = _build(Config, tree)
+    given = tree.get("data", {}) or {}
+    for name in PACKING_FIELDS:
+        if name not in given:
+            setattr(cfg.data, name, getattr(cfg.model.vision, name))
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

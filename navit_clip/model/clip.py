@@ -1,0 +1,89 @@
+"""The two-tower NaViT-CLIP model with open_clip's API: encode_image, encode_text, logit_scale.
+
+Shape legend: B sequences, E slots per sequence, K context length, D embedding width, N images.
+The model reads no files and knows nothing of the objective: it returns embeddings and the
+temperature (and bias) parameters; the loss lives in navit_clip/loss.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from navit_clip.model.text import TextConfig, TextTransformer
+from navit_clip.model.vision import NaViT, VisionConfig
+from navit_clip.packing import PackedBatch
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 512
+    init_logit_scale: float = math.log(1 / 0.07)
+    logit_bias: bool = False  # a learnable bias for the sigmoid (SigLIP) loss
+    init_logit_bias: float = -10.0
+
+    def validate(self) -> None:
+        self.vision.validate()
+        self.text.validate()
+        if self.embed_dim < 1:
+            raise ValueError(f"model.embed_dim={self.embed_dim} must be positive")
+
+
+class NaViTCLIP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.visual = NaViT(cfg.vision)
+        self.text = TextTransformer(cfg.text)
+        self.image_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
+        # shape [1], not 0-d: FSDP2 shards parameters along dim 0
+        self.logit_scale = nn.Parameter(torch.full((1,), cfg.init_logit_scale))
+        self.logit_bias = nn.Parameter(torch.full((1,), cfg.init_logit_bias)) if cfg.logit_bias else None
+        for proj, width in ((self.image_proj, cfg.vision.width), (self.text_proj, cfg.text.width)):
+            nn.init.normal_(proj.weight, std=width**-0.5)
+
+    def encode_packed(self, images: PackedBatch, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed images -> per-slot embeddings [B, E, D] and the slot mask [B, E]."""
+        out = self.visual(images)
+        emb_BED = self.image_proj(out.pooled)
+        return (F.normalize(emb_BED, dim=-1) if normalize else emb_BED), out.slot_valid
+
+    def encode_image(self, images: PackedBatch | Sequence[torch.Tensor], normalize: bool = False) -> torch.Tensor:
+        """open_clip-style: a list of [3, H, W] images (any sizes) -> [N, D] in input order.
+
+        A PackedBatch gives [B, E, D] (use encode_packed for the slot mask as well).
+        """
+        if isinstance(images, PackedBatch):
+            return self.encode_packed(images, normalize)[0]
+        emb_ND = self.image_proj(self.visual.encode_images(list(images)))
+        return F.normalize(emb_ND, dim=-1) if normalize else emb_ND
+
+    def encode_text(self, ids_NK: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        emb_ND = self.text_proj(self.text(ids_NK))
+        return F.normalize(emb_ND, dim=-1) if normalize else emb_ND
+
+    def forward(self, images: PackedBatch, text_BEK: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A packed training batch -> flat normalised embeddings for the loss.
+
+        Returns image_emb and text_emb [B*E, D], valid [B*E] (padding slots False; their text
+        embeddings are zeros and their text is never encoded), logit_scale and logit_bias.
+        """
+        img_BED, valid_BE = self.encode_packed(images)
+        D = img_BED.shape[-1]
+        valid = valid_BE.flatten()
+        ids_SK = text_BEK.flatten(0, 1)[valid]
+        txt = img_BED.new_zeros(valid.shape[0], D)
+        txt = txt.index_copy(0, valid.nonzero().squeeze(1), self.encode_text(ids_SK, normalize=True).to(txt.dtype))
+        out = {"image_emb": img_BED.reshape(-1, D), "text_emb": txt, "valid": valid, "logit_scale": self.logit_scale}
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out

@@ -1,0 +1,81 @@
+"""CLIP-style text transformer: causal pre-LN blocks, pooled at the end-of-text token or by attention.
+
+Shape legend: N texts, K context length, D width, H heads, d head width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from navit_clip.model.vision import Mlp
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408  # embedding rows; the tokenizer's `num_embeddings`
+    pad_id: int = 0  # the tokenizer's padding id (right padding)
+    context_length: int = 32
+    width: int = 512
+    depth: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    pool: str = "eot"  # eot: the last non-padding token (causal: it has seen the whole text) | map
+    ln_eps: float = 1e-5
+
+    def validate(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"text.width={self.width} is not divisible by text.heads={self.heads}")
+        if self.pool not in ("eot", "map"):
+            raise ValueError(f"text.pool={self.pool!r} must be 'eot' or 'map'")
+
+
+class CausalBlock(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
+        self.proj = nn.Linear(cfg.width, cfg.width)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio), bias=True)
+
+    def forward(self, x_NKD: torch.Tensor) -> torch.Tensor:
+        N, K, D = x_NKD.shape
+        q, k, v = self.qkv(self.norm1(x_NKD)).view(N, K, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        o_NHKd = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x_NKD = x_NKD + self.proj(o_NHKd.transpose(1, 2).reshape(N, K, D))
+        return x_NKD + self.mlp(self.norm2(x_NKD))
+
+
+class TextTransformer(nn.Module):
+    """forward(ids [N, K] right-padded with pad_id) -> pooled features [N, D]."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.randn(cfg.context_length, cfg.width) * 0.01)
+        self.blocks = nn.ModuleList([CausalBlock(cfg) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.probe = nn.Parameter(torch.randn(cfg.width) * 0.02) if cfg.pool == "map" else None
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+
+    def forward(self, ids_NK: torch.Tensor) -> torch.Tensor:
+        N, K = ids_NK.shape
+        x_NKD = self.token_embed(ids_NK) + self.pos_embed[:K]
+        for block in self.blocks:
+            x_NKD = block(x_NKD)
+        x_NKD = self.norm(x_NKD)
+        real_NK = ids_NK != self.cfg.pad_id
+        if self.probe is None:
+            last_N = (real_NK.sum(1) - 1).clamp(min=0)
+            return x_NKD[torch.arange(N, device=ids_NK.device), last_N]
+        # single-head attention pooling over the real tokens
+        scores_NK = (x_NKD @ self.probe).masked_fill(~real_NK, float("-inf")) / x_NKD.shape[-1] ** 0.5
+        weights_NK = torch.softmax(scores_NK, dim=-1).nan_to_num(0.0)
+        return torch.einsum("nk,nkd->nd", weights_NK, x_NKD)
