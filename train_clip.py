@@ -16,7 +16,9 @@ from navit_clip.train import train
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: the CPU demo)")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint path")
     parser.add_argument("overrides", nargs="*", help="section.key=value")

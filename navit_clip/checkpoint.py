@@ -37,7 +37,9 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.iterdir() if PATTERN.search(p.name)), key=lambda p: int(PATTERN.search(p.name)[1]))
+    return sorted(
+        (p for p in folder.iterdir() if PATTERN.search(p.name)), key=lambda p: int(PATTERN.search(p.name)[1])
+    )
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:
@@ -60,8 +62,14 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def save_checkpoint(
-    folder: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, extra: dict,
-    keep_last: int, is_main: bool,
+    folder: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    extra: dict,
+    keep_last: int,
+    is_main: bool,
 ) -> Path:
     """Gather full states (a collective: every rank calls this), rank 0 writes, older ones pruned."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -83,6 +83,29 @@ def _data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_tokenizer(args: argparse.Namespace) -> int:
+    import webdataset as wds
+
+    from navit_clip.data.decode import BadSample, find_caption
+    from navit_clip.tokenizer import train_sentencepiece
+
+    def captions():
+        n = 0
+        for shards in args.shards:
+            for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
+                try:
+                    yield find_caption(sample)
+                except BadSample:
+                    continue
+                n += 1
+                if args.max_captions and n >= args.max_captions:
+                    return
+
+    path = train_sentencepiece(captions(), args.out, args.vocab_size)
+    print(f"wrote {path}; use it with tokenizer.kind=sentencepiece tokenizer.path={path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="navit-clip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--max-batches", type=int, default=0)
     p.set_defaults(fn=_data_stats)
+
+    p = sub.add_parser("train-tokenizer", help="train a SentencePiece model on the captions of shards")
+    p.add_argument("shards", nargs="+")
+    p.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--max-captions", type=int, default=0, help="stop after this many captions (0: all)")
+    p.set_defaults(fn=_train_tokenizer)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -81,6 +81,9 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_last: int = 3
     resume: str = ""  # "", "latest", or a checkpoint path
+    stop_at: int = (
+        0  # stop (after a checkpoint) at this step; the schedule still spans `steps` (0: run to the end)
+    )
     resume_data: str = "exact"  # exact: replay the data stream to the saved position | fresh: new stream
     device: str = "auto"  # auto | cpu | cuda
 
@@ -97,8 +100,12 @@ class TrainConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"train.{name}={getattr(self, name)} is out of range")
-        choices = {"precision": ("fp32", "bf16"), "parallel": ("ddp", "fsdp"), "resume_data": ("exact", "fresh"),
-                   "device": ("auto", "cpu", "cuda")}
+        choices = {
+            "precision": ("fp32", "bf16"),
+            "parallel": ("ddp", "fsdp"),
+            "resume_data": ("exact", "fresh"),
+            "device": ("auto", "cpu", "cuda"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"train.{name}={getattr(self, name)!r} must be one of {allowed}")
@@ -113,6 +120,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     demo: bool = False  # generate the demo dataset and point data/eval at it
+    demo_root: str = "demo_data"  # where the demo dataset is generated (git-ignored)
 
     def validate(self) -> None:
         """Check every section and the fields that must agree across sections."""
@@ -167,7 +175,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
-        return list(value) if inner is Any else [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return (
+            list(value) if inner is Any else [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        )
     if tp is Any or tp is dict or origin is dict:
         return value
     if tp is bool:
@@ -194,7 +204,9 @@ def _build(cls: type, values: dict, where: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise ValueError(f"unknown config key(s) {sorted(f'{where}.{k}'.lstrip('.') for k in unknown)}; known: {sorted(names)}")
+        raise ValueError(
+            f"unknown config key(s) {sorted(f'{where}.{k}'.lstrip('.') for k in unknown)}; known: {sorted(names)}"
+        )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}".lstrip(".")) for k, v in values.items()}
     return cls(**kwargs)
 

@@ -368,7 +368,9 @@ def sigmoid_loss(
     if ring.world == 1 and image_emb.shape[0] <= direct_max_slots:
         return _direct_sigmoid_loss(image_emb, text_emb, valid, scale, logit_bias.reshape(()))
     n_global = max(ring.global_count(valid), 1)
-    return _SigmoidRing.apply(image_emb, text_emb, valid, scale, logit_bias.reshape(()), ring, tile_size, n_global)
+    return _SigmoidRing.apply(
+        image_emb, text_emb, valid, scale, logit_bias.reshape(()), ring, tile_size, n_global
+    )
 
 
 class ContrastiveLoss(nn.Module):

@@ -59,7 +59,9 @@ class SentencePieceTokenizer(_IdsTokenizer):
         import sentencepiece as spm
 
         if not Path(model_file).exists():
-            raise ValueError(f"SentencePiece model {model_file} does not exist; train one with `navit-clip train-tokenizer`")
+            raise ValueError(
+                f"SentencePiece model {model_file} does not exist; train one with `navit-clip train-tokenizer`"
+            )
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         self.context_length = context_length
         vocab = self.sp.get_piece_size()

@@ -57,10 +57,10 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
 def prepare_demo(cfg: Config, info: DistInfo) -> None:
     """Point data and eval at the generated demo shards (generated once, by rank 0)."""
     if info.is_main:
-        paths = ensure_demo_data()
+        ensure_demo_data(cfg.demo_root)
     if info.distributed:
         torch.distributed.barrier()
-    paths = ensure_demo_data()  # already complete: returns the paths at once
+    paths = ensure_demo_data(cfg.demo_root)  # already complete: returns the paths at once
     cfg.data.shards = paths["train"]
     cfg.eval.shards = cfg.eval.shards or paths["heldout"]
     cfg.eval.classnames = cfg.eval.classnames or paths["classnames"]
@@ -115,8 +115,14 @@ def zero_shot(model, tokenizer, cfg: Config, info: DistInfo) -> dict | None:
     classnames = [c for c in Path(cfg.eval.classnames).read_text().splitlines() if c.strip()]
     model.eval()
     classifier = build_classifier(model, tokenizer, classnames, cfg.eval.templates, info.device)
-    data_cfg = eval_data_config(cfg.data, cfg.eval.shards, cfg.eval.label_key, cfg.eval.max_side, cfg.eval.seq_len,
-                                cfg.eval.batch_seqs)
+    data_cfg = eval_data_config(
+        cfg.data,
+        cfg.eval.shards,
+        cfg.eval.label_key,
+        cfg.eval.max_side,
+        cfg.eval.seq_len,
+        cfg.eval.batch_seqs,
+    )
     result = evaluate_zeroshot(model, classifier, data_cfg, info.device, info.rank, info.world_size)
     model.train()
     result["chance"] = 1 / len(classnames)
@@ -148,11 +154,17 @@ def train(cfg: Config) -> dict:
             for block in tower.blocks:
                 block.compile()
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas, eps=tc.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup, tc.steps, tc.min_lr / tc.lr))
-    loss_fn = ContrastiveLoss(cfg.loss.kind, tile_size=cfg.loss.tile_size, direct_max_slots=cfg.loss.direct_max_slots)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(tc.warmup, tc.steps, tc.min_lr / tc.lr)
+    )
+    loss_fn = ContrastiveLoss(
+        cfg.loss.kind, tile_size=cfg.loss.tile_size, direct_max_slots=cfg.loss.direct_max_slots
+    )
 
     start, data_batches, skipped = 0, 0, 0
-    resume_from = latest_checkpoint(out) if tc.resume == "latest" else (Path(tc.resume) if tc.resume else None)
+    resume_from = (
+        latest_checkpoint(out) if tc.resume == "latest" else (Path(tc.resume) if tc.resume else None)
+    )
     if tc.resume and resume_from is None:
         log.warning("train.resume=latest but %s holds no checkpoint: starting from scratch", out)
     if resume_from is not None:
@@ -168,7 +180,11 @@ def train(cfg: Config) -> dict:
         data_batches = 0
     loader = make_loader(dataset, pin_memory=info.device.type == "cuda")
     batches = iter(loader)
-    for _ in tqdm(range(data_batches), desc="replaying data to the checkpoint", disable=not info.is_main or not data_batches):
+    for _ in tqdm(
+        range(data_batches),
+        desc="replaying data to the checkpoint",
+        disable=not info.is_main or not data_batches,
+    ):
         next(batches)
 
     metrics = MetricsLog(out, info.is_main)
@@ -177,7 +193,8 @@ def train(cfg: Config) -> dict:
     )
     history: list[float] = []
     window = {"images": 0, "tokens": 0, "padding": 0.0, "batches": 0, "time": 0.0}
-    bar = tqdm(range(start, tc.steps), desc="train", initial=start, total=tc.steps, disable=not info.is_main)
+    end = min(tc.stop_at, tc.steps) if tc.stop_at else tc.steps
+    bar = tqdm(range(start, end), desc="train", initial=start, total=tc.steps, disable=not info.is_main)
     wrapped.train()
     for step in bar:
         t0 = time.perf_counter()
@@ -186,11 +203,20 @@ def train(cfg: Config) -> dict:
         for micro in range(tc.accum):
             batch = next(batches).to(info.device, non_blocking=True)
             data_batches += 1
-            sync = nullcontext() if micro == tc.accum - 1 or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+            sync = (
+                nullcontext()
+                if micro == tc.accum - 1 or not hasattr(wrapped, "no_sync")
+                else wrapped.no_sync()
+            )
             with sync, autocast:
                 out_emb = wrapped(batch.images, batch.text)
-                loss = loss_fn(out_emb["image_emb"], out_emb["text_emb"], out_emb["valid"], out_emb["logit_scale"],
-                               out_emb.get("logit_bias"))
+                loss = loss_fn(
+                    out_emb["image_emb"],
+                    out_emb["text_emb"],
+                    out_emb["valid"],
+                    out_emb["logit_scale"],
+                    out_emb.get("logit_bias"),
+                )
             with sync:
                 (loss / tc.accum).backward()
             loss_sum += loss.detach() / tc.accum
@@ -198,7 +224,9 @@ def train(cfg: Config) -> dict:
             window["tokens"] += batch.stats["tokens"]
             window["padding"] += batch.stats["padding_fraction"]
             window["batches"] += 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")
+        )
         # One host-device sync per step: a non-finite loss or gradient skips the update.
         finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
         if finite:
@@ -217,18 +245,27 @@ def train(cfg: Config) -> dict:
             w = all_reduce_mean({k: float(v) for k, v in window.items()}, info)
             scale = info.world_size  # images and tokens summed over ranks
             values = {
-                "loss": history[-1], "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                "loss": history[-1],
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
                 "logit_scale": float(model.logit_scale.detach().exp()),
                 "images_per_s": scale * w["images"] / max(w["time"], 1e-9),
                 "tokens_per_s": scale * w["tokens"] / max(w["time"], 1e-9),
-                "padding": w["padding"] / max(w["batches"], 1), "skipped_steps": skipped,
+                "padding": w["padding"] / max(w["batches"], 1),
+                "skipped_steps": skipped,
             }
-            values.update({k: v for k, v in batch.stats.items() if k.startswith("skip_") or k == "corrupt_shard"})
+            values.update(
+                {k: v for k, v in batch.stats.items() if k.startswith("skip_") or k == "corrupt_shard"}
+            )
             metrics.write(done, values)
-            bar.set_postfix(loss=f"{values['loss']:.3f}", img_s=f"{values['images_per_s']:.0f}",
-                            tok_s=f"{values['tokens_per_s']:.0f}", pad=f"{100 * values['padding']:.1f}%")
+            bar.set_postfix(
+                loss=f"{values['loss']:.3f}",
+                img_s=f"{values['images_per_s']:.0f}",
+                tok_s=f"{values['tokens_per_s']:.0f}",
+                pad=f"{100 * values['padding']:.1f}%",
+            )
             window = dict.fromkeys(window, 0)
-        if (tc.ckpt_every and done % tc.ckpt_every == 0) or done == tc.steps:
+        if (tc.ckpt_every and done % tc.ckpt_every == 0) or done == end:
             extra = {"data_batches": data_batches, "skipped_steps": skipped, "rng": rng_state()}
             save_checkpoint(out, done, model, optimizer, scheduler, extra, tc.keep_last, info.is_main)
         if cfg.eval.every and done % cfg.eval.every == 0 and done != tc.steps:
@@ -237,14 +274,21 @@ def train(cfg: Config) -> dict:
                 metrics.write(done, {"zeroshot_top1": result["top1"], "zeroshot_top5": result["top5"]})
     bar.close()
 
-    final = {"losses": history, "skipped_steps": skipped, "steps": tc.steps}
+    final = {"losses": history, "skipped_steps": skipped, "steps": end}
+    if end < tc.steps:
+        metrics.close()
+        if info.is_main:
+            print(f"stopped at step {end} of {tc.steps}; continue with --resume latest")
+        return final
     result = zero_shot(model, tokenizer, cfg, info)
     if result:
         metrics.write(tc.steps, {"zeroshot_top1": result["top1"], "zeroshot_top5": result["top5"]})
         final["zeroshot"] = result
         if info.is_main:
-            print(f"zero-shot on {int(result['n'])} held-out images: top-1 {100 * result['top1']:.1f}% "
-                  f"top-5 {100 * result['top5']:.1f}% (chance {100 * result['chance']:.1f}%)")
+            print(
+                f"zero-shot on {int(result['n'])} held-out images: top-1 {100 * result['top1']:.1f}% "
+                f"top-5 {100 * result['top5']:.1f}% (chance {100 * result['chance']:.1f}%)"
+            )
     metrics.close()
     if info.is_main:
         print(f"run folder: {out} (checkpoints, metrics.jsonl, tensorboard/, config.yaml)")

@@ -38,7 +38,12 @@ def topk_correct(logits_NC: torch.Tensor, labels_N: torch.Tensor, ks=(1, 5)) -> 
 
 @torch.no_grad()
 def evaluate_zeroshot(
-    model, classifier_DC: torch.Tensor, data_cfg: DataConfig, device, rank: int = 0, world_size: int = 1,
+    model,
+    classifier_DC: torch.Tensor,
+    data_cfg: DataConfig,
+    device,
+    rank: int = 0,
+    world_size: int = 1,
     num_workers: int = 0,
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy (and per-class top-1) over a labelled webdataset, summed over ranks."""
@@ -62,17 +67,30 @@ def evaluate_zeroshot(
         dist.all_reduce(counts)
     n = max(float(counts[0]), 1.0)
     per_class = (counts[3 + C :] / counts[3 : 3 + C].clamp(min=1)).tolist()
-    return {"n": float(counts[0]), "top1": float(counts[1]) / n, "top5": float(counts[2]) / n,
-            "mean_per_class_top1": sum(per_class) / C, "per_class_top1": per_class}
+    return {
+        "n": float(counts[0]),
+        "top1": float(counts[1]) / n,
+        "top5": float(counts[2]) / n,
+        "mean_per_class_top1": sum(per_class) / C,
+        "per_class_top1": per_class,
+    }
 
 
-def eval_data_config(train_data: DataConfig, shards: str, label_key: str, max_side: int, seq_len: int,
-                     batch_seqs: int) -> DataConfig:
+def eval_data_config(
+    train_data: DataConfig, shards: str, label_key: str, max_side: int, seq_len: int, batch_seqs: int
+) -> DataConfig:
     """The eval pipeline: finite, unshuffled, native resolution (capped), no token dropping."""
     from navit_clip.packing import TokenDropConfig
 
     return replace(
-        train_data, shards=shards, resampled=False, shuffle_buffer=0, label_key=label_key,
-        resolution=ResolutionPolicy("native", max_side=max_side), token_drop=TokenDropConfig("none"),
-        seq_len=seq_len or train_data.seq_len, batch_seqs=batch_seqs, pack_factor=1.0,
+        train_data,
+        shards=shards,
+        resampled=False,
+        shuffle_buffer=0,
+        label_key=label_key,
+        resolution=ResolutionPolicy("native", max_side=max_side),
+        token_drop=TokenDropConfig("none"),
+        seq_len=seq_len or train_data.seq_len,
+        batch_seqs=batch_seqs,
+        pack_factor=1.0,
     )

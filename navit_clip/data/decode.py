@@ -12,7 +12,15 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 # Skip reasons, counted per worker and reported with every batch.
 ORIENTATION = 0x0112  # the EXIF tag
-SKIP_REASONS = ("undecodable", "no_image", "no_caption", "no_label", "empty_image", "aspect_ratio", "too_many_pixels")
+SKIP_REASONS = (
+    "undecodable",
+    "no_image",
+    "no_caption",
+    "no_label",
+    "empty_image",
+    "aspect_ratio",
+    "too_many_pixels",
+)
 
 
 class BadSample(Exception):

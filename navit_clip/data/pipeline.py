@@ -125,7 +125,9 @@ class ImageTextBatch:
     def pin_memory(self) -> ImageTextBatch:
         text = None if self.text is None else self.text.pin_memory()
         labels = None if self.labels is None else self.labels.pin_memory()
-        return ImageTextBatch(self.images.pin_memory(), text, self.keys, self.stats, labels, self.mean, self.std)
+        return ImageTextBatch(
+            self.images.pin_memory(), text, self.keys, self.stats, labels, self.mean, self.std
+        )
 
 
 @dataclass

@@ -57,7 +57,9 @@ class NaViTCLIP(nn.Module):
         emb_BED = self.image_proj(out.pooled)
         return (F.normalize(emb_BED, dim=-1) if normalize else emb_BED), out.slot_valid
 
-    def encode_image(self, images: PackedBatch | Sequence[torch.Tensor], normalize: bool = False) -> torch.Tensor:
+    def encode_image(
+        self, images: PackedBatch | Sequence[torch.Tensor], normalize: bool = False
+    ) -> torch.Tensor:
         """open_clip-style: a list of [3, H, W] images (any sizes) -> [N, D] in input order.
 
         A PackedBatch gives [B, E, D] (use encode_packed for the slot mask as well).
@@ -82,8 +84,15 @@ class NaViTCLIP(nn.Module):
         valid = valid_BE.flatten()
         ids_SK = text_BEK.flatten(0, 1)[valid]
         txt = img_BED.new_zeros(valid.shape[0], D)
-        txt = txt.index_copy(0, valid.nonzero().squeeze(1), self.encode_text(ids_SK, normalize=True).to(txt.dtype))
-        out = {"image_emb": img_BED.reshape(-1, D), "text_emb": txt, "valid": valid, "logit_scale": self.logit_scale}
+        txt = txt.index_copy(
+            0, valid.nonzero().squeeze(1), self.encode_text(ids_SK, normalize=True).to(txt.dtype)
+        )
+        out = {
+            "image_emb": img_BED.reshape(-1, D),
+            "text_emb": txt,
+            "valid": valid,
+            "logit_scale": self.logit_scale,
+        }
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
         return out

@@ -45,7 +45,9 @@ class CausalBlock(nn.Module):
 
     def forward(self, x_NKD: torch.Tensor) -> torch.Tensor:
         N, K, D = x_NKD.shape
-        q, k, v = self.qkv(self.norm1(x_NKD)).view(N, K, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(self.norm1(x_NKD)).view(N, K, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        )
         o_NHKd = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x_NKD = x_NKD + self.proj(o_NHKd.transpose(1, 2).reshape(N, K, D))
         return x_NKD + self.mlp(self.norm2(x_NKD))

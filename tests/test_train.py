@@ -1,0 +1,204 @@
+"""Training system: distributed equivalence (DDP, FSDP2), exact resume, atomic checkpoints, config."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from dist_utils import run_world
+
+from navit_clip.checkpoint import atomic_save, latest_checkpoint, list_checkpoints
+from navit_clip.config import load_config
+from navit_clip.distributed import DistInfo, wrap_model
+from navit_clip.loss import ContrastiveLoss
+from navit_clip.model.clip import ModelConfig, NaViTCLIP
+from navit_clip.model.text import TextConfig
+from navit_clip.model.vision import VisionConfig
+from navit_clip.packing import build_packed_batch, first_fit, patchify
+
+P, K = 8, 6
+
+
+def tiny_model() -> NaViTCLIP:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vision=VisionConfig(
+            patch_size=P, width=32, depth=2, heads=4, seq_len=32, max_images=4, attn_backend="grouped"
+        ),
+        text=TextConfig(vocab_size=50, pad_id=0, context_length=K, width=32, depth=2, heads=4),
+        embed_dim=16,
+    )
+    return NaViTCLIP(cfg)
+
+
+def batch_for(seed: int, num_seqs: int = 2):
+    """A packed batch (images of mixed sizes) with token ids for every slot."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(16, 24), (8, 8), (24, 8), (16, 16), (8, 32), (32, 8), (8, 16)]
+    imgs = [torch.rand(3, h, w, generator=g) for h, w in sizes]
+    cut = [patchify(im, P) for im in imgs]
+    bins, left = first_fit([p.shape[0] for p, _ in cut], 32, 4, num_seqs=num_seqs)
+    assert not left
+    images = build_packed_batch([p for p, _ in cut], [c for _, c in cut], bins, 32, 4, num_seqs=num_seqs)
+    text = torch.randint(1, 50, (num_seqs, 4, K), generator=g)
+    text[..., -2:] = 0  # padding at the end of every caption
+    return images, text
+
+
+def concat(a, b):
+    (ia, ta), (ib, tb) = a, b
+    fields = {
+        f: torch.cat([getattr(ia, f), getattr(ib, f)])
+        for f in ("patches", "coords", "grid", "segment_ids", "slot_valid", "slot_example")
+    }
+    return type(ia)(**fields), torch.cat([ta, tb])
+
+
+def one_step(model, wrapped, images, text):
+    loss_fn = ContrastiveLoss("softmax", tile_size=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    out = wrapped(images, text)
+    loss = loss_fn(out["image_emb"], out["text_emb"], out["valid"], out["logit_scale"])
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def _full_params(model):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _rank_step(rank, world, parallel):
+    ref = tiny_model()
+    ref_loss = one_step(ref, ref, *concat(batch_for(0), batch_for(1)))
+    model = tiny_model()
+    wrapped = wrap_model(model, DistInfo(rank, world, 0, torch.device("cpu")), parallel)
+    loss = one_step(model, wrapped, *batch_for(rank))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    got = _full_params(model)
+    if rank == 0:
+        for name, p in ref.state_dict().items():
+            err = (got[name] - p).abs().max() / p.abs().max().clamp(min=1e-12)
+            assert err < 1e-5, (parallel, name, float(err))
+        # and the step did change the weights
+        assert any((got[n] - p).abs().max() > 1e-4 for n, p in tiny_model().state_dict().items())
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_one_step_on_two_ranks_equals_one_process_on_the_whole_batch(parallel):
+    run_world(2, _rank_step, parallel)
+
+
+def tiny_run(shards: str, out, **extra) -> list[str]:
+    base = {
+        "demo": False,
+        "data.shards": shards,
+        "eval.shards": "''",
+        "train.output_dir": str(out),
+        "model.vision.width": 32,
+        "model.vision.depth": 1,
+        "model.vision.heads": 2,
+        "model.text.width": 32,
+        "model.text.depth": 1,
+        "model.text.heads": 2,
+        "model.embed_dim": 16,
+        "data.batch_seqs": 2,
+        "data.num_workers": 0,
+        "data.shuffle_buffer": 20,
+        "train.steps": 6,
+        "train.warmup": 2,
+        "train.ckpt_every": 3,
+        "train.log_every": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory):
+    from navit_clip.data.demo import ensure_demo_data
+
+    return ensure_demo_data(tmp_path_factory.mktemp("demo_small"), n_train=300, n_heldout=48, per_shard=100)
+
+
+def test_resume_continues_exactly(small_shards, tmp_path):
+    from navit_clip.train import train
+
+    shards = small_shards["train"]
+    full = train(load_config("configs/demo.yaml", tiny_run(shards, tmp_path / "a")))
+    first = train(load_config("configs/demo.yaml", tiny_run(shards, tmp_path / "b", **{"train.stop_at": 3})))
+    assert first["steps"] == 3 and len(first["losses"]) == 3
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step_00000003.pt"]
+    second = train(
+        load_config("configs/demo.yaml", tiny_run(shards, tmp_path / "b", **{"train.resume": "latest"}))
+    )
+    assert len(full["losses"]) == 6 and len(second["losses"]) == 3
+    torch.testing.assert_close(
+        torch.tensor(first["losses"] + second["losses"]), torch.tensor(full["losses"]), rtol=1e-6, atol=0
+    )
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 6
+    assert (tmp_path / "b" / "tensorboard").is_dir() and (tmp_path / "b" / "config.yaml").exists()
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys, torch
+    from pathlib import Path
+    from navit_clip.checkpoint import atomic_save, checkpoint_path
+    folder = Path(sys.argv[1])
+    atomic_save({"step": 1, "w": torch.ones(10)}, checkpoint_path(folder, 1))
+    real_save = torch.save
+    def dying_save(obj, f, *a, **k):
+        f.write(b"half of a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    torch.save = dying_save
+    atomic_save({"step": 2, "w": torch.zeros(10)}, checkpoint_path(folder, 2))
+""")
+
+
+def test_killed_while_writing_never_leaves_a_loadable_half_checkpoint(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path)], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001.pt", "step_00000002.pt.tmp"]
+    latest = latest_checkpoint(tmp_path)
+    assert latest.name == "step_00000001.pt"
+    assert torch.load(latest, weights_only=True)["step"] == 1
+
+
+def test_atomic_save_replaces_and_keeps_nothing_temporary(tmp_path):
+    path = tmp_path / "step_00000005.pt"
+    atomic_save({"a": torch.arange(3)}, path)
+    atomic_save({"a": torch.arange(4)}, path)
+    assert os.listdir(tmp_path) == ["step_00000005.pt"]
+    assert torch.load(path, weights_only=True)["a"].tolist() == [0, 1, 2, 3]
+
+
+def test_config_overrides_and_errors(tmp_path):
+    cfg = load_config(
+        "configs/demo.yaml", ["train.steps=7", "model.vision.width=64", "data.token_drop.rate=0.1"]
+    )
+    assert cfg.train.steps == 7 and cfg.model.vision.width == 64 and cfg.data.token_drop.rate == 0.1
+    assert cfg.data.seq_len == cfg.model.vision.seq_len  # packing layout comes from the model
+    with pytest.raises(ValueError, match="unknown config key.*train.stepz"):
+        load_config("configs/demo.yaml", ["train.stepz=3"])
+    with pytest.raises(ValueError, match="train.steps='many' must be an integer"):
+        load_config("configs/demo.yaml", ["train.steps=many"])
+    bad = load_config("configs/demo.yaml", ["model.text.context_length=8"])
+    with pytest.raises(ValueError, match="context_length"):
+        bad.validate()
+    bad = load_config("configs/demo.yaml", ["train.precision=fp8"])
+    with pytest.raises(ValueError, match="train.precision"):
+        bad.validate()
+    bad = load_config("configs/demo.yaml", ["data.seq_len=100"])
+    bad.demo = False
+    bad.data.shards = "x.tar"
+    with pytest.raises(ValueError, match="data.seq_len=100 differs"):
+        bad.validate()
+    for name in ("b16", "l16"):
+        cfg = load_config(f"configs/{name}.yaml")
+        cfg.validate()
