@@ -122,7 +122,12 @@ class PackedBatch:
 
 
 def first_fit(
-    sizes: Sequence[int], seq_len: int, max_images: int, num_seqs: int | None = None, decreasing: bool = True
+    sizes: Sequence[int],
+    seq_len: int,
+    max_images: int,
+    num_seqs: int | None = None,
+    decreasing: bool = True,
+    priority: Sequence[int] | None = None,
 ) -> tuple[list[list[int]], list[int]]:
     """Greedy first-fit bin packing of examples (by token count) into sequences.
 
@@ -138,6 +143,10 @@ def first_fit(
         num_seqs: B. If given, at most B sequences are filled and examples that fit nowhere are
             returned as leftovers (a streaming packer keeps them for the next batch); if None,
             sequences are opened as needed and no example is left over.
+        priority: optional per-example rank, higher placed first (before size order). A streaming
+            packer passes how many batches each example has waited: leftovers then go first, so
+            no example waits long and small images do not pile up in the buffer (which would
+            fill sequences with E_max tiny images and leave padding).
     Returns:
         (bins, leftovers): bins[b] lists the example indices of sequence b in placement order;
         leftovers lists indices that were not placed, in arrival order.
@@ -152,7 +161,11 @@ def first_fit(
             )
         if n < 1:
             raise ValueError(f"example {i} has {n} tokens; every image needs at least one patch")
-    order = sorted(range(len(sizes)), key=lambda i: -sizes[i]) if decreasing else range(len(sizes))
+    prio = priority if priority is not None else [0] * len(sizes)
+    if decreasing:
+        order = sorted(range(len(sizes)), key=lambda i: (-prio[i], -sizes[i]))
+    else:
+        order = sorted(range(len(sizes)), key=lambda i: -prio[i])
     bins: list[list[int]] = []
     room: list[int] = []
     leftovers: list[int] = []

@@ -57,8 +57,8 @@ def concat(a, b):
     return type(ia)(**fields), torch.cat([ta, tb])
 
 
-def one_step(model, wrapped, images, text):
-    loss_fn = ContrastiveLoss("softmax", tile_size=4)
+def one_step(model, wrapped, images, text, group=None):
+    loss_fn = ContrastiveLoss("softmax", tile_size=4, group=group)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     out = wrapped(images, text)
     loss = loss_fn(out["image_emb"], out["text_emb"], out["valid"], out["logit_scale"])
@@ -74,8 +74,11 @@ def _full_params(model):
 
 
 def _rank_step(rank, world, parallel):
+    import torch.distributed as dist
+
+    alone = [dist.new_group([r]) for r in range(world)][rank]  # the reference: one process, its own group
     ref = tiny_model()
-    ref_loss = one_step(ref, ref, *concat(batch_for(0), batch_for(1)))
+    ref_loss = one_step(ref, ref, *concat(batch_for(0), batch_for(1)), group=alone)
     model = tiny_model()
     wrapped = wrap_model(model, DistInfo(rank, world, 0, torch.device("cpu")), parallel)
     loss = one_step(model, wrapped, *batch_for(rank))
@@ -83,7 +86,9 @@ def _rank_step(rank, world, parallel):
     got = _full_params(model)
     if rank == 0:
         for name, p in ref.state_dict().items():
-            err = (got[name] - p).abs().max() / p.abs().max().clamp(min=1e-12)
+            # within 1e-5, relative for parameters larger than 1 (a key-norm bias has zero gradient
+            # in exact arithmetic, so its update is rounding noise around 0)
+            err = (got[name] - p).abs().max() / p.abs().max().clamp(min=1.0)
             assert err < 1e-5, (parallel, name, float(err))
         # and the step did change the weights
         assert any((got[n] - p).abs().max() > 1e-4 for n, p in tiny_model().state_dict().items())
@@ -178,27 +183,26 @@ def test_atomic_save_replaces_and_keeps_nothing_temporary(tmp_path):
     assert torch.load(path, weights_only=True)["a"].tolist() == [0, 1, 2, 3]
 
 
-def test_config_overrides_and_errors(tmp_path):
-    cfg = load_config(
-        "configs/demo.yaml", ["train.steps=7", "model.vision.width=64", "data.token_drop.rate=0.1"]
-    )
+def test_config_overrides_and_errors():
+    def demo_cfg(*overrides):
+        return load_config("configs/demo.yaml", ["demo=false", "data.shards=x.tar", *overrides])
+
+    cfg = demo_cfg("train.steps=7", "model.vision.width=64", "data.token_drop.rate=0.1")
+    cfg.validate()
     assert cfg.train.steps == 7 and cfg.model.vision.width == 64 and cfg.data.token_drop.rate == 0.1
-    assert cfg.data.seq_len == cfg.model.vision.seq_len  # packing layout comes from the model
+    assert cfg.data.seq_len == cfg.model.vision.seq_len  # the packing layout comes from the model
     with pytest.raises(ValueError, match="unknown config key.*train.stepz"):
-        load_config("configs/demo.yaml", ["train.stepz=3"])
+        demo_cfg("train.stepz=3")
     with pytest.raises(ValueError, match="train.steps='many' must be an integer"):
-        load_config("configs/demo.yaml", ["train.steps=many"])
-    bad = load_config("configs/demo.yaml", ["model.text.context_length=8"])
-    with pytest.raises(ValueError, match="context_length"):
-        bad.validate()
-    bad = load_config("configs/demo.yaml", ["train.precision=fp8"])
-    with pytest.raises(ValueError, match="train.precision"):
-        bad.validate()
-    bad = load_config("configs/demo.yaml", ["data.seq_len=100"])
-    bad.demo = False
-    bad.data.shards = "x.tar"
-    with pytest.raises(ValueError, match="data.seq_len=100 differs"):
-        bad.validate()
+        demo_cfg("train.steps=many")
+    for override, message in [
+        ("model.text.context_length=8", "context_length"),
+        ("train.precision=fp8", "train.precision"),
+        ("data.seq_len=100", "data.seq_len=100 differs"),
+        ("model.vision.heads=5", "not divisible"),
+        ("loss.kind=sigmoid", "logit_bias"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            demo_cfg(override).validate()
     for name in ("b16", "l16"):
-        cfg = load_config(f"configs/{name}.yaml")
-        cfg.validate()
+        load_config(f"configs/{name}.yaml").validate()

@@ -139,6 +139,7 @@ class Example:
     grid: tuple[int, int]
     full_tokens: int  # before dropping
     label: int = -1
+    waited: int = 0  # batches this example has been left over for
 
 
 def image_to_patches(img: Image.Image, size_hw: tuple[int, int], patch_size: int) -> torch.Tensor:
@@ -314,7 +315,10 @@ class PackedImageText(IterableDataset):
     def _pack(self, buffer: list[Example], stats: Counter) -> tuple[ImageTextBatch, list[Example]]:
         cfg = self.cfg
         sizes = [e.patches.shape[0] for e in buffer]
-        bins, left = first_fit(sizes, cfg.seq_len, cfg.max_images, num_seqs=cfg.batch_seqs)
+        waited = [e.waited for e in buffer]
+        bins, left = first_fit(sizes, cfg.seq_len, cfg.max_images, num_seqs=cfg.batch_seqs, priority=waited)
+        for i in left:
+            buffer[i].waited += 1
         return self._batch(buffer, bins, stats), [buffer[i] for i in left]
 
 
