@@ -106,6 +106,84 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from navit_clip.data.pipeline import folder_classes
+    from navit_clip.distributed import init_distributed
+    from navit_clip.factory import config_of, create_model, get_tokenizer
+    from navit_clip.packing import ResolutionPolicy
+    from navit_clip.zeroshot import (
+        cached_classifier,
+        eval_data_config,
+        evaluate_retrieval,
+        evaluate_zeroshot,
+        format_table,
+        load_names,
+        plot_budgets,
+    )
+
+    info = init_distributed(args.device)
+    cfg = config_of(args.checkpoint)
+    model = create_model(args.checkpoint, info.device)
+    tokenizer = get_tokenizer(args.checkpoint)
+    out = Path(args.out or Path(args.checkpoint).parent / "eval")
+    results: dict = {"checkpoint": str(args.checkpoint)}
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    for b in budgets:
+        if b != "native" and not b.isdigit():
+            raise ValueError(f"--budgets entry {b!r} must be 'native' or a token count")
+    if args.data:
+        is_folder = Path(args.data).is_dir()
+        if args.classnames:
+            classnames = load_names(args.classnames, "classnames")
+        elif is_folder:
+            classnames = [c.replace("_", " ") for c in folder_classes(args.data)]
+        else:
+            raise ValueError("--classnames is needed for shards (a file, or 'imagenet')")
+        templates = load_names(args.templates, "templates")
+        classifier = cached_classifier(
+            model,
+            tokenizer,
+            classnames,
+            templates,
+            info.device,
+            Path(args.checkpoint).parent / "zeroshot_cache",
+            str(Path(args.checkpoint).resolve()),
+        )
+        rows = []
+        for b in budgets:
+            policy = (
+                ResolutionPolicy("native", max_side=args.max_side)
+                if b == "native"
+                else ResolutionPolicy("budget", tokens=int(b))
+            )
+            data_cfg = eval_data_config(cfg.data, args.data, args.label_key, policy, 0, args.batch_seqs)
+            r = evaluate_zeroshot(model, classifier, data_cfg, info.device, info.rank, info.world_size)
+            r["budget"] = b
+            rows.append(r)
+        results["zeroshot"] = rows
+        if info.is_main:
+            print(format_table(rows))
+    if args.retrieval:
+        policy = ResolutionPolicy("native", max_side=args.max_side)
+        data_cfg = eval_data_config(cfg.data, args.retrieval, "", policy, 0, args.batch_seqs)
+        r = evaluate_retrieval(model, tokenizer, data_cfg, info.device, info.rank, info.world_size)
+        results["retrieval"] = r
+        if info.is_main:
+            print("retrieval: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r.items() if "@" in k))
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        if results.get("zeroshot"):
+            plot_budgets(results["zeroshot"], out / "accuracy_vs_tokens.png")
+        print(
+            f"wrote {out / 'results.json'}"
+            + (f" and {out / 'accuracy_vs_tokens.png'}" if results.get("zeroshot") else "")
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="navit-clip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +218,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--max-captions", type=int, default=0, help="stop after this many captions (0: all)")
     p.set_defaults(fn=_train_tokenizer)
+
+    p = sub.add_parser(
+        "eval", help="zero-shot classification (and retrieval) of a checkpoint, at token budgets"
+    )
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="labelled shards (KEY.cls) or an image folder ROOT/CLASS_NAME/IMAGE")
+    p.add_argument(
+        "--classnames",
+        default="",
+        help="a file (one per line) or 'imagenet'; folders default to their class folders",
+    )
+    p.add_argument("--templates", default="openai", help="a file with '{}' templates, 'openai' or 'simple'")
+    p.add_argument("--label-key", default="cls")
+    p.add_argument(
+        "--budgets",
+        default="native",
+        help="comma list of 'native' and tokens per image, e.g. native,64,256,1024",
+    )
+    p.add_argument("--max-side", type=int, default=512, help="longer-side cap at native resolution")
+    p.add_argument("--retrieval", default="", help="paired image-text shards for recall@1/5/10")
+    p.add_argument("--batch-seqs", type=int, default=8)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default="", help="output folder (default: CHECKPOINT_FOLDER/eval)")
+    p.set_defaults(fn=_eval)
     args = parser.parse_args(argv)
     return args.fn(args)
 

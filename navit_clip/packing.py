@@ -261,7 +261,7 @@ def unpack_slots(values_BED: torch.Tensor, batch: PackedBatch, num_examples: int
 # token counts and a torch.Generator: the data pipeline calls them per image.
 # ---------------------------------------------------------------------------------------------
 
-RESOLUTION_POLICIES = ("native", "side_sampling")
+RESOLUTION_POLICIES = ("native", "side_sampling", "budget")
 SIDE_DISTRIBUTIONS = ("uniform", "truncnorm")
 DROP_KINDS = ("none", "fixed", "beta", "resolution")
 
@@ -274,12 +274,15 @@ class ResolutionPolicy:
     side_sampling   the longer side is drawn from [min_side, max_side]: `uniform`, or `truncnorm`,
                     the paper's best: N(-0.5, 1) truncated to [-1, 1], mapped linearly onto the range
                     (biased towards low resolutions).
+    budget          scaled up or down to the largest size with at most `tokens` patches (evaluation
+                    at a fixed token budget per image).
     """
 
     kind: str = "native"
     min_side: int = 64
     max_side: int = 512
     distribution: str = "uniform"
+    tokens: int = 256
 
     def validate(self) -> None:
         if self.kind not in RESOLUTION_POLICIES:
@@ -292,6 +295,14 @@ class ResolutionPolicy:
             raise ValueError(
                 f"resolution sides must satisfy 1 <= min_side ({self.min_side}) <= max_side ({self.max_side})"
             )
+
+
+def policy_max_tokens(policy: ResolutionPolicy, patch_size: int) -> int:
+    """The most tokens one image can have under `policy` (before any seq_len cap)."""
+    if policy.kind == "budget":
+        return policy.tokens
+    side = -(-policy.max_side // patch_size) + 1  # rounding to the nearest multiple can add one patch
+    return side * side
 
 
 def _truncnorm_unit(rng: random.Random, mean: float = -0.5, std: float = 1.0) -> float:
@@ -311,6 +322,18 @@ def target_size(
     kept within one patch), and the result is shrunk further if it has more than `seq_len` tokens.
     """
     long_side = max(height, width)
+    if policy.kind == "budget":
+        scale = (
+            policy.tokens * patch_size**2 / (height * width)
+        ) ** 0.5 * 1.05  # a little over; trimmed below
+        H, W = size_for_budget(
+            max(1, round(height * scale)),
+            max(1, round(width * scale)),
+            patch_size,
+            min(policy.tokens, seq_len),
+        )
+        h, w = grid_size(H, W, patch_size)
+        return h * patch_size, w * patch_size
     if policy.kind == "native":
         side = min(long_side, policy.max_side)
     else:

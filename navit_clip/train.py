@@ -137,14 +137,14 @@ def train(cfg: Config) -> dict:
     cfg.validate()
     tc = cfg.train
     out = Path(tc.output_dir)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     random.seed(tc.seed)
     tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path, cfg.tokenizer.context_length)
     cfg.model.text.vocab_size, cfg.model.text.pad_id = tokenizer.num_embeddings, tokenizer.pad_id
+    resolved = to_dict(cfg)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     model = NaViTCLIP(cfg.model).to(info.device)
     if tc.activation_checkpointing:
         _checkpoint_blocks(model)
@@ -266,7 +266,12 @@ def train(cfg: Config) -> dict:
             )
             window = dict.fromkeys(window, 0)
         if (tc.ckpt_every and done % tc.ckpt_every == 0) or done == end:
-            extra = {"data_batches": data_batches, "skipped_steps": skipped, "rng": rng_state()}
+            extra = {
+                "data_batches": data_batches,
+                "skipped_steps": skipped,
+                "rng": rng_state(),
+                "config": resolved,
+            }
             save_checkpoint(out, done, model, optimizer, scheduler, extra, tc.keep_last, info.is_main)
         if cfg.eval.every and done % cfg.eval.every == 0 and done != tc.steps:
             result = zero_shot(model, tokenizer, cfg, info)

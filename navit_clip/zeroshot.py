@@ -1,20 +1,45 @@
-"""Zero-shot classification: classifier weights from class names x prompt templates, then top-k.
+"""Zero-shot classification and image-text retrieval, at native resolution or at token budgets.
 
-Evaluation over a webdataset whose samples carry a class label (DataConfig.label_key). Work is
-sharded across ranks (each reads its own shards) and the counts are summed, so one process and
+Classifier weights come from class names x prompt templates (open_clip's convention) and are cached
+per checkpoint and template set. Evaluation data are webdatasets with a class-label field, image
+folders (ROOT/CLASS_NAME/IMAGE), or paired image-text shards for retrieval. Work is sharded across
+ranks (each reads its own shards) and counts or embeddings are gathered, so one process and
 torchrun give the same figures.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from navit_clip.data.pipeline import DataConfig, PackedImageText, make_loader
-from navit_clip.packing import ResolutionPolicy
+from navit_clip.packing import ResolutionPolicy, TokenDropConfig, policy_max_tokens
+
+
+def load_names(spec: str, kind: str) -> list[str]:
+    """Class names or templates: 'imagenet' / 'openai' / 'simple' (open_clip's lists) or a file, one per line."""
+    from open_clip import zero_shot_metadata as meta
+
+    if kind == "classnames" and spec == "imagenet":
+        return list(meta.IMAGENET_CLASSNAMES)
+    if kind == "templates" and spec in ("openai", "imagenet"):
+        return [t("{}") for t in meta.OPENAI_IMAGENET_TEMPLATES]
+    if kind == "templates" and spec == "simple":
+        return [t("{}") for t in meta.SIMPLE_IMAGENET_TEMPLATES]
+    path = Path(spec)
+    if not path.exists():
+        raise ValueError(f"{kind}={spec!r}: not a known list and no such file")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if kind == "templates" and not all("{}" in t for t in names):
+        raise ValueError(f"every template in {path} needs a '{{}}' where the class name goes")
+    return names
 
 
 @torch.no_grad()
@@ -28,12 +53,59 @@ def build_classifier(model, tokenizer, classnames: list[str], templates: list[st
     return torch.stack(weights, dim=1)
 
 
+def cached_classifier(
+    model, tokenizer, classnames, templates, device, cache_dir: str | Path | None, key: str
+):
+    """build_classifier, cached on disk under `cache_dir` by (key, class names, templates)."""
+    if not cache_dir:
+        return build_classifier(model, tokenizer, classnames, templates, device)
+    digest = hashlib.sha256(json.dumps([key, classnames, templates]).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"classifier-{digest}.pt"
+    if path.exists():
+        return torch.load(path, map_location=device, weights_only=True)
+    weights = build_classifier(model, tokenizer, classnames, templates, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(weights.cpu(), tmp)
+    tmp.replace(path)
+    return weights
+
+
 def topk_correct(logits_NC: torch.Tensor, labels_N: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
     """How many rows have their label among the k highest logits, for each k."""
     k_max = min(max(ks), logits_NC.shape[1])
     pred = logits_NC.topk(k_max, dim=1).indices
     hit = pred == labels_N[:, None]
     return {k: int(hit[:, : min(k, k_max)].any(1).sum()) for k in ks}
+
+
+def eval_data_config(
+    base: DataConfig,
+    shards: str,
+    label_key: str = "cls",
+    policy: ResolutionPolicy | None = None,
+    seq_len: int = 0,
+    batch_seqs: int = 8,
+) -> DataConfig:
+    """The eval pipeline: finite, unshuffled, no token dropping; native resolution unless a policy is given.
+
+    Sequences are made long enough for the largest image the policy allows, so no image is shrunk
+    to fit a sequence: evaluation sees exactly the size the policy asks for.
+    """
+    policy = policy or ResolutionPolicy("native", max_side=512)
+    seq_len = max(seq_len or base.seq_len, policy_max_tokens(policy, base.patch_size))
+    return replace(
+        base,
+        shards=shards,
+        resampled=False,
+        shuffle_buffer=0,
+        label_key=label_key,
+        resolution=policy,
+        token_drop=TokenDropConfig("none"),
+        seq_len=seq_len,
+        batch_seqs=batch_seqs,
+        pack_factor=1.0,
+    )
 
 
 @torch.no_grad()
@@ -45,52 +117,117 @@ def evaluate_zeroshot(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
-) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (and per-class top-1) over a labelled webdataset, summed over ranks."""
+) -> dict:
+    """Top-1 / top-5 / per-class top-1 over labelled data, summed over ranks; plus images/s and
+    tokens per image of the image tower (forward time only)."""
     data_cfg.validate()
     ds = PackedImageText(data_cfg, tokenizer=None, rank=rank, world_size=world_size)
     C = classifier_DC.shape[1]
-    counts = torch.zeros(3 + 2 * C, dtype=torch.float64)  # n, top1, top5, per-class n, per-class top1
+    counts = torch.zeros(
+        5 + 2 * C, dtype=torch.float64
+    )  # n, top1, top5, tokens, seconds, per-class n, per-class top1
     for batch in make_loader(ds, num_workers=num_workers):
         batch = batch.to(device)
+        t0 = time.perf_counter()
         emb_BED, valid_BE = model.encode_packed(batch.images)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        counts[4] += time.perf_counter() - t0
         logits = emb_BED[valid_BE].float() @ classifier_DC.float()
         labels = batch.labels[valid_BE]
+        if labels.numel() and int(labels.max()) >= C:  # a host sync, once per eval batch
+            raise ValueError(f"label {int(labels.max())} is out of range for {len(classifier_DC.T)} class names")
         hits = topk_correct(logits, labels)
         counts[0] += labels.numel()
         counts[1] += hits[1]
         counts[2] += hits[5]
+        counts[3] += batch.stats["tokens"]
         correct = (logits.argmax(1) == labels).double().cpu()
-        counts[3 : 3 + C] += torch.bincount(labels.cpu(), minlength=C).double()
-        counts[3 + C :] += torch.bincount(labels.cpu(), weights=correct, minlength=C)
+        counts[5 : 5 + C] += torch.bincount(labels.cpu(), minlength=C).double()
+        counts[5 + C :] += torch.bincount(labels.cpu(), weights=correct, minlength=C)
+    seconds = float(counts[4])
     if world_size > 1 and dist.is_initialized():
         dist.all_reduce(counts)
     n = max(float(counts[0]), 1.0)
-    per_class = (counts[3 + C :] / counts[3 : 3 + C].clamp(min=1)).tolist()
+    per_class = (counts[5 + C :] / counts[5 : 5 + C].clamp(min=1)).tolist()
+    present = counts[5 : 5 + C] > 0
     return {
         "n": float(counts[0]),
         "top1": float(counts[1]) / n,
         "top5": float(counts[2]) / n,
-        "mean_per_class_top1": sum(per_class) / C,
+        "mean_per_class_top1": float(torch.tensor(per_class)[present].mean()) if present.any() else 0.0,
         "per_class_top1": per_class,
+        "tokens_per_image": float(counts[3]) / n,
+        "images_per_s": float(counts[0]) / max(float(counts[4]) / max(world_size, 1), 1e-9),
+        "seconds_this_rank": seconds,
     }
 
 
-def eval_data_config(
-    train_data: DataConfig, shards: str, label_key: str, max_side: int, seq_len: int, batch_seqs: int
-) -> DataConfig:
-    """The eval pipeline: finite, unshuffled, native resolution (capped), no token dropping."""
-    from navit_clip.packing import TokenDropConfig
+@torch.no_grad()
+def evaluate_retrieval(
+    model, tokenizer, data_cfg: DataConfig, device, rank: int = 0, world_size: int = 1, ks=(1, 5, 10)
+) -> dict:
+    """Image->text and text->image recall@k over paired shards (pair i = image i + its caption)."""
+    data_cfg = replace(data_cfg, label_key="")
+    data_cfg.validate()
+    ds = PackedImageText(data_cfg, tokenizer=tokenizer, rank=rank, world_size=world_size)
+    imgs, txts = [], []
+    for batch in make_loader(ds, num_workers=0):
+        batch = batch.to(device)
+        emb_BED, valid_BE = model.encode_packed(batch.images)
+        imgs.append(emb_BED[valid_BE].float().cpu())
+        txts.append(model.encode_text(batch.text[valid_BE], normalize=True).float().cpu())
+    img, txt = torch.cat(imgs), torch.cat(txts)
+    if world_size > 1 and dist.is_initialized():
+        parts = [None] * world_size
+        dist.all_gather_object(parts, (img, txt))
+        img, txt = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    sim = img @ txt.T
+    truth = torch.arange(sim.shape[0])
+    out = {"n": float(sim.shape[0])}
+    for name, s in (("image_to_text", sim), ("text_to_image", sim.T)):
+        hits = topk_correct(s, truth, ks)
+        for k in ks:
+            out[f"{name}_R@{k}"] = hits[k] / max(sim.shape[0], 1)
+    return out
 
-    return replace(
-        train_data,
-        shards=shards,
-        resampled=False,
-        shuffle_buffer=0,
-        label_key=label_key,
-        resolution=ResolutionPolicy("native", max_side=max_side),
-        token_drop=TokenDropConfig("none"),
-        seq_len=seq_len or train_data.seq_len,
-        batch_seqs=batch_seqs,
-        pack_factor=1.0,
-    )
+
+def plot_budgets(rows: list[dict], path: str | Path) -> None:
+    """Accuracy against tokens per image and against images/s, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    tokens = [r["tokens_per_image"] for r in rows]
+    speed = [r["images_per_s"] for r in rows]
+    for key, style in (("top1", "o-"), ("top5", "s--")):
+        acc = [100 * r[key] for r in rows]
+        axes[0].plot(tokens, acc, style, label=key)
+        axes[1].plot(speed, acc, style, label=key)
+    for r, t, s in zip(rows, tokens, speed):
+        axes[0].annotate(
+            str(r["budget"]), (t, 100 * r["top1"]), textcoords="offset points", xytext=(3, 3), fontsize=8
+        )
+        axes[1].annotate(
+            str(r["budget"]), (s, 100 * r["top1"]), textcoords="offset points", xytext=(3, 3), fontsize=8
+        )
+    axes[0].set(xlabel="tokens per image", ylabel="zero-shot accuracy (%)", xscale="log")
+    axes[1].set(xlabel="images / s (image tower forward)", ylabel="zero-shot accuracy (%)", xscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'budget':>8} {'tokens/img':>10} {'images/s':>9} {'top1':>7} {'top5':>7} {'n':>6}"]
+    for r in rows:
+        lines.append(
+            f"{str(r['budget']):>8} {r['tokens_per_image']:10.1f} {r['images_per_s']:9.1f} "
+            f"{100 * r['top1']:6.2f}% {100 * r['top5']:6.2f}% {int(r['n']):6d}"
+        )
+    return "\n".join(lines)

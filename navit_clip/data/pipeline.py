@@ -14,6 +14,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import braceexpand
 import numpy as np
@@ -22,7 +23,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from navit_clip.data.decode import BadSample, decode_image, find_caption, find_image
+from navit_clip.data.decode import IMAGE_EXTS, BadSample, decode_image, find_caption, find_image
 from navit_clip.packing import (
     PackedBatch,
     ResolutionPolicy,
@@ -46,7 +47,8 @@ class DataConfig:
     """Where the shards are and how images become packed batches.
 
     shards: one brace pattern ("shards-{0000..0099}.tar"), or a list of sources, each a pattern or a
-    {"urls": pattern, "weight": w} mapping; weights mix the sources in resampled mode.
+    {"urls": pattern, "weight": w} mapping; weights mix the sources in resampled mode. A folder
+    path reads an image folder (ROOT/CLASS_NAME/IMAGE, labels from the sorted class folders, once).
     """
 
     shards: list | str = ""
@@ -189,8 +191,15 @@ class PackedImageText(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    # -- reading (webdataset) ------------------------------------------------------------------
+    # -- reading (webdataset, or an image folder) -----------------------------------------------
     def _samples(self, seed: int, stats: Counter) -> Iterator[dict]:
+        if isinstance(self.cfg.shards, str) and Path(self.cfg.shards).is_dir():
+            info = get_worker_info()
+            worker, workers = (info.id, info.num_workers) if info else (0, 1)
+            return folder_samples(self.cfg.shards, self.rank * workers + worker, self.world_size * workers)
+        return self._shard_samples(seed, stats)
+
+    def _shard_samples(self, seed: int, stats: Counter) -> Iterator[dict]:
         def shard_error(exn: Exception) -> bool:
             stats["corrupt_shard"] += 1
             log.warning("skipping the rest of a corrupt or unreadable shard: %s", exn)
@@ -320,6 +329,52 @@ class PackedImageText(IterableDataset):
         for i in left:
             buffer[i].waited += 1
         return self._batch(buffer, bins, stats), [buffer[i] for i in left]
+
+
+def folder_classes(root: str | Path) -> list[str]:
+    """Class folders of an image-folder dataset (ROOT/CLASS_NAME/IMAGE), sorted: index = label."""
+    return sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+
+
+def folder_samples(root: str | Path, part: int = 0, parts: int = 1) -> Iterator[dict]:
+    """Samples {"__key__", ext: bytes, "cls": label} of ROOT/CLASS_NAME/IMAGE, every parts-th from part."""
+    root = Path(root)
+    files = [
+        (label, path)
+        for label, name in enumerate(folder_classes(root))
+        for path in sorted((root / name).iterdir())
+        if path.suffix.lower().lstrip(".") in IMAGE_EXTS
+    ]
+    for label, path in files[part::parts]:
+        yield {
+            "__key__": f"{path.parent.name}/{path.stem}",
+            path.suffix.lower().lstrip("."): path.read_bytes(),
+            "cls": str(label),
+        }
+
+
+def make_preprocess(
+    policy: ResolutionPolicy, patch_size: int, seq_len: int, normalize: str = "clip", seed: int = 0
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The per-image transform users expect from open_clip: PIL image -> normalised [3, H, W].
+
+    The same sizing as the pipeline (aspect kept, sides multiples of the patch size); the result
+    goes straight to `encode_image`.
+    """
+    mean, std = (CLIP_MEAN, CLIP_STD) if normalize == "clip" else (HALF_MEAN, HALF_STD)
+    rng = random.Random(seed)
+
+    def preprocess(img: Image.Image) -> torch.Tensor:
+        from navit_clip.data.decode import to_rgb
+
+        img = to_rgb(img)
+        H, W = target_size(img.height, img.width, policy, patch_size, seq_len, rng)
+        if img.size != (W, H):
+            img = img.resize((W, H), Image.BILINEAR)
+        x_HW3 = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+        return normalize_patches(x_HW3.reshape(1, -1), mean, std).view(H, W, 3).permute(2, 0, 1)
+
+    return preprocess
 
 
 def make_loader(

@@ -1,0 +1,72 @@
+"""open_clip-style entry points: build a model, its preprocessing and its tokenizer from a config
+or a checkpoint.
+
+    model, preprocess_train, preprocess_val = create_model_and_transforms("runs/demo/step_00000300.pt")
+    tokenizer = get_tokenizer("runs/demo/step_00000300.pt")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from navit_clip.config import Config, _build, load_config
+from navit_clip.data.pipeline import make_preprocess
+from navit_clip.model.clip import NaViTCLIP
+from navit_clip.packing import ResolutionPolicy
+from navit_clip.tokenizer import build_tokenizer
+
+
+def config_of(source: str | Path | Config) -> Config:
+    """A Config from a Config, a YAML file, or a checkpoint (its embedded config, else the run's config.yaml)."""
+    if isinstance(source, Config):
+        return source
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml"):
+        return load_config(path)
+    if not path.exists():
+        raise ValueError(f"{path} is neither a config file nor a checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if "config" in state:
+        return _build(Config, state["config"])
+    run_cfg = path.parent / "config.yaml"
+    if not run_cfg.exists():
+        raise ValueError(f"checkpoint {path} carries no config and there is no {run_cfg}")
+    return _build(Config, yaml.safe_load(run_cfg.read_text()))
+
+
+def get_tokenizer(source: str | Path | Config):
+    cfg = config_of(source)
+    return build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path, cfg.tokenizer.context_length)
+
+
+def create_model(source: str | Path | Config, device: str | torch.device = "cpu") -> NaViTCLIP:
+    """The model of a config (fresh weights) or of a checkpoint (its weights), in eval mode."""
+    cfg = config_of(source)
+    tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path, cfg.tokenizer.context_length)
+    cfg.model.text.vocab_size, cfg.model.text.pad_id = tokenizer.num_embeddings, tokenizer.pad_id
+    model = NaViTCLIP(cfg.model)
+    if not isinstance(source, Config) and Path(source).suffix not in (".yaml", ".yml"):
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+def create_model_and_transforms(
+    source: str | Path | Config, device: str | torch.device = "cpu", eval_max_side: int = 512
+):
+    """(model, preprocess_train, preprocess_val): the transforms turn a PIL image into [3, H, W].
+
+    preprocess_train samples sizes like the training pipeline; preprocess_val keeps the native size,
+    the longer side capped at `eval_max_side`.
+    """
+    cfg = config_of(source)
+    model = create_model(cfg if isinstance(source, Config) else source, device)
+    v = cfg.model.vision
+    train_tf = make_preprocess(cfg.data.resolution, v.patch_size, v.seq_len, cfg.data.normalize)
+    val_tf = make_preprocess(
+        ResolutionPolicy("native", max_side=eval_max_side), v.patch_size, 1 << 20, cfg.data.normalize
+    )
+    return model, train_tf, val_tf

@@ -1,0 +1,161 @@
+"""Zero-shot evaluation: top-k, image folders vs shards, sharding over ranks, and open_clip's own
+classifier builder and evaluation loop as the cross-check."""
+
+import json
+import random
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from navit_clip.cli import main as cli
+from navit_clip.config import load_config
+from navit_clip.data.pipeline import DataConfig
+from navit_clip.model.clip import ModelConfig, NaViTCLIP
+from navit_clip.model.text import TextConfig
+from navit_clip.model.vision import VisionConfig
+from navit_clip.packing import ResolutionPolicy
+from navit_clip.tokenizer import build_tokenizer
+from navit_clip.zeroshot import build_classifier, eval_data_config, evaluate_zeroshot, topk_correct
+
+from dist_utils import run_world
+
+CLASSES = ["red thing", "green thing", "blue thing"]
+COLORS = [(220, 20, 20), (20, 200, 20), (20, 20, 220)]
+
+
+def test_topk_on_a_hand_made_case():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.5, 0.4, 0.1]])
+    labels = torch.tensor([1, 2, 2, 1])
+    assert topk_correct(logits, labels, ks=(1, 2, 3)) == {1: 2, 2: 3, 3: 4}
+    assert topk_correct(logits, labels, ks=(1, 5)) == {1: 2, 5: 4}  # k beyond C counts everything
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    tok = build_tokenizer("openclip", context_length=8)
+    cfg = ModelConfig(
+        vision=VisionConfig(patch_size=8, width=32, depth=1, heads=2, seq_len=64, max_images=8),
+        text=TextConfig(vocab_size=tok.num_embeddings, pad_id=tok.pad_id, context_length=8, width=32, depth=1, heads=2),
+        embed_dim=16,
+    )
+    return NaViTCLIP(cfg).eval(), tok
+
+
+def make_images(n=18, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = i % 3
+        size = (rng.randint(8, 60), rng.randint(8, 60))
+        out.append((f"img{i:03d}", label, Image.new("RGB", size, COLORS[label])))
+    return out
+
+
+def write_folder_and_shards(root, images, n_shards=3):
+    for key, label, img in images:
+        d = root / "folder" / CLASSES[label].replace(" ", "_")
+        d.mkdir(parents=True, exist_ok=True)
+        img.save(d / f"{key}.png")
+    for s in range(n_shards):
+        with wds.TarWriter(str(root / f"eval-{s:04d}.tar")) as sink:
+            for key, label, img in images[s::n_shards]:
+                sink.write({"__key__": key, "png": _png(img), "cls": str(label), "txt": CLASSES[label]})
+    return str(root / "folder"), str(root / f"eval-{{0000..{n_shards - 1:04d}}}.tar")
+
+
+def _png(img):
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def eval_cfg(shards, budget=None):
+    base = DataConfig(shards="x", patch_size=8, seq_len=64, max_images=8, batch_seqs=2, num_workers=0)
+    policy = ResolutionPolicy("budget", tokens=budget) if budget else ResolutionPolicy("native", max_side=64)
+    return eval_data_config(base, shards, "cls", policy, batch_seqs=2)
+
+
+def test_image_folder_and_webdataset_give_the_same_numbers(tmp_path):
+    model, tok = tiny_model()
+    folder, shards = write_folder_and_shards(tmp_path, make_images())
+    # folder class names come from sorted folder names: blue, green, red
+    folder_names = ["blue thing", "green thing", "red thing"]
+    clf_folder = build_classifier(model, tok, folder_names, ["a {}"], torch.device("cpu"))
+    clf_shards = build_classifier(model, tok, CLASSES, ["a {}"], torch.device("cpu"))
+    for budget in (None, 16):
+        a = evaluate_zeroshot(model, clf_folder, eval_cfg(folder, budget), torch.device("cpu"))
+        b = evaluate_zeroshot(model, clf_shards, eval_cfg(shards, budget), torch.device("cpu"))
+        assert a["n"] == b["n"] == 18
+        assert a["top1"] == b["top1"] and a["top5"] == b["top5"] == 1.0
+        if budget:
+            assert a["tokens_per_image"] <= budget
+
+
+def _sharded(rank, world, shards, expected):
+    model, tok = tiny_model()
+    clf = build_classifier(model, tok, CLASSES, ["a {}"], torch.device("cpu"))
+    alone = evaluate_zeroshot(model, clf, eval_cfg(shards), torch.device("cpu"))  # world_size=1: everything
+    split = evaluate_zeroshot(model, clf, eval_cfg(shards), torch.device("cpu"), rank, world)
+    for key in ("n", "top1", "top5", "mean_per_class_top1", "per_class_top1"):
+        assert split[key] == alone[key] == expected[key], key
+
+
+def test_two_gloo_ranks_give_the_same_numbers_as_one(tmp_path):
+    model, tok = tiny_model()
+    _, shards = write_folder_and_shards(tmp_path, make_images(), n_shards=4)
+    clf = build_classifier(model, tok, CLASSES, ["a {}"], torch.device("cpu"))
+    expected = evaluate_zeroshot(model, clf, eval_cfg(shards), torch.device("cpu"))
+    run_world(2, _sharded, shards, expected)
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    """A briefly trained demo-style model (the held-out demo classes are its eval set)."""
+    from navit_clip.data.demo import ensure_demo_data
+    from navit_clip.train import train
+
+    root = tmp_path_factory.mktemp("trained")
+    paths = ensure_demo_data(root / "demo", n_train=600, n_heldout=96, per_shard=200)
+    overrides = [
+        "demo=false", f"data.shards={paths['train']}", "eval.shards=''", f"train.output_dir={root / 'run'}",
+        "model.vision.width=64", "model.vision.depth=2", "model.text.width=64", "model.text.depth=1",
+        "model.embed_dim=64", "data.num_workers=0", "train.steps=30", "train.warmup=5", "train.log_every=10",
+    ]
+    train(load_config("configs/demo.yaml", overrides))
+    return root / "run" / "step_00000030.pt", paths
+
+
+def test_eval_command_matches_open_clip_classifier_and_loop(trained_checkpoint, tmp_path):
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+    from navit_clip.factory import create_model_and_transforms, get_tokenizer
+
+    ckpt, paths = trained_checkpoint
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a {}.\na photo of a {}.\n")
+    cli(["eval", str(ckpt), "--data", paths["heldout"], "--classnames", paths["classnames"],
+         "--templates", str(templates), "--budgets", "native,16,64", "--out", str(tmp_path / "ev")])
+    ours = json.loads((tmp_path / "ev" / "results.json").read_text())["zeroshot"]
+    assert (tmp_path / "ev" / "accuracy_vs_tokens.png").stat().st_size > 1000
+
+    # open_clip's classifier builder and an open_clip-style loop: one image at a time, no packing
+    model, _, preprocess = create_model_and_transforms(ckpt)
+    tokenizer = get_tokenizer(ckpt)
+    classnames = [c for c in open(paths["classnames"]).read().splitlines() if c]
+    with torch.no_grad():
+        classifier = build_zero_shot_classifier(model, tokenizer, classnames, ["a {}.", "a photo of a {}."], device="cpu")
+        top1 = n = 0
+        for img, label in wds.WebDataset(paths["heldout"], shardshuffle=False).decode("pil").to_tuple("jpg;png", "cls"):
+            features = model.encode_image([preprocess(img)], normalize=True)
+            logits = 100.0 * features @ classifier
+            top1 += int(logits.argmax(1).item() == int(label))
+            n += 1
+    assert n == ours[0]["n"] == 96
+    assert top1 / n == ours[0]["top1"]
+    assert ours[0]["top1"] > 1 / 24  # the 30-step model already beats chance
+    assert [r["budget"] for r in ours] == ["native", "16", "64"]
+    assert ours[1]["tokens_per_image"] <= 16 < ours[2]["tokens_per_image"] <= 64
