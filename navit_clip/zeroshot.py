@@ -136,7 +136,9 @@ def evaluate_zeroshot(
         logits = emb_BED[valid_BE].float() @ classifier_DC.float()
         labels = batch.labels[valid_BE]
         if labels.numel() and int(labels.max()) >= C:  # a host sync, once per eval batch
-            raise ValueError(f"label {int(labels.max())} is out of range for {len(classifier_DC.T)} class names")
+            raise ValueError(
+                f"label {int(labels.max())} is out of range for {len(classifier_DC.T)} class names"
+            )
         hits = topk_correct(logits, labels)
         counts[0] += labels.numel()
         counts[1] += hits[1]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from navit_clip.model.vision import Mlp
+from navit_clip.model.layers import Mlp
 
 
 @dataclass

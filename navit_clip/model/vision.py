@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from navit_clip.model.attention import AttentionPlan, block_attention
+from navit_clip.model.layers import Block, MAPHead, init_weights, mean_pool
 from navit_clip.model.posemb import FactorizedPosEmb
 from navit_clip.packing import PackedBatch, grid_size, pack_images, unpack_slots
 
@@ -52,84 +53,6 @@ class VisionOutput:
     slot_valid: torch.Tensor  # [B, E] bool
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.heads = cfg.heads
-        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
-        d = cfg.width // cfg.heads
-        self.q_norm = nn.LayerNorm(d, eps=cfg.ln_eps) if cfg.qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(d, eps=cfg.ln_eps) if cfg.qk_norm else nn.Identity()
-
-    def forward(self, x_BLD: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-        B, L, D = x_BLD.shape
-        q_BLHd, k_BLHd, v_BLHd = self.qkv(x_BLD).view(B, L, 3, self.heads, D // self.heads).unbind(2)
-        o_BLHd = block_attention(self.q_norm(q_BLHd), self.k_norm(k_BLHd), v_BLHd, plan)
-        return self.proj(o_BLHd.reshape(B, L, D))
-
-
-class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int, bias: bool):
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden, bias=bias)
-        self.fc2 = nn.Linear(hidden, width, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.attn = SelfAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio), cfg.bias)
-
-    def forward(self, x_BLD: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-        x_BLD = x_BLD + self.attn(self.norm1(x_BLD), plan)
-        return x_BLD + self.mlp(self.norm2(x_BLD))
-
-
-class MAPHead(nn.Module):
-    """Multihead attention pooling: one learned query per image attends over that image's tokens."""
-
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        D = cfg.width
-        self.heads = cfg.heads
-        self.probe = nn.Parameter(torch.randn(D) * 0.02)
-        self.q = nn.Linear(D, D, bias=cfg.bias)
-        self.kv = nn.Linear(D, 2 * D, bias=cfg.bias)
-        self.proj = nn.Linear(D, D, bias=cfg.bias)
-        self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
-        self.mlp = Mlp(D, int(D * cfg.mlp_ratio), cfg.bias)
-
-    def forward(
-        self, x_BLD: torch.Tensor, member_BEL: torch.Tensor, slot_valid_BE: torch.Tensor
-    ) -> torch.Tensor:
-        B, L, D = x_BLD.shape
-        E, H = member_BEL.shape[1], self.heads
-        q_BHEd = self.q(self.probe).view(1, H, 1, D // H).expand(B, H, E, D // H)
-        k_BLHd, v_BLHd = self.kv(x_BLD).view(B, L, 2, H, D // H).unbind(2)
-        # An empty slot would have an all-False row (NaN softmax): let it see everything, zero it below.
-        mask_B1EL = (member_BEL | ~slot_valid_BE[:, :, None])[:, None]
-        o_BHEd = F.scaled_dot_product_attention(
-            q_BHEd, k_BLHd.transpose(1, 2), v_BLHd.transpose(1, 2), attn_mask=mask_B1EL
-        )
-        y_BED = self.proj(o_BHEd.transpose(1, 2).reshape(B, E, D))
-        y_BED = y_BED + self.mlp(self.norm(y_BED))
-        return y_BED * slot_valid_BE[:, :, None]
-
-
-def mean_pool(x_BLD: torch.Tensor, member_BEL: torch.Tensor) -> torch.Tensor:
-    """Masked mean over each slot's tokens: [B, E, D] (zero for empty slots)."""
-    weight_BEL = member_BEL.to(x_BLD.dtype)
-    weight_BEL = weight_BEL / weight_BEL.sum(-1, keepdim=True).clamp(min=1)
-    return torch.bmm(weight_BEL, x_BLD)
-
-
 class NaViT(nn.Module):
     """Packed NaViT image tower.
 
@@ -147,7 +70,7 @@ class NaViT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.head = MAPHead(cfg) if cfg.pool == "map" else None
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward(self, batch: PackedBatch) -> VisionOutput:
         seg_BL = batch.segment_ids
@@ -157,8 +80,9 @@ class NaViT(nn.Module):
         if plan.flat:  # the backend runs on real tokens only: padding costs no compute at all
             patches, coords, grid = plan.to_flat(patches), plan.to_flat(coords), plan.to_flat(grid)
         x = self.patch_embed(patches) + self.posemb(coords, grid).to(patches.dtype)
+        attend = partial(block_attention, plan=plan)
         for block in self.blocks:
-            x = block(x, plan)
+            x = block(x, attend)
         x = self.norm(x)
         x_BLD = plan.from_flat(x) if plan.flat else x
         slot_ids = torch.arange(1, E + 1, device=seg_BL.device)
@@ -189,10 +113,3 @@ class NaViT(nn.Module):
         ).to(device)
         batch.patches = batch.patches.to(next(self.parameters()).dtype)
         return unpack_slots(self(batch).pooled, batch, len(images))
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
