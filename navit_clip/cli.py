@@ -184,6 +184,20 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from navit_clip.export import export_encoder
+
+    out = export_encoder(
+        args.checkpoint,
+        args.out_dir,
+        with_text=args.with_text,
+        onnx=not args.no_onnx,
+        max_tokens=args.max_tokens,
+    )
+    print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="navit-clip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -242,6 +256,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default="", help="output folder (default: CHECKPOINT_FOLDER/eval)")
     p.set_defaults(fn=_eval)
+
+    p = sub.add_parser(
+        "export", help="export the image encoder for VLMs (safetensors, torch-only module, HF, ONNX)"
+    )
+    p.add_argument("checkpoint")
+    p.add_argument("out_dir")
+    p.add_argument("--with-text", action="store_true", help="also write the text tower's weights and config")
+    p.add_argument("--no-onnx", action="store_true")
+    p.add_argument(
+        "--max-tokens", type=int, default=256, help="the processor's default token budget per image"
+    )
+    p.set_defaults(fn=_export)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -1,0 +1,256 @@
+"""A NaViT image encoder exported by navit-clip: needs only torch (PIL for the processor).
+
+Files of an export folder:
+    model.safetensors        weights;  config.json   architecture;  preprocessor_config.json
+    navit_encoder.py         this file;  navit_layers.py, navit_posemb.py   the layers it is built of
+    modeling_navit.py        the Hugging Face wrapper (AutoModel with trust_remote_code=True)
+    encoder.onnx             the packed interface in ONNX (dynamic tokens and images)
+
+Use:
+    import sys; sys.path.insert(0, "OUT_DIR")
+    from navit_encoder import NaViTEncoder, NaViTProcessor
+    enc = NaViTEncoder.from_pretrained("OUT_DIR")
+    proc = NaViTProcessor.from_pretrained("OUT_DIR", max_tokens=256)
+    out = enc(**proc(pil_images))            # Qwen2-VL-style flat patches + per-image grid
+    out["last_hidden_state"]  [sum_n, D]  per-token features, image after image, row-major
+    out["pooler_output"]      [n, D]      pooled per image (MAP or mean)
+    out["image_embeds"]       [n, E]      the CLIP image embedding (projected, not normalised)
+
+Shape legend: T tokens of all images (sum_n), n images, C = P*P*3, D width, H heads, d head width.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # inside a package (Hugging Face remote code) or as plain modules next to each other
+    from .navit_layers import Block, MAPHead, mean_pool
+    from .navit_posemb import FactorizedPosEmb
+except ImportError:
+    from navit_layers import Block, MAPHead, mean_pool
+    from navit_posemb import FactorizedPosEmb
+
+CONFIG_KEYS = (
+    "patch_size",
+    "width",
+    "depth",
+    "heads",
+    "mlp_ratio",
+    "qk_norm",
+    "bias",
+    "posemb",
+    "max_grid",
+    "pool",
+    "ln_eps",
+    "embed_dim",
+)
+_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+}
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a .safetensors file with torch alone (8-byte header size, JSON header, raw data)."""
+    data = Path(path).read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    base = 8 + size
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = meta["data_offsets"]
+        buf = bytearray(data[base + start : base + end])
+        out[name] = (
+            torch.frombuffer(buf, dtype=_DTYPES[meta["dtype"]]).reshape(meta["shape"]).clone()
+            if buf
+            else torch.empty(meta["shape"], dtype=_DTYPES[meta["dtype"]])
+        )
+    return out
+
+
+def token_layout(grid_hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token (row, col) [T, 2], image grid (h, w) [T, 2] and image index [T] for images laid out
+    one after another, each in row-major patch order, from their grids [n, 2]."""
+    counts = grid_hw[:, 0] * grid_hw[:, 1]
+    seg_T = torch.repeat_interleave(torch.arange(len(grid_hw), device=grid_hw.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    j_T = torch.arange(int(counts.sum()), device=grid_hw.device) - starts[seg_T]
+    w_T = grid_hw[seg_T, 1]
+    return torch.stack([j_T // w_T, j_T % w_T], 1), grid_hw[seg_T], seg_T
+
+
+class NaViTEncoderMixin:
+    """The encoder's modules and forward passes, shared by the plain module and the HF wrapper."""
+
+    def _build(self, cfg: dict) -> None:
+        self.navit_config = dict(cfg)
+        c = SimpleNamespace(**cfg)
+        P = c.patch_size
+        self.patch_embed = nn.Linear(P * P * 3, c.width, bias=c.bias)
+        self.posemb = FactorizedPosEmb(c.posemb, c.width, c.max_grid)
+        self.blocks = nn.ModuleList([Block(c) for _ in range(c.depth)])
+        self.norm = nn.LayerNorm(c.width, eps=c.ln_eps)
+        self.head = MAPHead(c) if c.pool == "map" else None
+        self.image_proj = nn.Linear(c.width, c.embed_dim, bias=False)
+
+    def forward_tokens(
+        self,
+        pixel_values: torch.Tensor,
+        coords: torch.Tensor,
+        token_grid: torch.Tensor,
+        segment_ids: torch.Tensor,
+        grid_hw: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """The traceable core (exported to ONNX): per-token layout in, (tokens [T, D], pooled [n, D],
+        image_embeds [n, E]) out. Attention is block-diagonal through a [T, T] segment mask."""
+        n = grid_hw.shape[0]
+        x_1TD = (self.patch_embed(pixel_values) + self.posemb(coords, token_grid).to(pixel_values.dtype))[
+            None
+        ]
+        mask_11TT = (segment_ids[:, None] == segment_ids[None, :])[None, None]
+
+        def attend(q_1THd, k_1THd, v_1THd):
+            o = F.scaled_dot_product_attention(
+                q_1THd.transpose(1, 2), k_1THd.transpose(1, 2), v_1THd.transpose(1, 2), attn_mask=mask_11TT
+            )
+            return o.transpose(1, 2)
+
+        for block in self.blocks:
+            x_1TD = block(x_1TD, attend)
+        x_1TD = self.norm(x_1TD)
+        member_1nT = (torch.arange(n, device=segment_ids.device)[:, None] == segment_ids[None, :])[None]
+        valid_1n = torch.ones(1, n, dtype=torch.bool, device=segment_ids.device)
+        if self.head is not None:
+            pooled_1nD = self.head(x_1TD, member_1nT, valid_1n)
+        else:
+            pooled_1nD = mean_pool(x_1TD, member_1nT)
+        return x_1TD[0], pooled_1nD[0], self.image_proj(pooled_1nD[0])
+
+    def forward(self, pixel_values: torch.Tensor, grid_hw: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Qwen2-VL-style packed input: flat patches of all images [T, C] and their grids [n, 2]."""
+        if pixel_values.shape[0] != int((grid_hw[:, 0] * grid_hw[:, 1]).sum()):
+            raise ValueError(
+                f"{pixel_values.shape[0]} patches but grid_hw accounts for "
+                f"{int((grid_hw[:, 0] * grid_hw[:, 1]).sum())}"
+            )
+        coords, token_grid, seg = token_layout(grid_hw)
+        tokens, pooled, embeds = self.forward_tokens(pixel_values, coords, token_grid, seg, grid_hw)
+        return {"last_hidden_state": tokens, "pooler_output": pooled, "image_embeds": embeds}
+
+    def forward_padded(
+        self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor, spatial_shapes: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """SigLIP2-NaFlex-style input: one image per row, [B, N, C] padded patches, a [B, N] mask of
+        real patches (each row's first h*w) and spatial_shapes [B, 2]. Returns [B, N, D] tokens
+        (zeros at padding), [B, D] pooled and [B, E] embeddings."""
+        mask = pixel_attention_mask.bool()
+        out = self.forward(pixel_values[mask], spatial_shapes)
+        tokens = out["last_hidden_state"].new_zeros(*mask.shape, out["last_hidden_state"].shape[-1])
+        tokens[mask] = out["last_hidden_state"]
+        return {
+            "last_hidden_state": tokens,
+            "pooler_output": out["pooler_output"],
+            "image_embeds": out["image_embeds"],
+        }
+
+
+def merge_2x2(tokens: torch.Tensor, grid_hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group each 2 x 2 block of neighbouring tokens into one: [T, D] -> [T/4, 4D] (4x fewer LLM
+    tokens, as Qwen2-VL's merger consumes them); returns the merged grids [n, 2] too. Needs even
+    grids (NaViTProcessor(merge=2) makes them)."""
+    if bool(((grid_hw % 2) != 0).any()):
+        raise ValueError("merge_2x2 needs even grid sides; build the inputs with NaViTProcessor(merge=2)")
+    out, start = [], 0
+    for h, w in grid_hw.tolist():
+        x = tokens[start : start + h * w].view(h // 2, 2, w // 2, 2, -1).permute(0, 2, 1, 3, 4)
+        out.append(x.reshape(h * w // 4, -1))
+        start += h * w
+    return torch.cat(out), grid_hw // 2
+
+
+class NaViTEncoder(NaViTEncoderMixin, nn.Module):
+    def __init__(self, config: dict):
+        super().__init__()
+        self._build({k: config[k] for k in CONFIG_KEYS})
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> NaViTEncoder:
+        folder = Path(folder)
+        model = cls(json.loads((folder / "config.json").read_text()))
+        model.load_state_dict(load_safetensors(folder / "model.safetensors"))
+        return model.eval()
+
+
+class NaViTProcessor:
+    """PIL images -> flat patches at native aspect ratio within a token budget.
+
+    Each image is resized (bilinear) to the largest size with the same aspect ratio whose patch grid
+    has at most `max_tokens` patches (sides multiples of P; of 2P with merge=2), normalised and cut
+    into row-major patches flattened as (row in patch, column in patch, channel).
+    """
+
+    def __init__(self, patch_size: int, mean, std, max_tokens: int = 256, merge: int = 1):
+        self.patch_size, self.mean, self.std = patch_size, tuple(mean), tuple(std)
+        self.max_tokens, self.merge = max_tokens, merge
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **overrides) -> NaViTProcessor:
+        cfg = json.loads((Path(folder) / "preprocessor_config.json").read_text())
+        cfg.update(overrides)
+        return cls(
+            cfg["patch_size"],
+            cfg["image_mean"],
+            cfg["image_std"],
+            cfg.get("max_tokens", 256),
+            cfg.get("merge", 1),
+        )
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        unit = self.patch_size * self.merge
+        scale = math.sqrt(self.max_tokens * self.patch_size**2 / (height * width)) * 1.05
+        while True:
+            h = max(1, round(height * scale / unit)) * self.merge
+            w = max(1, round(width * scale / unit)) * self.merge
+            if h * w <= self.max_tokens or (h == self.merge and w == self.merge):
+                return h, w
+            scale *= 0.98
+
+    def image_patches(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
+        P = self.patch_size
+        image = image.convert("RGB")
+        h, w = self.grid_for(image.height, image.width)
+        if image.size != (w * P, h * P):
+            image = image.resize((w * P, h * P), 2)  # PIL.Image.BILINEAR
+        x = (
+            torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h * P, w * P, 3).float()
+            / 255
+        )
+        x = (x - torch.tensor(self.mean)) / torch.tensor(self.std)
+        return x.view(h, P, w, P, 3).permute(0, 2, 1, 3, 4).reshape(h * w, P * P * 3), (h, w)
+
+    def __call__(self, images, padded: bool = False) -> dict[str, torch.Tensor]:
+        cut = [self.image_patches(im) for im in images]
+        grid_hw = torch.tensor([g for _, g in cut], dtype=torch.long)
+        if not padded:
+            return {"pixel_values": torch.cat([p for p, _ in cut]), "grid_hw": grid_hw}
+        N = max(self.max_tokens, max(p.shape[0] for p, _ in cut))
+        values = torch.zeros(len(cut), N, cut[0][0].shape[1])
+        mask = torch.zeros(len(cut), N, dtype=torch.long)
+        for i, (p, _) in enumerate(cut):
+            values[i, : len(p)] = p
+            mask[i, : len(p)] = 1
+        return {"pixel_values": values, "pixel_attention_mask": mask, "spatial_shapes": grid_hw}

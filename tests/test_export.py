@@ -1,0 +1,150 @@
+"""Exported encoder round trips: the torch-only module, transformers' AutoModel and onnxruntime all
+reproduce the training-time encoder's per-token and pooled outputs."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from navit_clip.config import Config, to_dict
+from navit_clip.export import export_encoder, load_exported_module
+from navit_clip.model.clip import NaViTCLIP
+from navit_clip.packing import pack_images, patchify
+
+P = 8
+# different sizes, one image a single patch tall (8 x 48 px -> 1 x 6 patches), one a single patch
+SIZES = [(24, 40), (8, 48), (32, 16), (8, 8), (40, 40)]
+
+
+def rel(a, b):
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module", params=[("learned", "map"), ("fractional", "mean")])
+def exported(request, tmp_path_factory):
+    posemb, pool = request.param
+    root = tmp_path_factory.mktemp(f"export_{posemb}")
+    cfg = Config()
+    v = cfg.model.vision
+    v.patch_size, v.width, v.depth, v.heads, v.posemb, v.pool, v.seq_len, v.max_images = P, 32, 2, 4, posemb, pool, 64, 4
+    cfg.model.text.width, cfg.model.text.depth, cfg.model.text.heads = 32, 1, 4
+    cfg.model.embed_dim = 24
+    torch.manual_seed(0)
+    model = NaViTCLIP(cfg.model).eval()
+    ckpt = root / "step_00000001.pt"
+    torch.save({"model": model.state_dict(), "config": to_dict(cfg)}, ckpt)
+    out = export_encoder(ckpt, root / "out", onnx=True)
+    return model, out
+
+
+def images():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(3, h, w, generator=g) for h, w in SIZES]
+
+
+def reference(model):
+    """Training-time encoder on a packed batch: per-image tokens [n_i, D], pooled [D], embeds [E]."""
+    imgs = images()
+    batch = pack_images(imgs, P, seq_len=64, max_images=4)
+    with torch.no_grad():
+        out = model.visual(batch)
+        embeds = model.image_proj(out.pooled)
+    tokens, pooled, emb = [None] * len(imgs), [None] * len(imgs), [None] * len(imgs)
+    for b, e in batch.slot_valid.nonzero().tolist():
+        i = int(batch.slot_example[b, e])
+        tokens[i] = out.tokens[b, batch.segment_ids[b] == e + 1]
+        pooled[i], emb[i] = out.pooled[b, e], embeds[b, e]
+    return torch.cat(tokens), torch.stack(pooled), torch.stack(emb)
+
+
+def flat_inputs():
+    cut = [patchify(im, P) for im in images()]
+    return torch.cat([p for p, _ in cut]), torch.tensor([[h // P, w // P] for h, w in SIZES])
+
+
+def check(out, ref):
+    for got, want in zip(out, ref):
+        assert rel(got, want) < 1e-5
+
+
+def test_standalone_module_needs_only_torch_and_matches(exported):
+    model, out = exported
+    for name in ("navit_encoder.py", "navit_layers.py", "navit_posemb.py"):
+        src = (out / name).read_text()
+        assert "navit_clip" not in src and "import transformers" not in src
+    mod = load_exported_module(out)
+    enc = mod.NaViTEncoder.from_pretrained(out)
+    pixels, grid = flat_inputs()
+    with torch.no_grad():
+        r = enc(pixels, grid)
+        check((r["last_hidden_state"], r["pooler_output"], r["image_embeds"]), reference(model))
+        # SigLIP2-style padded interface: same numbers
+        N = 64
+        padded = torch.zeros(len(SIZES), N, pixels.shape[1])
+        mask = torch.zeros(len(SIZES), N, dtype=torch.long)
+        start = 0
+        for i, (h, w) in enumerate(grid.tolist()):
+            padded[i, : h * w] = pixels[start : start + h * w]
+            mask[i, : h * w] = 1
+            start += h * w
+        rp = enc.forward_padded(padded, mask, grid)
+        assert torch.equal(rp["last_hidden_state"][mask.bool()], r["last_hidden_state"])
+        assert torch.all(rp["last_hidden_state"][~mask.bool()] == 0)
+        torch.testing.assert_close(rp["pooler_output"], r["pooler_output"])
+
+
+def test_transformers_automodel_matches(exported):
+    from transformers import AutoModel
+
+    model, out = exported
+    hf = AutoModel.from_pretrained(str(out), trust_remote_code=True).eval()
+    pixels, grid = flat_inputs()
+    with torch.no_grad():
+        r = hf(pixel_values=pixels, grid_hw=grid)
+    check((r["last_hidden_state"], r["pooler_output"], r["image_embeds"]), reference(model))
+
+
+def test_onnxruntime_matches_with_other_token_and_image_counts(exported):
+    import onnxruntime as ort
+
+    model, out = exported
+    mod = load_exported_module(out)
+    session = ort.InferenceSession(str(out / "encoder.onnx"))
+    pixels, grid = flat_inputs()  # 5 images, 58 tokens: not the shapes the graph was traced with
+    coords, token_grid, seg = mod.token_layout(grid)
+    feeds = {"pixel_values": pixels.numpy(), "coords": coords.numpy(), "token_grid": token_grid.numpy(),
+             "segment_ids": seg.numpy(), "grid_hw": grid.numpy()}
+    check(session.run(None, feeds), reference(model))
+
+
+def test_processor_layout_and_budget(exported):
+    _, out = exported
+    mod = load_exported_module(out)
+    proc = mod.NaViTProcessor.from_pretrained(out, max_tokens=12)
+    arr = (np.random.default_rng(0).random((16, 24, 3)) * 255).astype("uint8")
+    exact = Image.fromarray(arr)  # 2 x 3 patches: no resizing under a 12-token budget? it scales up to fit 12
+    proc_same = mod.NaViTProcessor(P, proc.mean, proc.std, max_tokens=6)
+    r = proc_same([exact])
+    assert r["grid_hw"].tolist() == [[2, 3]]
+    x = (torch.tensor(arr).float() / 255 - torch.tensor(proc.mean)) / torch.tensor(proc.std)
+    expected, _ = patchify(x.permute(2, 0, 1), P)
+    torch.testing.assert_close(r["pixel_values"], expected)
+    tall = Image.new("RGB", (400, 20))
+    r = proc([tall, exact])
+    assert all(h * w <= 12 for h, w in r["grid_hw"].tolist())
+    assert r["grid_hw"][0, 0] == 1  # a single patch tall, aspect kept within the budget
+    merged = mod.NaViTProcessor(P, proc.mean, proc.std, max_tokens=64, merge=2)(
+        [Image.new("RGB", (37, 90)), exact])
+    assert all(h % 2 == 0 and w % 2 == 0 for h, w in merged["grid_hw"].tolist())
+    enc = mod.NaViTEncoder.from_pretrained(out)
+    with torch.no_grad():
+        tokens = enc(**merged)["last_hidden_state"]
+    m, g = mod.merge_2x2(tokens, merged["grid_hw"])
+    assert m.shape == (tokens.shape[0] // 4, 4 * tokens.shape[1]) and torch.equal(g, merged["grid_hw"] // 2)
+    h, w = merged["grid_hw"][0].tolist()
+    # merged token 0 is the top-left 2 x 2 block: tokens (0,0), (0,1), (1,0), (1,1)
+    torch.testing.assert_close(m[0], torch.cat([tokens[0], tokens[1], tokens[w], tokens[w + 1]]))
+    sys.modules.pop("navit_encoder", None)
