@@ -148,3 +148,18 @@ def test_processor_layout_and_budget(exported):
     # merged token 0 is the top-left 2 x 2 block: tokens (0,0), (0,1), (1,0), (1,1)
     torch.testing.assert_close(m[0], torch.cat([tokens[0], tokens[1], tokens[w], tokens[w + 1]]))
     sys.modules.pop("navit_encoder", None)
+
+
+def test_readme_vlm_example_runs(exported, tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    _, out = exported
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "LlamaForCausalLM" in block)
+    (tmp_path / "exported").symlink_to(out)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["logits"].shape[1] == scope["tokens"].shape[0] + 3
+    sys.modules.pop("navit_encoder", None)
