@@ -12,12 +12,11 @@ Also reports the padding fraction at L = 1024 on the demo data and the pixels pe
     python bench/loader.py     -> bench/results/loader.json
 """
 
-import json
 import time
-from pathlib import Path
 
 import open_clip
 import webdataset as wds
+from common import save_results
 
 from navit_clip.data.demo import ensure_demo_data
 from navit_clip.data.pipeline import DataConfig, PackedImageText
@@ -107,10 +106,7 @@ def main() -> None:
     )
     print(f"open_clip: {peer_ips:.1f} images/s per worker, {224 * 224} px/image")
     print(f"ratio ours / open_clip: {results['ratio_images_per_s_per_worker']:.2f}x")
-    out = Path(__file__).parent / "results" / "loader.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {out}")
+    save_results("loader", results)
 
 
 if __name__ == "__main__":

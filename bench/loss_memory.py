@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from common import save_results
 
 B_LOCAL, REPEATS, TILE = 1024, 3, 1024
 
@@ -140,10 +141,7 @@ def main() -> None:
                 f"(ours/peer {ours['time'] / peer['time']:.2f}x)",
                 flush=True,
             )
-    out = Path(__file__).parent / "results" / "loss_memory.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {out}")
+    save_results("loss_memory", results)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,11 @@ placed first then (as the data pipeline does).
     python bench/packing.py      -> bench/results/packing.json
 """
 
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
+from common import save_results
 
 from navit_clip.packing import first_fit, grid_size, size_for_budget
 
@@ -70,10 +69,7 @@ def main() -> None:
             f"  images/seq {r['images_per_seq']:.2f}  packing {r['pack_ms_per_batch']:.1f} ms/batch"
             f"  longest wait {r['max_batches_waited']} batches"
         )
-    out = Path(__file__).parent / "results" / "packing.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {out}")
+    save_results("packing", results)
 
 
 if __name__ == "__main__":

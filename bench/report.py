@@ -1,7 +1,7 @@
 """Run every benchmark in turn and write BENCHMARKS.md from their printed output (no hand-typed figures).
 
-    python bench/report.py            # all benchmarks (about 10 minutes on 2 cores)
-    python bench/report.py loader     # only some; the others keep their last recorded section
+python bench/report.py            # all benchmarks (about 10 minutes on 2 cores)
+python bench/report.py loader     # only some; the others keep their last recorded section
 """
 
 import os
@@ -20,8 +20,10 @@ NOTES = (ROOT / "bench" / "NOTES.md").read_text() if (ROOT / "bench" / "NOTES.md
 
 
 def section(name: str, output: str, seconds: float) -> str:
-    return (f"<!-- bench:{name} -->\n## {name}\n\n```\n$ python bench/{name}.py\n{output.strip()}\n```\n"
-            f"({seconds:.0f} s; figures in `bench/results/{name}.json`)\n<!-- /bench:{name} -->\n")
+    return (
+        f"<!-- bench:{name} -->\n## {name}\n\n```\n$ python bench/{name}.py\n{output.strip()}\n```\n"
+        f"({seconds:.0f} s; figures in `bench/results/{name}.json`)\n<!-- /bench:{name} -->\n"
+    )
 
 
 def main() -> None:
@@ -37,11 +39,15 @@ def main() -> None:
         out = "\n".join(line for line in proc.stdout.splitlines())
         sections[name] = section(name, out, time.perf_counter() - t0)
         print(sections[name])
-    machine = (f"Machine of the last run: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-               f"torch {torch.__version__}, Python {platform.python_version()}, no GPU used.")
+    machine = (
+        f"Machine of the last run: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"torch {torch.__version__}, Python {platform.python_version()}, no GPU used."
+    )
     body = "\n".join(sections[n] for n in BENCHES if n in sections)
-    path.write_text(f"# Benchmarks\n\nEvery figure below is the printed output of the command above it, "
-                    f"pasted by `python bench/report.py`.\n{machine}\n\n{NOTES}\n{body}")
+    path.write_text(
+        f"# Benchmarks\n\nEvery figure below is the printed output of the command above it, "
+        f"pasted by `python bench/report.py`.\n{machine}\n\n{NOTES}\n{body}"
+    )
 
 
 if __name__ == "__main__":

@@ -11,13 +11,12 @@ demo shards; batches are loaded before the clock starts, so this times the train
     python bench/train_throughput.py     -> bench/results/train_throughput.json
 """
 
-import json
 import time
-from pathlib import Path
 
 import open_clip
 import torch
 import webdataset as wds
+from common import save_results
 from open_clip.loss import ClipLoss
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
@@ -142,10 +141,7 @@ def main() -> None:
             f"ratio {k} / open_clip: images/s {results[f'ratio_images_per_s_{k}']:.2f}x, "
             f"tokens/s {results[f'ratio_tokens_per_s_{k}']:.2f}x"
         )
-    out = Path(__file__).parent / "results" / "train_throughput.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {out}")
+    save_results("train_throughput", results)
 
 
 if __name__ == "__main__":

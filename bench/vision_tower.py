@@ -14,12 +14,11 @@ open_clip: 197 per image). Timings alternate between the models to share the mac
     python bench/vision_tower.py     -> bench/results/vision_tower.json
 """
 
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
+from common import save_results
 from open_clip.transformer import VisionTransformer
 
 from navit_clip.model import NaViT, VisionConfig
@@ -158,10 +157,7 @@ def main() -> None:
             f"{results[f'ratio_flops_per_s_best_{w}']:.2f}x its FLOP/s"
         )
     results["ratio_tokens_per_s_best"] = results["ratio_tokens_per_s_best_mixed"]
-    out = Path(__file__).parent / "results" / "vision_tower.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {out}")
+    save_results("vision_tower", results)
 
 
 if __name__ == "__main__":

@@ -191,7 +191,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ValueError(f"{where}={value!r} must be a number")
+        try:  # YAML reads 2e-3 (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}={value!r} must be a number") from None
     if tp is str:
         if isinstance(value, str):
             return value

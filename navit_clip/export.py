@@ -10,6 +10,7 @@ import importlib.util
 import json
 import shutil
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from safetensors.torch import save_file
 
 from navit_clip.data.pipeline import CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD
 from navit_clip.factory import config_of, create_model
+from navit_clip.model.vision import VisionConfig
 
 HERE = Path(__file__).parent
 # shipped files: (source in this package, name in the export folder)
@@ -26,18 +28,9 @@ MODULE_FILES = [
     (HERE / "model" / "layers.py", "navit_layers.py"),
     (HERE / "model" / "posemb.py", "navit_posemb.py"),
 ]
-VISION_KEYS = (
-    "patch_size",
-    "width",
-    "depth",
-    "heads",
-    "mlp_ratio",
-    "qk_norm",
-    "bias",
-    "posemb",
-    "max_grid",
-    "pool",
-    "ln_eps",
+# the architecture fields of VisionConfig (the rest say how training packs and attends)
+VISION_KEYS = tuple(
+    f.name for f in fields(VisionConfig) if f.name not in ("attn_backend", "seq_len", "max_images")
 )
 
 

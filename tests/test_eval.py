@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 import webdataset as wds
+from dist_utils import run_world
 from PIL import Image
 
 from navit_clip.cli import main as cli
@@ -18,8 +19,6 @@ from navit_clip.model.vision import VisionConfig
 from navit_clip.packing import ResolutionPolicy
 from navit_clip.tokenizer import build_tokenizer
 from navit_clip.zeroshot import build_classifier, eval_data_config, evaluate_zeroshot, topk_correct
-
-from dist_utils import run_world
 
 CLASSES = ["red thing", "green thing", "blue thing"]
 COLORS = [(220, 20, 20), (20, 200, 20), (20, 20, 220)]
@@ -37,7 +36,9 @@ def tiny_model():
     tok = build_tokenizer("openclip", context_length=8)
     cfg = ModelConfig(
         vision=VisionConfig(patch_size=8, width=32, depth=1, heads=2, seq_len=64, max_images=8),
-        text=TextConfig(vocab_size=tok.num_embeddings, pad_id=tok.pad_id, context_length=8, width=32, depth=1, heads=2),
+        text=TextConfig(
+            vocab_size=tok.num_embeddings, pad_id=tok.pad_id, context_length=8, width=32, depth=1, heads=2
+        ),
         embed_dim=16,
     )
     return NaViTCLIP(cfg).eval(), tok
@@ -121,9 +122,19 @@ def trained_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     paths = ensure_demo_data(root / "demo", n_train=600, n_heldout=96, per_shard=200)
     overrides = [
-        "demo=false", f"data.shards={paths['train']}", "eval.shards=''", f"train.output_dir={root / 'run'}",
-        "model.vision.width=64", "model.vision.depth=2", "model.text.width=64", "model.text.depth=1",
-        "model.embed_dim=64", "data.num_workers=0", "train.steps=30", "train.warmup=5", "train.log_every=10",
+        "demo=false",
+        f"data.shards={paths['train']}",
+        "eval.shards=''",
+        f"train.output_dir={root / 'run'}",
+        "model.vision.width=64",
+        "model.vision.depth=2",
+        "model.text.width=64",
+        "model.text.depth=1",
+        "model.embed_dim=64",
+        "data.num_workers=0",
+        "train.steps=30",
+        "train.warmup=5",
+        "train.log_every=10",
     ]
     train(load_config("configs/demo.yaml", overrides))
     return root / "run" / "step_00000030.pt", paths
@@ -137,8 +148,22 @@ def test_eval_command_matches_open_clip_classifier_and_loop(trained_checkpoint, 
     ckpt, paths = trained_checkpoint
     templates = tmp_path / "templates.txt"
     templates.write_text("a {}.\na photo of a {}.\n")
-    cli(["eval", str(ckpt), "--data", paths["heldout"], "--classnames", paths["classnames"],
-         "--templates", str(templates), "--budgets", "native,16,64", "--out", str(tmp_path / "ev")])
+    cli(
+        [
+            "eval",
+            str(ckpt),
+            "--data",
+            paths["heldout"],
+            "--classnames",
+            paths["classnames"],
+            "--templates",
+            str(templates),
+            "--budgets",
+            "native,16,64",
+            "--out",
+            str(tmp_path / "ev"),
+        ]
+    )
     ours = json.loads((tmp_path / "ev" / "results.json").read_text())["zeroshot"]
     assert (tmp_path / "ev" / "accuracy_vs_tokens.png").stat().st_size > 1000
 
@@ -147,9 +172,13 @@ def test_eval_command_matches_open_clip_classifier_and_loop(trained_checkpoint, 
     tokenizer = get_tokenizer(ckpt)
     classnames = [c for c in open(paths["classnames"]).read().splitlines() if c]
     with torch.no_grad():
-        classifier = build_zero_shot_classifier(model, tokenizer, classnames, ["a {}.", "a photo of a {}."], device="cpu")
+        classifier = build_zero_shot_classifier(
+            model, tokenizer, classnames, ["a {}.", "a photo of a {}."], device="cpu"
+        )
         top1 = n = 0
-        for img, label in wds.WebDataset(paths["heldout"], shardshuffle=False).decode("pil").to_tuple("jpg;png", "cls"):
+        for img, label in (
+            wds.WebDataset(paths["heldout"], shardshuffle=False).decode("pil").to_tuple("jpg;png", "cls")
+        ):
             features = model.encode_image([preprocess(img)], normalize=True)
             logits = 100.0 * features @ classifier
             top1 += int(logits.argmax(1).item() == int(label))

@@ -29,7 +29,16 @@ def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"export_{posemb}")
     cfg = Config()
     v = cfg.model.vision
-    v.patch_size, v.width, v.depth, v.heads, v.posemb, v.pool, v.seq_len, v.max_images = P, 32, 2, 4, posemb, pool, 64, 4
+    v.patch_size, v.width, v.depth, v.heads, v.posemb, v.pool, v.seq_len, v.max_images = (
+        P,
+        32,
+        2,
+        4,
+        posemb,
+        pool,
+        64,
+        4,
+    )
     cfg.model.text.width, cfg.model.text.depth, cfg.model.text.heads = 32, 1, 4
     cfg.model.embed_dim = 24
     torch.manual_seed(0)
@@ -115,8 +124,13 @@ def test_onnxruntime_matches_with_other_token_and_image_counts(exported):
     session = ort.InferenceSession(str(out / "encoder.onnx"))
     pixels, grid = flat_inputs()  # 5 images, 58 tokens: not the shapes the graph was traced with
     coords, token_grid, seg = mod.token_layout(grid)
-    feeds = {"pixel_values": pixels.numpy(), "coords": coords.numpy(), "token_grid": token_grid.numpy(),
-             "segment_ids": seg.numpy(), "grid_hw": grid.numpy()}
+    feeds = {
+        "pixel_values": pixels.numpy(),
+        "coords": coords.numpy(),
+        "token_grid": token_grid.numpy(),
+        "segment_ids": seg.numpy(),
+        "grid_hw": grid.numpy(),
+    }
     check(session.run(None, feeds), reference(model))
 
 
@@ -137,7 +151,8 @@ def test_processor_layout_and_budget(exported):
     assert all(h * w <= 12 for h, w in r["grid_hw"].tolist())
     assert r["grid_hw"][0, 0] == 1  # a single patch tall, aspect kept within the budget
     merged = mod.NaViTProcessor(P, proc.mean, proc.std, max_tokens=64, merge=2)(
-        [Image.new("RGB", (37, 90)), exact])
+        [Image.new("RGB", (37, 90)), exact]
+    )
     assert all(h % 2 == 0 and w % 2 == 0 for h, w in merged["grid_hw"].tolist())
     enc = mod.NaViTEncoder.from_pretrained(out)
     with torch.no_grad():
@@ -156,7 +171,9 @@ def test_readme_vlm_example_runs(exported, tmp_path, monkeypatch):
 
     _, out = exported
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    code = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "LlamaForCausalLM" in block)
+    code = next(
+        block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "LlamaForCausalLM" in block
+    )
     (tmp_path / "exported").symlink_to(out)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}

@@ -193,7 +193,8 @@ def test_config_overrides_and_errors():
     assert cfg.data.seq_len == cfg.model.vision.seq_len  # the packing layout comes from the model
     with pytest.raises(ValueError, match="unknown config key.*train.stepz"):
         demo_cfg("train.stepz=3")
-    with pytest.raises(ValueError, match="train.steps='many' must be an integer"):
+    assert demo_cfg("train.lr=2e-3").train.lr == 0.002  # YAML reads 2e-3 as a string
+    with pytest.raises(ValueError, match="train.steps=.many. must be an integer"):
         demo_cfg("train.steps=many")
     for override, message in [
         ("model.text.context_length=8", "context_length"),
@@ -206,3 +207,31 @@ def test_config_overrides_and_errors():
             demo_cfg(override).validate()
     for name in ("b16", "l16"):
         load_config(f"configs/{name}.yaml").validate()
+
+
+def test_non_finite_loss_skips_the_update(small_shards, tmp_path, monkeypatch):
+    import json
+
+    import navit_clip.train as train_module
+
+    calls = {"n": 0}
+
+    class PoisonedLoss(ContrastiveLoss):
+        def forward(self, *args, **kwargs):
+            calls["n"] += 1
+            loss = super().forward(*args, **kwargs)
+            return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(train_module, "ContrastiveLoss", PoisonedLoss)
+    result = train_module.train(
+        load_config("configs/demo.yaml", tiny_run(small_shards["train"], tmp_path, **{"train.steps": 4}))
+    )
+    assert result["skipped_steps"] == 1
+    assert (
+        torch.isnan(torch.tensor(result["losses"][1]))
+        and torch.isfinite(torch.tensor(result["losses"][2:])).all()
+    )
+    state = torch.load(tmp_path / "step_00000004.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["skipped_steps"] == 1
