@@ -276,3 +276,33 @@ def test_patches_travel_as_uint8_and_are_normalised_on_the_device(tmp_path):
         pixel = moved.images.patches[0, 0].view(-1, 3)[0]
         expected = (torch.tensor([1.0, 0.0, 128 / 255]) - torch.tensor(mean)) / torch.tensor(std)
         torch.testing.assert_close(pixel, expected)
+
+
+def test_weighted_sources_mix_in_resampled_mode(tmp_path):
+    rng = random.Random(0)
+    for name in ("a", "b"):
+        with wds.TarWriter(str(tmp_path / f"{name}.tar")) as sink:
+            for i in range(20):
+                sink.write({"__key__": f"{name}{i:03d}", "jpg": good_image(rng), "txt": name})
+    sources = [
+        {"urls": str(tmp_path / "a.tar"), "weight": 0.8},
+        {"urls": str(tmp_path / "b.tar"), "weight": 0.2},
+    ]
+    cfg = config(sources, resampled=True, shuffle_buffer=0)
+    keys, _, _ = collect(PackedImageText(cfg, tokenizer=toy_tokenizer), workers=0, limit=60)
+    share_a = sum(k.startswith("a") for k in keys) / len(keys)
+    assert 0.7 < share_a < 0.9, share_a
+
+
+@pytest.mark.parametrize("tokens", [16, 64, 200])
+def test_budget_policy_keeps_aspect_and_budget(tokens):
+    rng = random.Random(0)
+    policy = ResolutionPolicy("budget", tokens=tokens)
+    for _ in range(300):
+        H0, W0 = rng.randint(16, 2000), rng.randint(16, 2000)
+        if max(H0, W0) / min(H0, W0) > 6:
+            continue
+        H, W = target_size(H0, W0, policy, P, 4096, rng)
+        h, w = H // P, W // P
+        assert h * w <= tokens and h * w >= 0.6 * tokens or min(h, w) == 1
+        assert abs(w - h * W0 / H0) <= 1 or abs(h - w * H0 / W0) <= 1

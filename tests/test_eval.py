@@ -18,7 +18,13 @@ from navit_clip.model.text import TextConfig
 from navit_clip.model.vision import VisionConfig
 from navit_clip.packing import ResolutionPolicy
 from navit_clip.tokenizer import build_tokenizer
-from navit_clip.zeroshot import build_classifier, eval_data_config, evaluate_zeroshot, topk_correct
+from navit_clip.zeroshot import (
+    build_classifier,
+    eval_data_config,
+    evaluate_retrieval,
+    evaluate_zeroshot,
+    topk_correct,
+)
 
 CLASSES = ["red thing", "green thing", "blue thing"]
 COLORS = [(220, 20, 20), (20, 200, 20), (20, 20, 220)]
@@ -96,13 +102,15 @@ def test_image_folder_and_webdataset_give_the_same_numbers(tmp_path):
             assert a["tokens_per_image"] <= budget
 
 
-def _sharded(rank, world, shards, expected):
+def _sharded(rank, world, shards, expected, expected_retrieval):
     model, tok = tiny_model()
     clf = build_classifier(model, tok, CLASSES, ["a {}"], torch.device("cpu"))
     alone = evaluate_zeroshot(model, clf, eval_cfg(shards), torch.device("cpu"))  # world_size=1: everything
     split = evaluate_zeroshot(model, clf, eval_cfg(shards), torch.device("cpu"), rank, world)
     for key in ("n", "top1", "top5", "mean_per_class_top1", "per_class_top1"):
         assert split[key] == alone[key] == expected[key], key
+    retrieval = evaluate_retrieval(model, tok, eval_cfg(shards), torch.device("cpu"), rank, world)
+    assert retrieval == expected_retrieval
 
 
 def test_two_gloo_ranks_give_the_same_numbers_as_one(tmp_path):
@@ -110,7 +118,21 @@ def test_two_gloo_ranks_give_the_same_numbers_as_one(tmp_path):
     _, shards = write_folder_and_shards(tmp_path, make_images(), n_shards=4)
     clf = build_classifier(model, tok, CLASSES, ["a {}"], torch.device("cpu"))
     expected = evaluate_zeroshot(model, clf, eval_cfg(shards), torch.device("cpu"))
-    run_world(2, _sharded, shards, expected)
+    retrieval = evaluate_retrieval(model, tok, eval_cfg(shards), torch.device("cpu"))
+    assert retrieval["n"] == 18
+    for direction in ("image_to_text", "text_to_image"):
+        r1, r5, r10 = (retrieval[f"{direction}_R@{k}"] for k in (1, 5, 10))
+        assert 0 <= r1 <= r5 <= r10 <= 1
+    run_world(2, _sharded, shards, expected, retrieval)
+
+
+def test_retrieval_recall_on_a_hand_made_case():
+    from navit_clip.zeroshot import topk_correct
+
+    sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.7, 0.1], [0.1, 0.2, 0.3]])  # image i vs text j
+    truth = torch.arange(3)
+    assert topk_correct(sim, truth, ks=(1, 2)) == {1: 2, 2: 3}
+    assert topk_correct(sim.T, truth, ks=(1, 2)) == {1: 3, 2: 3}
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +146,9 @@ def trained_checkpoint(tmp_path_factory):
     overrides = [
         "demo=false",
         f"data.shards={paths['train']}",
-        "eval.shards=''",
+        f"eval.shards={paths['heldout']}",
+        f"eval.classnames={paths['classnames']}",
+        "eval.every=20",
         f"train.output_dir={root / 'run'}",
         "model.vision.width=64",
         "model.vision.depth=2",
@@ -136,7 +160,11 @@ def trained_checkpoint(tmp_path_factory):
         "train.warmup=5",
         "train.log_every=10",
     ]
-    train(load_config("configs/demo.yaml", overrides))
+    result = train(load_config("configs/demo.yaml", overrides))
+    # the evaluation inside training ran at step 20 and at the end
+    assert result["zeroshot"]["n"] == 96 and result["zeroshot"]["chance"] == 1 / 24
+    logged = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged if "zeroshot_top1" in m] == [20, 30]
     return root / "run" / "step_00000030.pt", paths
 
 

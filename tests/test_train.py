@@ -235,3 +235,20 @@ def test_non_finite_loss_skips_the_update(small_shards, tmp_path, monkeypatch):
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["skipped_steps"] == 1
+
+
+def test_training_options_run_bf16_checkpointing_accumulation_sigmoid(small_shards, tmp_path):
+    from navit_clip.train import train
+
+    overrides = {
+        "train.steps": 2,
+        "train.precision": "bf16",
+        "train.activation_checkpointing": "true",
+        "train.accum": 2,
+        "loss.kind": "sigmoid",
+        "model.logit_bias": "true",
+        "loss.direct_max_slots": 0,
+    }
+    result = train(load_config("configs/demo.yaml", tiny_run(small_shards["train"], tmp_path, **overrides)))
+    assert len(result["losses"]) == 2 and torch.isfinite(torch.tensor(result["losses"])).all()
+    assert result["skipped_steps"] == 0
