@@ -9,5 +9,5 @@ def save_results(name: str, results: dict) -> Path:
     out = Path(__file__).parent / "results" / f"{name}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {out}")
+    print(f"wrote bench/results/{name}.json")
     return out

@@ -1,12 +1,16 @@
 """Training-step images/s and tokens/s: the demo-size NaViT-CLIP vs open_clip's CLIP, same run, CPU.
 
 Both models: vision width 128, depth 4, 4 heads, MLP ratio 3; text width 128, depth 2, 4 heads,
-context 24; embed 128; AdamW; the softmax CLIP loss. open_clip's ViT sees 224 x 224 images
-(RandomResizedCrop, its training transform); ours sees packed 4 x 1024-token sequences with the
-paper's recipe: longer side ~ U(64, 448) (about 224 x 224 pixels on average) and Beta token
-dropping with mean rate 0.5 (`recipe`), or the same without dropping (`nodrop`). Both read the
-demo shards; batches are loaded before the clock starts, so this times the training step alone
-(bench/loader.py times the data side). Steps alternate between the models.
+context 24; embed 128; AdamW; the softmax CLIP loss; about 4096 image tokens per step. open_clip's
+ViT sees 224 x 224 images (RandomResizedCrop, its training transform). Ours sees the paper's recipe
+at the demo model's sequence length L = 256 (as the paper's B/16): 16 packed sequences, longer side
+~ U(64, 256) px (so every image fits a sequence) and Beta token dropping with mean rate 0.5
+(`recipe`), or the same without dropping (`nodrop`). These images are smaller than 224 x 224 on
+average (pixels per image are printed): the `nodrop` ratio shows what resolution sampling alone
+gives, `recipe` adds dropping. `recipe_matched_pixels` keeps the per-image pixel count of the peer
+instead: L = 1024, longer side ~ U(64, 496), Beta dropping 0.5; there big images cost more
+attention per token (it grows with tokens per image). Both read the demo shards; batches are loaded before the clock
+starts, so this times the training step alone (bench/loader.py times the data side).
 
     python bench/train_throughput.py     -> bench/results/train_throughput.json
 """
@@ -28,22 +32,25 @@ from navit_clip.model.clip import NaViTCLIP
 from navit_clip.packing import ResolutionPolicy, TokenDropConfig
 from navit_clip.tokenizer import build_tokenizer
 
-SEQ_LEN, NUM_SEQS, MAX_IMAGES, MAX_SIDE = 1024, 4, 64, 448
+SEQ_LEN, NUM_SEQS, MAX_IMAGES, MAX_SIDE = 256, 16, 32, 256
+MATCHED = dict(seq_len=1024, num_seqs=4, max_images=64, max_side=496)  # about 224 x 224 pixels per image
 BATCHES, WARMUP, REPEATS = 4, 2, 8
 
 
-def our_setup(shards: str, drop: bool):
+def our_setup(
+    shards: str, drop: bool, seq_len=SEQ_LEN, num_seqs=NUM_SEQS, max_images=MAX_IMAGES, max_side=MAX_SIDE
+):
     cfg = load_config(
         "configs/demo.yaml",
         [
             "demo=false",
             f"data.shards={shards}",
-            f"model.vision.seq_len={SEQ_LEN}",
-            f"model.vision.max_images={MAX_IMAGES}",
-            f"data.batch_seqs={NUM_SEQS}",
+            f"model.vision.seq_len={seq_len}",
+            f"model.vision.max_images={max_images}",
+            f"data.batch_seqs={num_seqs}",
         ],
     )
-    cfg.data.resolution = ResolutionPolicy("side_sampling", 64, MAX_SIDE, "uniform")
+    cfg.data.resolution = ResolutionPolicy("side_sampling", 64, max_side, "uniform")
     cfg.data.token_drop = TokenDropConfig("beta", rate=0.5, d_max=0.9) if drop else TokenDropConfig("none")
     cfg.data.shuffle_buffer = 0
     tok = build_tokenizer("openclip", context_length=cfg.tokenizer.context_length)
@@ -60,7 +67,8 @@ def our_setup(shards: str, drop: bool):
         out = model(batch.images, batch.text)
         loss_fn(out["image_emb"], out["text_emb"], out["valid"], out["logit_scale"]).backward()
         opt.step()
-        return batch.stats["images"], batch.stats["tokens"]
+        s = batch.stats
+        return s["images"], s["tokens"], (s["tokens"] + s["tokens_dropped"]) * 16**2
 
     return model, batches, step
 
@@ -90,24 +98,29 @@ def peer_setup(shards: str, n_images: int):
         img, txt, scale = model(images, texts)
         loss_fn(img, txt, scale).backward()
         opt.step()
-        return images.shape[0], images.shape[0] * 197
+        return images.shape[0], images.shape[0] * 197, images.shape[0] * 224**2
 
     return model, batches, step
 
 
 def measure(setups: dict) -> dict:
-    done = {k: [0, 0, 0.0] for k in setups}  # images, tokens, seconds
+    done = {k: [0, 0, 0, 0.0] for k in setups}  # images, tokens, pixels, seconds
     for i in range(WARMUP + REPEATS):
         for k, (_, batches, step) in setups.items():
             t0 = time.perf_counter()
-            images, tokens = step(batches[i % len(batches)])
+            counts = step(batches[i % len(batches)])
             dt = time.perf_counter() - t0
             if i >= WARMUP:
-                done[k][0] += images
-                done[k][1] += tokens
-                done[k][2] += dt
+                for j, c in enumerate(counts):
+                    done[k][j] += c
+                done[k][3] += dt
     return {
-        k: {"images_per_s": v[0] / v[2], "tokens_per_s": v[1] / v[2], "images_per_step": v[0] / REPEATS}
+        k: {
+            "images_per_s": v[0] / v[3],
+            "tokens_per_s": v[1] / v[3],
+            "images_per_step": v[0] / REPEATS,
+            "pixels_per_image": v[2] / v[0],
+        }
         for k, v in done.items()
     }
 
@@ -115,7 +128,11 @@ def measure(setups: dict) -> dict:
 def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     shards = ensure_demo_data()["train"]
-    setups = {"recipe": our_setup(shards, drop=True), "nodrop": our_setup(shards, drop=False)}
+    setups = {
+        "recipe": our_setup(shards, drop=True),
+        "nodrop": our_setup(shards, drop=False),
+        "recipe_matched_pixels": our_setup(shards, drop=True, **MATCHED),
+    }
     peer_images = round(NUM_SEQS * SEQ_LEN / 197)  # the same tokens per step as a packed batch
     setups["open_clip"] = peer_setup(shards, peer_images)
     r = measure(setups)
@@ -131,10 +148,10 @@ def main() -> None:
         for m, x in v.items():
             results[f"{m}_{k}"] = x
         print(
-            f"{k:10s} {v['images_per_s']:7.1f} images/s {v['tokens_per_s']:8.0f} tokens/s "
-            f"({v['images_per_step']:.1f} images/step)"
+            f"{k:22s} {v['images_per_s']:7.1f} images/s {v['tokens_per_s']:8.0f} tokens/s "
+            f"({v['images_per_step']:.1f} images/step, {v['pixels_per_image']:.0f} px/image before dropping)"
         )
-    for k in ("recipe", "nodrop"):
+    for k in ("recipe", "nodrop", "recipe_matched_pixels"):
         results[f"ratio_images_per_s_{k}"] = r[k]["images_per_s"] / r["open_clip"]["images_per_s"]
         results[f"ratio_tokens_per_s_{k}"] = r[k]["tokens_per_s"] / r["open_clip"]["tokens_per_s"]
         print(

@@ -252,3 +252,32 @@ def test_training_options_run_bf16_checkpointing_accumulation_sigmoid(small_shar
     result = train(load_config("configs/demo.yaml", tiny_run(small_shards["train"], tmp_path, **overrides)))
     assert len(result["losses"]) == 2 and torch.isfinite(torch.tensor(result["losses"])).all()
     assert result["skipped_steps"] == 0
+
+
+def _train_on_rank(rank, world, shards, out, parallel, queue_path):
+    import json
+
+    from navit_clip.train import train
+
+    result = train(
+        load_config(
+            "configs/demo.yaml", tiny_run(shards, out, **{"train.steps": 3, "train.parallel": parallel})
+        )
+    )
+    if rank == 0:
+        with open(queue_path, "w") as f:
+            json.dump(result["losses"], f)
+
+
+def test_ddp_and_fsdp_training_runs_agree(small_shards, tmp_path):
+    """train() under 2 gloo ranks, DDP then FSDP2 (clipping, checkpoint gathering included): same losses."""
+    import json
+
+    losses = {}
+    for parallel in ("ddp", "fsdp"):
+        path = tmp_path / f"{parallel}.json"
+        run_world(2, _train_on_rank, small_shards["train"], str(tmp_path / parallel), parallel, str(path))
+        losses[parallel] = json.loads(path.read_text())
+        assert (tmp_path / parallel / "step_00000003.pt").exists()
+    assert len(losses["ddp"]) == 3
+    torch.testing.assert_close(torch.tensor(losses["fsdp"]), torch.tensor(losses["ddp"]), rtol=1e-5, atol=0)
