@@ -214,6 +214,8 @@ def train(cfg: Config) -> dict:
                     out_emb["logit_scale"],
                     out_emb.get("logit_bias"),
                 )
+            # read now: under FSDP2 the parameter is only whole (unsharded) inside the step
+            scale_seen = out_emb["logit_scale"].detach().exp().reshape(())
             with sync:
                 (loss / tc.accum).backward()
             loss_sum += loss.detach() / tc.accum
@@ -245,7 +247,7 @@ def train(cfg: Config) -> dict:
                 "loss": history[-1],
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
-                "logit_scale": float(model.logit_scale.detach().exp()),
+                "logit_scale": float(scale_seen),
                 "images_per_s": scale * w["images"] / max(w["time"], 1e-9),
                 "tokens_per_s": scale * w["tokens"] / max(w["time"], 1e-9),
                 "padding": w["padding"] / max(w["batches"], 1),
