@@ -147,9 +147,11 @@ def train(cfg: Config) -> dict:
         _checkpoint_blocks(model)
     wrapped = wrap_model(model, info, tc.parallel)
     if tc.compile:
+        # The MLPs (most of the FLOPs) are compiled with dynamic shapes; attention stays eager: its
+        # packing plan (group sizes, sequence offsets) changes every batch and would recompile.
         for tower in (model.visual, model.text):
             for block in tower.blocks:
-                block.compile()
+                block.mlp.compile(dynamic=True)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas, eps=tc.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(tc.warmup, tc.steps, tc.min_lr / tc.lr)
