@@ -10,7 +10,7 @@ import importlib.util
 import json
 import shutil
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -86,21 +86,16 @@ def export_encoder(
     for src, name in MODULE_FILES:
         shutil.copyfile(src, out / name)
     if with_text:
-        text_state = {
-            k: t for k, t in model.state_dict().items() if k.startswith(("text.", "text_proj.", "logit_"))
-        }
+        prefixes = ("text.", "text_proj.", "logit_")
+        text_state = {k: t for k, t in model.state_dict().items() if k.startswith(prefixes)}
         save_file({k: t.contiguous() for k, t in text_state.items()}, str(out / "text_model.safetensors"))
-        (out / "text_config.json").write_text(
-            json.dumps(
-                {
-                    "text": vars(cfg.model.text),
-                    "embed_dim": cfg.model.embed_dim,
-                    "tokenizer": vars(cfg.tokenizer),
-                },
-                indent=1,
-                default=str,
-            )
-        )
+        text_cfg = {
+            "text": asdict(cfg.model.text),
+            "embed_dim": cfg.model.embed_dim,
+            "tokenizer": asdict(cfg.tokenizer),
+        }
+        (out / "text_config.json").write_text(json.dumps(text_cfg, indent=1))
+        shutil.copyfile(HERE / "model" / "text.py", out / "navit_text.py")
     if onnx:
         export_onnx(out)
     return out

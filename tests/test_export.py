@@ -45,7 +45,7 @@ def exported(request, tmp_path_factory):
     model = NaViTCLIP(cfg.model).eval()
     ckpt = root / "step_00000001.pt"
     torch.save({"model": model.state_dict(), "config": to_dict(cfg)}, ckpt)
-    out = export_encoder(ckpt, root / "out", onnx=True)
+    out = export_encoder(ckpt, root / "out", onnx=True, with_text=True)
     return model, out
 
 
@@ -180,3 +180,46 @@ def test_readme_vlm_example_runs(exported, tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["logits"].shape[1] == scope["tokens"].shape[0] + 3
     sys.modules.pop("navit_encoder", None)
+
+
+STANDALONE = """
+import sys
+for name in ("navit_clip", "transformers", "open_clip", "safetensors", "PIL", "numpy"):
+    sys.modules[name] = None  # importing any of them now fails: only torch is allowed
+import torch
+sys.path.insert(0, sys.argv[1])
+from navit_encoder import NaViTEncoder, NaViTTextEncoder
+inputs = torch.load(sys.argv[2])
+enc, txt = NaViTEncoder.from_pretrained(sys.argv[1]), NaViTTextEncoder.from_pretrained(sys.argv[1])
+with torch.no_grad():
+    out = enc(inputs["pixels"], inputs["grid"])
+    torch.save({"tokens": out["last_hidden_state"], "pooled": out["pooler_output"],
+                "embeds": out["image_embeds"], "text": txt(inputs["ids"])}, sys.argv[3])
+"""
+
+
+def test_export_loads_in_a_process_that_has_only_torch(exported, tmp_path):
+    import subprocess
+
+    model, out = exported
+    pixels, grid = flat_inputs()
+    ids = torch.randint(1, 100, (3, model.cfg.text.context_length))
+    ids[0, 5:] = model.cfg.text.pad_id
+    torch.save({"pixels": pixels, "grid": grid, "ids": ids}, tmp_path / "inputs.pt")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            STANDALONE,
+            str(out),
+            str(tmp_path / "inputs.pt"),
+            str(tmp_path / "outputs.pt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = torch.load(tmp_path / "outputs.pt")
+    check((got["tokens"], got["pooled"], got["embeds"]), reference(model))
+    with torch.no_grad():
+        assert rel(got["text"], model.encode_text(ids)) < 1e-5

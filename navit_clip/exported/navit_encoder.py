@@ -3,6 +3,7 @@
 Files of an export folder:
     model.safetensors        weights;  config.json   architecture;  preprocessor_config.json
     navit_encoder.py         this file;  navit_layers.py, navit_posemb.py   the layers it is built of
+    text_model.safetensors, text_config.json, navit_text.py    with --with-text: NaViTTextEncoder
     modeling_navit.py        the Hugging Face wrapper (AutoModel with trust_remote_code=True)
     encoder.onnx             the packed interface in ONNX (dynamic tokens and images)
 
@@ -193,6 +194,35 @@ class NaViTEncoder(NaViTEncoderMixin, nn.Module):
         model = cls(json.loads((folder / "config.json").read_text()))
         model.load_state_dict(load_safetensors(folder / "model.safetensors"))
         return model.eval()
+
+
+class NaViTTextEncoder(nn.Module):
+    """The text tower of an export made with --with-text: token ids [N, K] -> embeddings [N, E].
+
+    Tokenise as text_config.json's "tokenizer" says (the default, openclip, is open_clip's BPE:
+    open_clip.tokenizer.SimpleTokenizer(context_length)).
+    """
+
+    def __init__(self, config: dict):
+        super().__init__()
+        try:
+            from .navit_text import TextConfig, TextTransformer
+        except ImportError:
+            from navit_text import TextConfig, TextTransformer
+        self.text = TextTransformer(TextConfig(**config["text"]))
+        self.text_proj = nn.Linear(config["text"]["width"], config["embed_dim"], bias=False)
+        self.logit_scale = nn.Parameter(torch.zeros(1))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> NaViTTextEncoder:
+        folder = Path(folder)
+        model = cls(json.loads((folder / "text_config.json").read_text()))
+        state = load_safetensors(folder / "text_model.safetensors")
+        model.load_state_dict({k: v for k, v in state.items() if k != "logit_bias"})
+        return model.eval()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text_proj(self.text(ids))
 
 
 class NaViTProcessor:

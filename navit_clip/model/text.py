@@ -1,5 +1,7 @@
 """CLIP-style text transformer: causal pre-LN blocks, pooled at the end-of-text token or by attention.
 
+torch only: this file is also shipped inside an export folder (as navit_text.py).
+
 Shape legend: N texts, K context length, D width, H heads, d head width.
 """
 
@@ -11,7 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from navit_clip.model.layers import Mlp
+try:
+    from navit_clip.model.layers import Mlp
+except (
+    ImportError
+):  # shipped inside an export folder (navit-clip export --with-text), next to navit_layers.py
+    from navit_layers import Mlp
 
 
 @dataclass
