@@ -69,10 +69,6 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Mo
     return model
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and not hasattr(model, "visual") else model
-
-
 def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
     """Average scalar metrics over ranks (one small collective)."""
     if not info.distributed or not values:

@@ -160,23 +160,27 @@ def train(cfg: Config) -> dict:
         cfg.loss.kind, tile_size=cfg.loss.tile_size, direct_max_slots=cfg.loss.direct_max_slots
     )
 
-    start, data_batches, skipped = 0, 0, 0
+    start, data_batches, data_epoch, skipped = 0, 0, 0, 0
     resume_from = (
         latest_checkpoint(out) if tc.resume == "latest" else (Path(tc.resume) if tc.resume else None)
     )
     if tc.resume and resume_from is None:
         log.warning("train.resume=latest but %s holds no checkpoint: starting from scratch", out)
+    if resume_from is not None and not resume_from.exists():
+        raise ValueError(f"train.resume={tc.resume}: no such checkpoint; give a path or 'latest'")
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler)
         start, data_batches, skipped = state["step"], state["data_batches"], state.get("skipped_steps", 0)
+        data_epoch = state.get("data_epoch", 0)
         set_rng_state(state["rng"])
         if info.is_main:
             log.info("resumed from %s at step %d", resume_from, start)
 
-    dataset = PackedImageText(cfg.data, tokenizer, info.rank, info.world_size)
     if tc.resume_data == "fresh" and start:
-        dataset.set_epoch(start)  # a new, deterministic stream: instant, but not the one an unbroken run sees
-        data_batches = 0
+        # a new deterministic stream: instant, but not the one an unbroken run would have seen
+        data_epoch, data_batches = start, 0
+    dataset = PackedImageText(cfg.data, tokenizer, info.rank, info.world_size)
+    dataset.set_epoch(data_epoch)
     loader = make_loader(dataset, pin_memory=info.device.type == "cuda")
     batches = iter(loader)
     for _ in tqdm(
@@ -269,6 +273,7 @@ def train(cfg: Config) -> dict:
         if (tc.ckpt_every and done % tc.ckpt_every == 0) or done == end:
             extra = {
                 "data_batches": data_batches,
+                "data_epoch": data_epoch,
                 "skipped_steps": skipped,
                 "rng": rng_state(),
                 "config": resolved,

@@ -147,6 +147,26 @@ def test_resume_continues_exactly(small_shards, tmp_path):
         torch.tensor(first["losses"] + second["losses"]), torch.tensor(full["losses"]), rtol=1e-6, atol=0
     )
     assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 6
+    # resume_data=fresh: a new deterministic stream from the checkpoint on, remembered for later resumes
+    first_c = train(
+        load_config("configs/demo.yaml", tiny_run(shards, tmp_path / "c", **{"train.stop_at": 3}))
+    )
+    fresh = train(
+        load_config(
+            "configs/demo.yaml",
+            tiny_run(shards, tmp_path / "c", **{"train.resume": "latest", "train.resume_data": "fresh"}),
+        )
+    )
+    assert first_c["losses"] == first["losses"] and len(fresh["losses"]) == 3
+    assert fresh["losses"] != second["losses"]
+    assert torch.load(tmp_path / "c" / "step_00000006.pt", weights_only=True)["data_epoch"] == 3
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        train(
+            load_config(
+                "configs/demo.yaml",
+                tiny_run(shards, tmp_path / "d", **{"train.resume": str(tmp_path / "nope.pt")}),
+            )
+        )
     assert (tmp_path / "b" / "tensorboard").is_dir() and (tmp_path / "b" / "config.yaml").exists()
 
 
