@@ -65,7 +65,8 @@ class _Ring:
 
     def global_count(self, valid_b: torch.Tensor) -> int:
         """N, the number of valid slots over all ranks; checks every rank has the same b."""
-        counts = torch.tensor([valid_b.numel(), int(valid_b.sum())], dtype=torch.long)
+        # On the slots' device (NCCL moves only GPU tensors); reading the result is one small host sync.
+        counts = torch.stack([torch.tensor(valid_b.numel(), device=valid_b.device), valid_b.sum()]).long()
         if self.world == 1:
             return int(counts[1])
         gathered = [torch.empty_like(counts) for _ in range(self.world)]

@@ -149,7 +149,9 @@ def evaluate_zeroshot(
         counts[5 + C :] += torch.bincount(labels.cpu(), weights=correct, minlength=C)
     seconds = float(counts[4])
     if world_size > 1 and dist.is_initialized():
+        counts = counts.to(device)  # NCCL reduces GPU tensors only
         dist.all_reduce(counts)
+        counts = counts.cpu()
     n = max(float(counts[0]), 1.0)
     per_class = (counts[5 + C :] / counts[5 : 5 + C].clamp(min=1)).tolist()
     present = counts[5 : 5 + C] > 0
