@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ def images(seed=0, n=6):
 
 
 def rel(a, b):
-    a, b = a.detach(), b.detach()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).norm() / b.norm()) if b.norm() > 0 else float((a - b).norm())
 
 
@@ -85,31 +87,40 @@ TRAIN_BACKENDS = ["grouped"] + [pytest.param(b, marks=pytest.mark.cuda) for b in
 
 @pytest.mark.parametrize("backend", TRAIN_BACKENDS)
 def test_backends_match_dense_outputs_and_grads(backend):
+    """float32 within 1e-5; varlen (flash attention) exists only in bf16/fp16, so it is compared with
+    the dense reference under bf16 autocast, within bf16's precision."""
     if backend in ("flex", "varlen") and not CUDA:
         pytest.skip("flex and varlen train only on CUDA (on CPU they fall back to dense, tested below)")
     device = "cuda" if backend in ("flex", "varlen") else "cpu"
+    precision = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if backend == "varlen" else contextlib.nullcontext()
+    )
+    tol = 3e-2 if backend == "varlen" else 1e-5
     imgs = images()
     cut = [patchify(im, P) for im in imgs]
     bins, _ = first_fit([x.shape[0] for x, _ in cut], 64, 4)
-    batch = build_packed_batch([x for x, _ in cut], [y for _, y in cut], bins, 64, 4, num_seqs=len(bins) + 1)
+    batch = build_packed_batch(
+        [x for x, _ in cut], [y for _, y in cut], bins, 64, 4, num_seqs=len(bins) + 1
+    ).to(device)
+    real = batch.segment_ids > 0
     results = {}
     for b in ("dense", backend):
         model = tiny(attn_backend=b).train().to(device)
-        out = model(batch.to(device))
-        loss = (out.pooled**2).sum() + (out.tokens[batch.segment_ids > 0] ** 3).mean()
+        with precision:
+            out = model(batch)
+            loss = (out.pooled.float() ** 2).sum() + (out.tokens[real].float() ** 3).mean()
         loss.backward()
         results[b] = (out, {n: p.grad.clone().cpu() for n, p in model.named_parameters()})
     (o_ref, g_ref), (o, g) = results["dense"], results[backend]
-    assert rel(o.pooled, o_ref.pooled) < 1e-5
-    real = batch.segment_ids.to(device) > 0
-    assert rel(o.tokens[real], o_ref.tokens[real]) < 1e-5
+    assert rel(o.pooled, o_ref.pooled) < tol
+    assert rel(o.tokens[real], o_ref.tokens[real]) < tol
     total = torch.cat([x.flatten() for x in g_ref.values()]).norm()
     for name in g_ref:
         if g_ref[name].norm() < 1e-6 * total:
             # zero in exact arithmetic (a key bias shifts every logit of a row equally): both ~0
-            assert g[name].norm() < 1e-6 * total, name
+            assert g[name].norm() < max(tol, 1e-6) * total, name
         else:
-            assert rel(g[name], g_ref[name]) < 1e-5, name
+            assert rel(g[name], g_ref[name]) < tol, name
 
 
 def test_block_attention_kernel_level():

@@ -16,7 +16,7 @@ Backends (config `attn_backend`):
               granularity). Meant for CUDA under torch.compile. On CPU it has no backward, so it
               runs (unfused) only under no_grad and falls back to `dense` when gradients are on.
     varlen    torch's variable-length flash attention (torch.nn.attention.varlen), CUDA only.
-    auto      varlen or flex on CUDA, grouped on CPU.
+    auto      on CUDA varlen under bf16/fp16 autocast, else flex; grouped on CPU.
 An unavailable backend falls back to `dense` with one logged notice.
 """
 
@@ -61,9 +61,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in ATTN_BACKENDS:
         raise ValueError(f"attn_backend={backend!r} is not one of {ATTN_BACKENDS}")
     if backend == "auto":
-        if device.type == "cuda":
-            return "varlen" if _has_varlen() else ("flex" if _has_flex() else "dense")
-        return "grouped"
+        if device.type != "cuda":
+            return "grouped"
+        # flash varlen only runs in half precision: under bf16/fp16 autocast; flex otherwise
+        if _has_varlen() and torch.is_autocast_enabled("cuda"):
+            return "varlen"
+        return "flex" if _has_flex() else "dense"
     if backend == "varlen" and (device.type != "cuda" or not _has_varlen()):
         _notice_once(
             f"attn_backend='varlen' needs CUDA and torch.nn.attention.varlen; using 'dense' on {device}"
@@ -187,15 +190,43 @@ def block_attention(
                 .reshape(count * n, H, d)
             )
         return torch.cat(outs).view(B, L, H, d)
+    # The fused kernels take one dtype: under autocast, qk-norm (LayerNorm) returns float32 while v is
+    # bf16, so all three go to the autocast dtype, as SDPA would do by itself.
+    q_BLHd, k_BLHd, v_BLHd = _autocast_dtype(q_BLHd, k_BLHd, v_BLHd)
     if plan.backend == "flex":
-        from torch.nn.attention.flex_attention import flex_attention
-
-        o_BHLd = flex_attention(
+        o_BHLd = _flex_attention(q_BLHd.device.type)(
             q_BLHd.transpose(1, 2), k_BLHd.transpose(1, 2), v_BLHd.transpose(1, 2), block_mask=plan.block_mask
         )
         return o_BHLd.transpose(1, 2)
     from torch.nn.attention.varlen import varlen_attn
 
+    if q_BLHd.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            "attn_backend='varlen' (flash attention) needs bf16 or fp16: train with train.precision=bf16, "
+            "or use attn_backend=flex or dense for float32"
+        )
     q, k, v = (t.reshape(B * L, H, d) for t in (q_BLHd, k_BLHd, v_BLHd))
     o = varlen_attn(q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen)
     return o.view(B, L, H, d)
+
+
+def _autocast_dtype(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    device = tensors[0].device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return [t.to(dtype) for t in tensors]
+    return list(tensors)
+
+
+_compiled_flex: dict[str, object] = {}
+
+
+def _flex_attention(device_type: str):
+    """FlexAttention, compiled once on CUDA (eager flex materialises the whole score matrix)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device_type != "cuda":
+        return flex_attention
+    if "cuda" not in _compiled_flex:
+        _compiled_flex["cuda"] = torch.compile(flex_attention, dynamic=True)
+    return _compiled_flex["cuda"]
