@@ -204,19 +204,15 @@ def plot_budgets(rows: list[dict], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    tokens = [r["tokens_per_image"] for r in rows]
-    speed = [r["images_per_s"] for r in rows]
-    for key, style in (("top1", "o-"), ("top5", "s--")):
-        acc = [100 * r[key] for r in rows]
-        axes[0].plot(tokens, acc, style, label=key)
-        axes[1].plot(speed, acc, style, label=key)
-    for r, t, s in zip(rows, tokens, speed):
-        axes[0].annotate(
-            str(r["budget"]), (t, 100 * r["top1"]), textcoords="offset points", xytext=(3, 3), fontsize=8
-        )
-        axes[1].annotate(
-            str(r["budget"]), (s, 100 * r["top1"]), textcoords="offset points", xytext=(3, 3), fontsize=8
-        )
+    for ax, x_key in zip(axes, ("tokens_per_image", "images_per_s")):
+        ordered = sorted(rows, key=lambda r: r[x_key])  # lines join neighbours on the x axis
+        x = [r[x_key] for r in ordered]
+        for key, style in (("top1", "o-"), ("top5", "s--")):
+            ax.plot(x, [100 * r[key] for r in ordered], style, label=key)
+        for r, xi in zip(ordered, x):
+            ax.annotate(
+                str(r["budget"]), (xi, 100 * r["top1"]), textcoords="offset points", xytext=(3, 3), fontsize=8
+            )
     axes[0].set(xlabel="tokens per image", ylabel="zero-shot accuracy (%)", xscale="log")
     axes[1].set(xlabel="images / s (image tower forward)", ylabel="zero-shot accuracy (%)", xscale="log")
     for ax in axes:
