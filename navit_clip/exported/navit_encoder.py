@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 try:  # inside a package (Hugging Face remote code) or as plain modules next to each other
-    from .navit_layers import Block, MAPHead, mean_pool
+    from .navit_layers import build_tower, mean_pool
     from .navit_posemb import FactorizedPosEmb
 except ImportError:
-    from navit_layers import Block, MAPHead, mean_pool
+    from navit_layers import build_tower, mean_pool
     from navit_posemb import FactorizedPosEmb
 
 CONFIG_KEYS = (
@@ -100,12 +100,7 @@ class NaViTEncoderMixin:
     def _build(self, cfg: dict) -> None:
         self.navit_config = dict(cfg)
         c = SimpleNamespace(**cfg)
-        P = c.patch_size
-        self.patch_embed = nn.Linear(P * P * 3, c.width, bias=c.bias)
-        self.posemb = FactorizedPosEmb(c.posemb, c.width, c.max_grid)
-        self.blocks = nn.ModuleList([Block(c) for _ in range(c.depth)])
-        self.norm = nn.LayerNorm(c.width, eps=c.ln_eps)
-        self.head = MAPHead(c) if c.pool == "map" else None
+        build_tower(self, c, FactorizedPosEmb(c.posemb, c.width, c.max_grid))
         self.image_proj = nn.Linear(c.width, c.embed_dim, bias=False)
 
     def forward_tokens(

@@ -97,6 +97,17 @@ def mean_pool(x_BLD: torch.Tensor, member_BEL: torch.Tensor) -> torch.Tensor:
     return torch.bmm(weight_BEL, x_BLD)
 
 
+def build_tower(module: nn.Module, cfg, posemb: nn.Module) -> None:
+    """Attach the NaViT modules to `module`. The training model and the exported encoder both build
+    themselves here, so their parameter names (and checkpoints) always match."""
+    P = cfg.patch_size
+    module.patch_embed = nn.Linear(P * P * 3, cfg.width, bias=cfg.bias)
+    module.posemb = posemb
+    module.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+    module.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+    module.head = MAPHead(cfg) if cfg.pool == "map" else None
+
+
 def init_weights(m: nn.Module) -> None:
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from navit_clip.model.attention import AttentionPlan, block_attention
-from navit_clip.model.layers import Block, MAPHead, init_weights, mean_pool
+from navit_clip.model.layers import build_tower, init_weights, mean_pool
 from navit_clip.model.posemb import FactorizedPosEmb
 from navit_clip.packing import PackedBatch, grid_size, pack_images, unpack_slots
 
@@ -64,12 +64,7 @@ class NaViT(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        P = cfg.patch_size
-        self.patch_embed = nn.Linear(P * P * 3, cfg.width, bias=cfg.bias)
-        self.posemb = FactorizedPosEmb(cfg.posemb, cfg.width, cfg.max_grid)
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
-        self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.head = MAPHead(cfg) if cfg.pool == "map" else None
+        build_tower(self, cfg, FactorizedPosEmb(cfg.posemb, cfg.width, cfg.max_grid))
         self.apply(init_weights)
 
     def forward(self, batch: PackedBatch) -> VisionOutput:
