@@ -12,6 +12,7 @@ Shape legend:
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from collections.abc import Sequence
@@ -297,6 +298,23 @@ class ResolutionPolicy:
             )
 
 
+def budget_grid(height: int, width: int, patch_size: int, max_tokens: int, merge: int = 1) -> tuple[int, int]:
+    """The largest patch grid (h, w) with the image's aspect ratio and at most `max_tokens` patches,
+    sides multiples of `merge` (2 for a 2 x 2 token merge). Scales up as well as down.
+
+    The exported encoder's processor (navit_encoder.NaViTProcessor.grid_for) repeats this rule,
+    torch-only; a test keeps the two equal.
+    """
+    unit = patch_size * merge
+    scale = math.sqrt(max_tokens * patch_size**2 / (height * width)) * 1.05  # a little over, then down
+    while True:
+        h = max(1, round(height * scale / unit)) * merge
+        w = max(1, round(width * scale / unit)) * merge
+        if h * w <= max_tokens or (h == merge and w == merge):
+            return h, w
+        scale *= 0.98
+
+
 def policy_max_tokens(policy: ResolutionPolicy, patch_size: int) -> int:
     """The most tokens one image can have under `policy` (before any seq_len cap)."""
     if policy.kind == "budget":
@@ -323,16 +341,7 @@ def target_size(
     """
     long_side = max(height, width)
     if policy.kind == "budget":
-        scale = (
-            policy.tokens * patch_size**2 / (height * width)
-        ) ** 0.5 * 1.05  # a little over; trimmed below
-        H, W = size_for_budget(
-            max(1, round(height * scale)),
-            max(1, round(width * scale)),
-            patch_size,
-            min(policy.tokens, seq_len),
-        )
-        h, w = grid_size(H, W, patch_size)
+        h, w = budget_grid(height, width, patch_size, min(policy.tokens, seq_len))
         return h * patch_size, w * patch_size
     if policy.kind == "native":
         side = min(long_side, policy.max_side)

@@ -223,3 +223,20 @@ def test_export_loads_in_a_process_that_has_only_torch(exported, tmp_path):
     check((got["tokens"], got["pooled"], got["embeds"]), reference(model))
     with torch.no_grad():
         assert rel(got["text"], model.encode_text(ids)) < 1e-5
+
+
+def test_processor_sizes_images_like_the_budget_policy(exported):
+    import random
+
+    from navit_clip.packing import budget_grid
+
+    _, out = exported
+    mod = load_exported_module(out)
+    rng = random.Random(0)
+    for merge in (1, 2):
+        for tokens in (4, 16, 64, 256, 1024):
+            proc = mod.NaViTProcessor(16, (0.5,) * 3, (0.5,) * 3, max_tokens=tokens, merge=merge)
+            for _ in range(100):
+                h, w = rng.randint(1, 3000), rng.randint(1, 3000)
+                assert proc.grid_for(h, w) == budget_grid(h, w, 16, tokens, merge)
+    sys.modules.pop("navit_encoder", None)
