@@ -182,7 +182,7 @@ def train(cfg: Config) -> dict:
     dataset = PackedImageText(cfg.data, tokenizer, info.rank, info.world_size)
     dataset.set_epoch(data_epoch)
     loader = make_loader(dataset, pin_memory=info.device.type == "cuda")
-    batches = iter(loader)
+    batches = endless(loader, dataset, info)
     for _ in tqdm(
         range(data_batches),
         desc="replaying data to the checkpoint",
@@ -304,6 +304,22 @@ def train(cfg: Config) -> dict:
     if info.is_main:
         print(f"run folder: {out} (checkpoints, metrics.jsonl, tensorboard/, config.yaml)")
     return final
+
+
+def endless(loader, dataset: PackedImageText, info: DistInfo):
+    """Batches forever: resampled data never ends; finite data (data.resampled=false) starts its next
+    epoch, reshuffled, when one ends. Deterministic, so resume can replay it."""
+    while True:
+        count = 0
+        for batch in loader:
+            count += 1
+            yield batch
+        if count == 0:
+            raise ValueError(
+                f"rank {info.rank} got no batch from data.shards ({dataset.cfg.shards}): fewer shards than "
+                f"ranks x workers, or no valid sample; use data.resampled=true or more shards"
+            )
+        dataset.set_epoch(dataset.epoch + 1)
 
 
 def _checkpoint_blocks(model: NaViTCLIP) -> None:

@@ -102,6 +102,12 @@ def test_image_folder_and_webdataset_give_the_same_numbers(tmp_path):
             assert a["tokens_per_image"] <= budget
 
 
+def alone_one(shard):
+    model, tok = tiny_model()
+    clf = build_classifier(model, tok, CLASSES, ["a {}"], torch.device("cpu"))
+    return evaluate_zeroshot(model, clf, eval_cfg(shard), torch.device("cpu"))["n"]
+
+
 def _sharded(rank, world, shards, expected, expected_retrieval):
     model, tok = tiny_model()
     clf = build_classifier(model, tok, CLASSES, ["a {}"], torch.device("cpu"))
@@ -111,6 +117,11 @@ def _sharded(rank, world, shards, expected, expected_retrieval):
         assert split[key] == alone[key] == expected[key], key
     retrieval = evaluate_retrieval(model, tok, eval_cfg(shards), torch.device("cpu"), rank, world)
     assert retrieval == expected_retrieval
+    # one shard for two ranks: rank 1 reads nothing, the gathered figures are the same
+    one = shards.replace("{0000..0003}", "0000")
+    assert evaluate_zeroshot(model, clf, eval_cfg(one), torch.device("cpu"), rank, world)["n"] == alone_one(
+        one
+    )
 
 
 def test_two_gloo_ranks_give_the_same_numbers_as_one(tmp_path):

@@ -301,3 +301,13 @@ def test_ddp_and_fsdp_training_runs_agree(small_shards, tmp_path):
         assert (tmp_path / parallel / "step_00000003.pt").exists()
     assert len(losses["ddp"]) == 3
     torch.testing.assert_close(torch.tensor(losses["fsdp"]), torch.tensor(losses["ddp"]), rtol=1e-5, atol=0)
+
+
+def test_finite_data_runs_epoch_after_epoch(tmp_path):
+    from navit_clip.data.demo import ensure_demo_data
+    from navit_clip.train import train
+
+    tiny = ensure_demo_data(tmp_path / "tiny", n_train=24, n_heldout=8, per_shard=24)
+    overrides = {"train.steps": 8, "data.resampled": "false", "data.shuffle_buffer": 0}
+    result = train(load_config("configs/demo.yaml", tiny_run(tiny["train"], tmp_path / "run", **overrides)))
+    assert len(result["losses"]) == 8 and torch.isfinite(torch.tensor(result["losses"])).all()

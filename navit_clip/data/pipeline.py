@@ -212,6 +212,8 @@ class PackedImageText(IterableDataset):
                 stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
             else:
                 mine = urls[self.rank :: self.world_size]
+                if not mine:  # fewer shards than ranks: this rank reads none of this source
+                    continue
                 stages = [wds.SimpleShardList(mine), wds.split_by_worker]
             stages.append(wds.tarfile_to_samples(handler=shard_error))
             if self.cfg.shuffle_buffer > 1:
@@ -220,8 +222,8 @@ class PackedImageText(IterableDataset):
                 )
             pipelines.append(wds.DataPipeline(*stages))
             weights.append(weight)
-        if len(pipelines) == 1:
-            return iter(pipelines[0])
+        if len(pipelines) <= 1:
+            return iter(pipelines[0] if pipelines else [])
         if self.cfg.resampled:
             return iter(wds.RandomMix(pipelines, weights))
         return (s for p in pipelines for s in p)
