@@ -14,7 +14,7 @@ import time
 import torch
 from common import save_results
 
-from navit_clip.packing import first_fit, grid_size, size_for_budget
+from navit_clip.packing import first_fit, fit_grid
 
 P, BATCHES, SEED = 16, 200, 0
 
@@ -25,8 +25,7 @@ def sample_tokens(n: int, seq_len: int, g: torch.Generator) -> list[int]:
     out = []
     for s, a in zip(side.tolist(), aspect.tolist()):
         H, W = (s, s / a) if a >= 1 else (s * a, s)
-        H, W = size_for_budget(round(H), round(W), P, seq_len)
-        h, w = grid_size(H, W, P)
+        h, w = fit_grid(round(H), round(W), P, seq_len)
         out.append(h * w)
     return out
 

@@ -22,7 +22,7 @@ from common import save_results
 from open_clip.transformer import VisionTransformer
 
 from navit_clip.model import NaViT, VisionConfig
-from navit_clip.packing import build_packed_batch, first_fit, grid_size, size_for_budget
+from navit_clip.packing import build_packed_batch, first_fit, fit_grid
 
 WIDTH, DEPTH, HEADS, MLP, P = 384, 6, 6, 4.0, 16
 SEQ_LEN, NUM_SEQS, MAX_IMAGES = 1024, 4, 32
@@ -38,7 +38,7 @@ def packed_batch(workload: str, seed: int = 0):
         else:
             s = float(torch.empty(()).uniform_(64, 384, generator=g))
             a = math.exp(float(torch.empty(()).uniform_(-math.log(3), math.log(3), generator=g)))
-            h, w = grid_size(*size_for_budget(round(s), max(1, round(s / a)), P, SEQ_LEN), P)
+            h, w = fit_grid(round(s), max(1, round(s / a)), P, SEQ_LEN)
         sizes.append(h * w)
         shapes.append((h, w))
     bins, _ = first_fit(sizes, SEQ_LEN, MAX_IMAGES, num_seqs=NUM_SEQS)

@@ -33,24 +33,6 @@ def grid_size(height: int, width: int, patch_size: int) -> tuple[int, int]:
     return max(1, round(height / patch_size)), max(1, round(width / patch_size))
 
 
-def size_for_budget(height: int, width: int, patch_size: int, max_tokens: int) -> tuple[int, int]:
-    """The largest (H, W) with the same aspect ratio whose patch grid holds at most `max_tokens`.
-
-    Images already within budget are returned unchanged. Used to shrink images that would not fit
-    a sequence (`native` resolution) and to evaluate at a fixed token budget per image.
-    """
-    h, w = grid_size(height, width, patch_size)
-    if h * w <= max_tokens:
-        return height, width
-    factor = (max_tokens / (height * width / patch_size**2)) ** 0.5
-    while True:
-        H, W = max(1, int(height * factor)), max(1, int(width * factor))
-        h, w = grid_size(H, W, patch_size)
-        if h * w <= max_tokens:
-            return H, W
-        factor *= 0.98
-
-
 def patchify(image_3HW: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut one image into flat patches.
 
@@ -315,6 +297,13 @@ def budget_grid(height: int, width: int, patch_size: int, max_tokens: int, merge
         scale *= 0.98
 
 
+def fit_grid(height: int, width: int, patch_size: int, max_tokens: int) -> tuple[int, int]:
+    """The patch grid of an image, shrunk (aspect kept, `budget_grid`) only if it has more than
+    `max_tokens` patches: how an image that would not fit a sequence is made to fit."""
+    h, w = grid_size(height, width, patch_size)
+    return (h, w) if h * w <= max_tokens else budget_grid(height, width, patch_size, max_tokens)
+
+
 def policy_max_tokens(policy: ResolutionPolicy, patch_size: int) -> int:
     """The most tokens one image can have under `policy` (before any seq_len cap)."""
     if policy.kind == "budget":
@@ -349,9 +338,7 @@ def target_size(
         u = rng.random() if policy.distribution == "uniform" else (_truncnorm_unit(rng) + 1) / 2
         side = policy.min_side + u * (policy.max_side - policy.min_side)
     scale = side / long_side
-    H, W = max(1, round(height * scale)), max(1, round(width * scale))
-    H, W = size_for_budget(H, W, patch_size, seq_len)
-    h, w = grid_size(H, W, patch_size)
+    h, w = fit_grid(max(1, round(height * scale)), max(1, round(width * scale)), patch_size, seq_len)
     return h * patch_size, w * patch_size
 
 

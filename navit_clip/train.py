@@ -35,7 +35,7 @@ MAX_LOGIT_SCALE = math.log(100)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: no decay for biases, norms, embeddings tables' positions, temperature."""
+    """Weight decay on weight matrices only: none on biases, norms, position tables, probes, temperature."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -147,7 +147,6 @@ def evaluate_zeroshot(
         correct = (logits.argmax(1) == labels).double().cpu()
         counts[5 : 5 + C] += torch.bincount(labels.cpu(), minlength=C).double()
         counts[5 + C :] += torch.bincount(labels.cpu(), weights=correct, minlength=C)
-    seconds = float(counts[4])
     if world_size > 1 and dist.is_initialized():
         counts = counts.to(device)  # NCCL reduces GPU tensors only
         dist.all_reduce(counts)
@@ -163,7 +162,6 @@ def evaluate_zeroshot(
         "per_class_top1": per_class,
         "tokens_per_image": float(counts[3]) / n,
         "images_per_s": float(counts[0]) / max(float(counts[4]) / max(world_size, 1), 1e-9),
-        "seconds_this_rank": seconds,
     }
 
 

@@ -139,7 +139,7 @@ def test_processor_layout_and_budget(exported):
     mod = load_exported_module(out)
     proc = mod.NaViTProcessor.from_pretrained(out, max_tokens=12)
     arr = (np.random.default_rng(0).random((16, 24, 3)) * 255).astype("uint8")
-    exact = Image.fromarray(arr)  # 2 x 3 patches: no resizing under a 12-token budget? it scales up to fit 12
+    exact = Image.fromarray(arr)  # 2 x 3 patches: a 6-token budget keeps it as it is (no resize)
     proc_same = mod.NaViTProcessor(P, proc.mean, proc.std, max_tokens=6)
     r = proc_same([exact])
     assert r["grid_hw"].tolist() == [[2, 3]]

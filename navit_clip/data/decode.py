@@ -61,13 +61,17 @@ def decode_image(
                 raise BadSample("too_many_pixels", f"{w}x{h} > {max_pixels}")
             if max(w, h) / min(w, h) > max_aspect:
                 raise BadSample("aspect_ratio", f"{w}x{h} beyond {max_aspect}:1")
-            transposed = img.format == "JPEG" and img.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
-            up_h, up_w = (w, h) if transposed else (h, w)
-            target = size_fn(up_h, up_w) if size_fn else (up_h, up_w)
             if img.format == "JPEG" and size_fn:
+                # EXIF sits before the pixels in a JPEG: size first, then decode at a reduced scale
+                transposed = img.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
+                target = size_fn(w, h) if transposed else size_fn(h, w)
                 img.draft("RGB", (target[0], target[1]) if transposed else (target[1], target[0]))
-            img = ImageOps.exif_transpose(img)
-            img.load()
+                img = ImageOps.exif_transpose(img)
+                img.load()
+            else:
+                img = ImageOps.exif_transpose(img)
+                img.load()
+                target = size_fn(img.height, img.width) if size_fn else (img.height, img.width)
     except BadSample:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
