@@ -8,26 +8,18 @@ placed first then (as the data pipeline does).
     python bench/packing.py      -> bench/results/packing.json
 """
 
-import math
 import time
 
 import torch
-from common import save_results
+from common import mixed_grids, save_results
 
-from navit_clip.packing import first_fit, fit_grid
+from navit_clip.packing import first_fit
 
 P, BATCHES, SEED = 16, 200, 0
 
 
 def sample_tokens(n: int, seq_len: int, g: torch.Generator) -> list[int]:
-    side = torch.empty(n).uniform_(64, 384, generator=g)
-    aspect = torch.exp(torch.empty(n).uniform_(-math.log(3), math.log(3), generator=g))
-    out = []
-    for s, a in zip(side.tolist(), aspect.tolist()):
-        H, W = (s, s / a) if a >= 1 else (s * a, s)
-        h, w = fit_grid(round(H), round(W), P, seq_len)
-        out.append(h * w)
-    return out
+    return [h * w for h, w in mixed_grids(n, seq_len, g, P)]
 
 
 def streaming_padding(seq_len: int, max_images: int, num_seqs: int, buffer: int) -> dict:

@@ -3,8 +3,11 @@
 Both towers: the same width, depth, heads and MLP ratio, biases on, no qk-norm. open_clip's ViT sees
 224 x 224 images (196 patches + 1 class token), about as many tokens per step as ours. Ours runs
 two workloads of packed sequences:
-    mixed   side ~ U(64, 384) px, aspect 1:3..3:1 (the paper's contrastive recipe; images average
-            about twice 224 x 224's token count, so attention costs more per token than the peer's);
+    mixed   longer side ~ U(64, 384) px, aspect 1:3..3:1 (the paper's contrastive recipe, the same
+            draw as bench/packing.py; images are smaller than 224 x 224 on average, but the largest
+            have up to 576 tokens, so attention per token depends on the mix: FLOP/s is printed too);
+    large   longer side ~ U(64, 512) px, the same aspects: images up to 1024 tokens, so attention costs
+            more per token than the peer's 197-token images (tokens/s drops, FLOP/s shows the efficiency);
     square  the peer's own 224 x 224 images, packed 5 to a sequence (the same work per token: this
             isolates the cost of packing and block-diagonal attention).
 Tokens/s counts the tokens each model really processes (ours: image tokens, padding excluded;
@@ -14,15 +17,14 @@ open_clip: 197 per image). Timings alternate between the models and each keeps i
     python bench/vision_tower.py     -> bench/results/vision_tower.json
 """
 
-import math
 import time
 
 import torch
-from common import save_results
+from common import mixed_grids, save_results
 from open_clip.transformer import VisionTransformer
 
 from navit_clip.model import NaViT, VisionConfig
-from navit_clip.packing import build_packed_batch, first_fit, fit_grid
+from navit_clip.packing import build_packed_batch, first_fit
 
 WIDTH, DEPTH, HEADS, MLP, P = 384, 6, 6, 4.0, 16
 SEQ_LEN, NUM_SEQS, MAX_IMAGES = 1024, 4, 32
@@ -31,16 +33,13 @@ WARMUP, REPEATS = 2, 8
 
 def packed_batch(workload: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    sizes, shapes = [], []
-    while sum(sizes) < 1.2 * SEQ_LEN * NUM_SEQS:
+    shapes = []
+    while sum(h * w for h, w in shapes) < 1.2 * SEQ_LEN * NUM_SEQS:
         if workload == "square":
-            h = w = 224 // P
+            shapes.append((224 // P, 224 // P))
         else:
-            s = float(torch.empty(()).uniform_(64, 384, generator=g))
-            a = math.exp(float(torch.empty(()).uniform_(-math.log(3), math.log(3), generator=g)))
-            h, w = fit_grid(round(s), max(1, round(s / a)), P, SEQ_LEN)
-        sizes.append(h * w)
-        shapes.append((h, w))
+            shapes += mixed_grids(1, SEQ_LEN, g, P, max_side=384 if workload == "mixed" else 512)
+    sizes = [h * w for h, w in shapes]
     bins, _ = first_fit(sizes, SEQ_LEN, MAX_IMAGES, num_seqs=NUM_SEQS)
     patches = [torch.randn(h * w, P * P * 3, generator=g) for h, w in shapes]
     coords = [
@@ -65,7 +64,7 @@ def step_time(fn) -> float:
 
 def main() -> None:
     torch.manual_seed(0)
-    batches = {w: packed_batch(w) for w in ("mixed", "square")}
+    batches = {w: packed_batch(w) for w in ("mixed", "large", "square")}
     real = {w: int((b.segment_ids > 0).sum()) for w, b in batches.items()}
     n_images = max(1, round(real["mixed"] / 197))
     pixels = torch.randn(n_images, 3, 224, 224)
