@@ -51,7 +51,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Module:
-    """DDP, or FSDP2 (`fully_shard` on every transformer block, then the root)."""
+    """DDP, or FSDP2 (`fully_shard` on every transformer block, then the root).
+
+    Under FSDP2 every forward, encode_* included, is a collective: all ranks must make the same calls
+    (evaluation keeps them in step, see zeroshot.lockstep)."""
     if not info.distributed:
         return model
     if parallel == "ddp":
@@ -60,12 +63,15 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Mo
         ids = [info.device.index] if info.device.type == "cuda" else None
         # Text of empty slots is never encoded, but every parameter is used in every step.
         return DistributedDataParallel(model, device_ids=ids)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for tower in (model.visual, model.text):
         for block in tower.blocks:
             fully_shard(block)
     fully_shard(model)
+    # evaluation calls these, not forward: FSDP must gather the root's parameters for them too
+    for method in ("encode_packed", "encode_image", "encode_text"):
+        register_fsdp_forward_method(model, method)
     return model
 
 

@@ -110,9 +110,6 @@ class MetricsLog:
 def zero_shot(model, tokenizer, cfg: Config, info: DistInfo) -> dict | None:
     if not cfg.eval.shards or not cfg.eval.classnames:
         return None
-    if cfg.train.parallel == "fsdp" and info.distributed:
-        log.warning("zero-shot evaluation inside FSDP training is not supported yet; skipped")
-        return None
     classnames = load_names(cfg.eval.classnames, "classnames")
     model.eval()
     classifier = build_classifier(model, tokenizer, classnames, cfg.eval.templates, info.device)

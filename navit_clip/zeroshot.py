@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from navit_clip.data.pipeline import DataConfig, PackedImageText, make_loader
-from navit_clip.packing import ResolutionPolicy, TokenDropConfig, policy_max_tokens
+from navit_clip.packing import ResolutionPolicy, TokenDropConfig, build_packed_batch, policy_max_tokens
 
 
 def load_names(spec: str, kind: str) -> list[str]:
@@ -69,6 +69,37 @@ def cached_classifier(
     torch.save(weights.cpu(), tmp)
     tmp.replace(path)
     return weights
+
+
+def lockstep(batches, data_cfg: DataConfig, device, world_size: int):
+    """Yield (batch, real) until *every* rank is out of batches (one small all_reduce per batch).
+
+    Under FSDP2 each forward is a collective, but ranks read different shards and run out at different
+    times: a rank that is done keeps calling the tower on an idle batch (one 1-patch image, its output
+    dropped), `real` False. With world_size 1 it yields the batches as they come."""
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if world_size > 1 and dist.is_initialized():
+            more = torch.tensor([int(batch is not None)], device=device)
+            dist.all_reduce(more)
+            if not int(more):
+                return
+        elif batch is None:
+            return
+        if batch is not None:
+            yield batch, True
+        else:
+            C = data_cfg.patch_size**2 * 3
+            idle = build_packed_batch(
+                [torch.zeros(1, C)],
+                [torch.zeros(1, 2, dtype=torch.long)],
+                [[0]],
+                data_cfg.seq_len,
+                data_cfg.max_images,
+                grids=[(1, 1)],
+            )
+            yield idle.to(device), False
 
 
 def topk_correct(logits_NC: torch.Tensor, labels_N: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
@@ -126,7 +157,10 @@ def evaluate_zeroshot(
     counts = torch.zeros(
         5 + 2 * C, dtype=torch.float64
     )  # n, top1, top5, tokens, seconds, per-class n, per-class top1
-    for batch in make_loader(ds, num_workers=num_workers):
+    for batch, real in lockstep(make_loader(ds, num_workers=num_workers), data_cfg, device, world_size):
+        if not real:  # this rank is done; its peers are not (FSDP)
+            model.encode_packed(batch)
+            continue
         batch = batch.to(device)
         t0 = time.perf_counter()
         emb_BED, valid_BE = model.encode_packed(batch.images)

@@ -6,6 +6,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,8 @@ def _free_port() -> int:
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a rank stuck in a collective fails the test in minutes instead of hanging it
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=3))
     try:
         fn(rank, world, *args)
         dist.barrier()

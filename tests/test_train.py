@@ -279,28 +279,40 @@ def _train_on_rank(rank, world, shards, out, parallel, queue_path):
 
     from navit_clip.train import train
 
-    result = train(
-        load_config(
-            "configs/demo.yaml", tiny_run(shards, out, **{"train.steps": 3, "train.parallel": parallel})
-        )
-    )
+    evaluation = {
+        "eval.shards": shards["heldout"],  # one shard: rank 1 reads none and must keep in step
+        "eval.classnames": shards["classnames"],
+        "eval.batch_seqs": 2,
+        "eval.every": 2,
+    }
+    overrides = {"train.steps": 3, "train.parallel": parallel, **evaluation}
+    result = train(load_config("configs/demo.yaml", tiny_run(shards["train"], out, **overrides)))
     if rank == 0:
         with open(queue_path, "w") as f:
-            json.dump(result["losses"], f)
+            json.dump({"losses": result["losses"], "zeroshot": result["zeroshot"]}, f)
 
 
 def test_ddp_and_fsdp_training_runs_agree(small_shards, tmp_path):
-    """train() under 2 gloo ranks, DDP then FSDP2 (clipping, checkpoint gathering included): same losses."""
+    """train() under 2 gloo ranks, DDP then FSDP2 (clipping, checkpoint gathering, zero-shot evaluation
+    at step 2 and at the end included): same losses, same zero-shot figures on all 48 held-out images."""
     import json
 
-    losses = {}
+    runs = {}
     for parallel in ("ddp", "fsdp"):
         path = tmp_path / f"{parallel}.json"
-        run_world(2, _train_on_rank, small_shards["train"], str(tmp_path / parallel), parallel, str(path))
-        losses[parallel] = json.loads(path.read_text())
+        run_world(2, _train_on_rank, small_shards, str(tmp_path / parallel), parallel, str(path))
+        runs[parallel] = json.loads(path.read_text())
         assert (tmp_path / parallel / "step_00000003.pt").exists()
-    assert len(losses["ddp"]) == 3
-    torch.testing.assert_close(torch.tensor(losses["fsdp"]), torch.tensor(losses["ddp"]), rtol=1e-5, atol=0)
+        logged = [json.loads(line) for line in (tmp_path / parallel / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in logged if "zeroshot_top1" in r] == [2, 3]
+    assert len(runs["ddp"]["losses"]) == 3
+    torch.testing.assert_close(
+        torch.tensor(runs["fsdp"]["losses"]), torch.tensor(runs["ddp"]["losses"]), rtol=1e-5, atol=0
+    )
+    ddp, fsdp = runs["ddp"]["zeroshot"], runs["fsdp"]["zeroshot"]
+    assert ddp["n"] == fsdp["n"] == 48
+    assert (fsdp["top1"], fsdp["top5"]) == (ddp["top1"], ddp["top5"])
+    assert fsdp["tokens_per_image"] == ddp["tokens_per_image"]
 
 
 def test_finite_data_runs_epoch_after_epoch(tmp_path):

@@ -51,11 +51,21 @@ class NaViTCLIP(nn.Module):
         for proj, width in ((self.image_proj, cfg.vision.width), (self.text_proj, cfg.text.width)):
             nn.init.normal_(proj.weight, std=width**-0.5)
 
-    def encode_packed(self, images: PackedBatch, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Packed images -> per-slot embeddings [B, E, D] and the slot mask [B, E]."""
+    # The public encode_* methods are entry points only (nothing in the model calls them), so that
+    # FSDP2 can treat each as a forward (navit_clip.distributed.wrap_model registers them); the
+    # training forward and they share the private _image / _text.
+    def _image(self, images: PackedBatch, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.visual(images)
         emb_BED = self.image_proj(out.pooled)
         return (F.normalize(emb_BED, dim=-1) if normalize else emb_BED), out.slot_valid
+
+    def _text(self, ids_NK: torch.Tensor, normalize: bool) -> torch.Tensor:
+        emb_ND = self.text_proj(self.text(ids_NK))
+        return F.normalize(emb_ND, dim=-1) if normalize else emb_ND
+
+    def encode_packed(self, images: PackedBatch, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed images -> per-slot embeddings [B, E, D] and the slot mask [B, E]."""
+        return self._image(images, normalize)
 
     def encode_image(
         self, images: PackedBatch | Sequence[torch.Tensor], normalize: bool = False
@@ -65,13 +75,12 @@ class NaViTCLIP(nn.Module):
         A PackedBatch gives [B, E, D] (use encode_packed for the slot mask as well).
         """
         if isinstance(images, PackedBatch):
-            return self.encode_packed(images, normalize)[0]
+            return self._image(images, normalize)[0]
         emb_ND = self.image_proj(self.visual.encode_images(list(images)))
         return F.normalize(emb_ND, dim=-1) if normalize else emb_ND
 
     def encode_text(self, ids_NK: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        emb_ND = self.text_proj(self.text(ids_NK))
-        return F.normalize(emb_ND, dim=-1) if normalize else emb_ND
+        return self._text(ids_NK, normalize)
 
     def forward(self, images: PackedBatch, text_BEK: torch.Tensor) -> dict[str, torch.Tensor]:
         """A packed training batch -> flat normalised embeddings for the loss.
@@ -79,14 +88,12 @@ class NaViTCLIP(nn.Module):
         Returns image_emb and text_emb [B*E, D], valid [B*E] (padding slots False; their text
         embeddings are zeros and their text is never encoded), logit_scale and logit_bias.
         """
-        img_BED, valid_BE = self.encode_packed(images)
+        img_BED, valid_BE = self._image(images, normalize=True)
         D = img_BED.shape[-1]
         valid = valid_BE.flatten()
         ids_SK = text_BEK.flatten(0, 1)[valid]
         txt = img_BED.new_zeros(valid.shape[0], D)
-        txt = txt.index_copy(
-            0, valid.nonzero().squeeze(1), self.encode_text(ids_SK, normalize=True).to(txt.dtype)
-        )
+        txt = txt.index_copy(0, valid.nonzero().squeeze(1), self._text(ids_SK, normalize=True).to(txt.dtype))
         out = {
             "image_emb": img_BED.reshape(-1, D),
             "text_emb": txt,
