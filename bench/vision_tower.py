@@ -15,8 +15,12 @@ open_clip: 197 per image). Timings alternate between the models and each keeps i
 `ratio_tokens_per_s_best` is the best backend on the mixed workload.
 
     python bench/vision_tower.py     -> bench/results/vision_tower.json
+    python bench/vision_tower.py --device cuda --precision bf16 --num-seqs 32
+                                     -> bench/results/vision_tower_cuda.json (adds flex, and varlen in bf16)
 """
 
+import argparse
+import contextlib
 import time
 
 import torch
@@ -31,22 +35,22 @@ SEQ_LEN, NUM_SEQS, MAX_IMAGES = 1024, 4, 32
 WARMUP, REPEATS = 2, 8
 
 
-def packed_batch(workload: str, seed: int = 0):
+def packed_batch(workload: str, num_seqs: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     shapes = []
-    while sum(h * w for h, w in shapes) < 1.2 * SEQ_LEN * NUM_SEQS:
+    while sum(h * w for h, w in shapes) < 1.2 * SEQ_LEN * num_seqs:
         if workload == "square":
             shapes.append((224 // P, 224 // P))
         else:
             shapes += mixed_grids(1, SEQ_LEN, g, P, max_side=384 if workload == "mixed" else 512)
     sizes = [h * w for h, w in shapes]
-    bins, _ = first_fit(sizes, SEQ_LEN, MAX_IMAGES, num_seqs=NUM_SEQS)
+    bins, _ = first_fit(sizes, SEQ_LEN, MAX_IMAGES, num_seqs=num_seqs)
     patches = [torch.randn(h * w, P * P * 3, generator=g) for h, w in shapes]
     coords = [
         torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).view(-1, 2)
         for h, w in shapes
     ]
-    return build_packed_batch(patches, coords, bins, SEQ_LEN, MAX_IMAGES, num_seqs=NUM_SEQS)
+    return build_packed_batch(patches, coords, bins, SEQ_LEN, MAX_IMAGES, num_seqs=num_seqs)
 
 
 def step_flops(image_tokens: list[int]) -> float:
@@ -56,19 +60,37 @@ def step_flops(image_tokens: list[int]) -> float:
     return 3 * DEPTH * per_layer
 
 
-def step_time(fn) -> float:
+def step_time(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast, both models"
+    )
+    ap.add_argument("--num-seqs", type=int, default=NUM_SEQS, help="packed sequences per step")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    bf16 = args.precision == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    backends = ["dense", "grouped"]
+    if device.type == "cuda":
+        backends += ["flex", "varlen"] if bf16 else ["flex"]  # varlen is flash attention: half precision only
     torch.manual_seed(0)
-    batches = {w: packed_batch(w) for w in ("mixed", "large", "square")}
+    batches = {w: packed_batch(w, args.num_seqs) for w in ("mixed", "large", "square")}
     real = {w: int((b.segment_ids > 0).sum()) for w, b in batches.items()}
+    batches = {w: b.to(device) for w, b in batches.items()}
     n_images = max(1, round(real["mixed"] / 197))
-    pixels = torch.randn(n_images, 3, 224, 224)
-    peer = VisionTransformer(224, P, WIDTH, DEPTH, HEADS, MLP, output_dim=WIDTH)
+    pixels = torch.randn(n_images, 3, 224, 224, device=device)
+    peer = VisionTransformer(224, P, WIDTH, DEPTH, HEADS, MLP, output_dim=WIDTH).to(device)
     ours = {
         b: NaViT(
             VisionConfig(
@@ -84,15 +106,22 @@ def main() -> None:
                 seq_len=SEQ_LEN,
                 max_images=MAX_IMAGES,
             )
-        )
-        for b in ("dense", "grouped")
+        ).to(device)
+        for b in backends
     }
 
     def run_peer():
-        peer(pixels).square().mean().backward()
+        with autocast:
+            loss = peer(pixels).float().square().mean()
+        loss.backward()
 
     def run_ours(model, batch):
-        return lambda: model(batch).pooled.square().mean().backward()
+        def step():
+            with autocast:
+                loss = model(batch).pooled.float().square().mean()
+            loss.backward()
+
+        return step
 
     fns, tokens = {"open_clip": run_peer}, {"open_clip": n_images * 197}
     for w, batch in batches.items():
@@ -102,7 +131,7 @@ def main() -> None:
     times = {k: [] for k in fns}
     for i in range(WARMUP + REPEATS):
         for k, fn in fns.items():
-            dt = step_time(fn)
+            dt = step_time(fn, device)
             if i >= WARMUP:
                 times[k].append(dt)
     med = {k: min(v) for k, v in times.items()}  # the fastest step: noise on a shared machine only adds time
@@ -123,7 +152,9 @@ def main() -> None:
         "mlp_ratio": MLP,
         "patch_size": P,
         "seq_len": SEQ_LEN,
-        "num_seqs": NUM_SEQS,
+        "num_seqs": args.num_seqs,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": args.precision,
         "open_clip_images": n_images,
         "threads": torch.get_num_threads(),
         "repeats": REPEATS,
@@ -132,7 +163,7 @@ def main() -> None:
         results[f"images_{w}"] = batch.num_images
         results[f"padding_fraction_{w}"] = batch.padding_fraction
         print(
-            f"ours {w}: {batch.num_images} images, {real[w]} tokens in {NUM_SEQS}x{SEQ_LEN} "
+            f"ours {w}: {batch.num_images} images, {real[w]} tokens in {args.num_seqs}x{SEQ_LEN} "
             f"({100 * batch.padding_fraction:.1f}% padding, {real[w] / batch.num_images:.0f} tokens/image)"
         )
     print(f"open_clip: {n_images} images x 197 tokens")
@@ -156,7 +187,7 @@ def main() -> None:
             f"{results[f'ratio_flops_per_s_best_{w}']:.2f}x its FLOP/s"
         )
     results["ratio_tokens_per_s_best"] = results["ratio_tokens_per_s_best_mixed"]
-    save_results("vision_tower", results)
+    save_results("vision_tower" if device.type == "cpu" else f"vision_tower_{device.type}", results)
 
 
 if __name__ == "__main__":
