@@ -10,6 +10,7 @@ torchrun give the same figures.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from dataclasses import replace
@@ -77,29 +78,24 @@ def lockstep(batches, data_cfg: DataConfig, device, world_size: int):
     Under FSDP2 each forward is a collective, but ranks read different shards and run out at different
     times: a rank that is done keeps calling the tower on an idle batch (one 1-patch image, its output
     dropped), `real` False. With world_size 1 it yields the batches as they come."""
-    it = iter(batches)
-    while True:
-        batch = next(it, None)
-        if world_size > 1 and dist.is_initialized():
-            more = torch.tensor([int(batch is not None)], device=device)
-            dist.all_reduce(more)
-            if not int(more):
-                return
-        elif batch is None:
+    if world_size == 1 or not dist.is_initialized():
+        yield from ((batch, True) for batch in batches)
+        return
+    idle = None
+    for batch in itertools.chain(batches, itertools.repeat(None)):
+        more = torch.tensor([int(batch is not None)], device=device)
+        dist.all_reduce(more)
+        if not int(more):
             return
         if batch is not None:
             yield batch, True
-        else:
+            continue
+        if idle is None:
             C = data_cfg.patch_size**2 * 3
-            idle = build_packed_batch(
-                [torch.zeros(1, C)],
-                [torch.zeros(1, 2, dtype=torch.long)],
-                [[0]],
-                data_cfg.seq_len,
-                data_cfg.max_images,
-                grids=[(1, 1)],
-            )
-            yield idle.to(device), False
+            one_patch = ([torch.zeros(1, C)], [torch.zeros(1, 2, dtype=torch.long)], [[0]])
+            idle = build_packed_batch(*one_patch, data_cfg.seq_len, data_cfg.max_images, grids=[(1, 1)])
+            idle = idle.to(device)
+        yield idle, False
 
 
 def topk_correct(logits_NC: torch.Tensor, labels_N: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
