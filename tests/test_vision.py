@@ -47,8 +47,9 @@ def test_packing_invariance(backend, pool):
         assert rel(got, ref) < 1e-5
 
 
-def test_image_position_inside_sequence_does_not_matter():
-    model = tiny()
+@pytest.mark.parametrize("backend", ["dense", "grouped", "flex"])
+def test_image_position_inside_sequence_does_not_matter(backend):
+    model = tiny(attn_backend=backend)
     imgs = images()
     cut = [patchify(im, P) for im in imgs]
     p, c = [x for x, _ in cut], [y for _, y in cut]
@@ -62,7 +63,7 @@ def test_image_position_inside_sequence_does_not_matter():
                 assert rel(pooled[0, e], ref[ex]) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["dense", "grouped"])
+@pytest.mark.parametrize("backend", ["dense", "grouped", "flex"])  # flex: forward only on CPU (no_grad)
 def test_padding_values_change_no_output(backend):
     model = tiny(attn_backend=backend)
     imgs = images()
