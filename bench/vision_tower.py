@@ -1,8 +1,8 @@
-"""Forward+backward tokens/s of the packed NaViT tower vs open_clip's ViT, same run, CPU.
+"""Forward+backward tokens/s of the packed NaViT tower vs open_clip's ViT, same run (CPU by default).
 
 Both towers: the same width, depth, heads and MLP ratio, biases on, no qk-norm. open_clip's ViT sees
 224 x 224 images (196 patches + 1 class token), about as many tokens per step as ours. Ours runs
-two workloads of packed sequences:
+three workloads of packed sequences:
     mixed   longer side ~ U(64, 384) px, aspect 1:3..3:1 (the paper's contrastive recipe, the same
             draw as bench/packing.py; images are smaller than 224 x 224 on average, but the largest
             have up to 576 tokens, so attention per token depends on the mix: FLOP/s is printed too);
