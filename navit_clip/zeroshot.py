@@ -204,16 +204,22 @@ def evaluate_retrieval(
     data_cfg.validate()
     ds = PackedImageText(data_cfg, tokenizer=tokenizer, rank=rank, world_size=world_size)
     imgs, txts = [], []
-    for batch in make_loader(ds, num_workers=0):
+    for batch, real in lockstep(make_loader(ds, num_workers=0), data_cfg, device, world_size):
+        if not real:  # this rank is done; its peers are not (FSDP): both towers keep in step
+            model.encode_packed(batch)
+            model.encode_text(tokenizer([""]).to(device))
+            continue
         batch = batch.to(device)
         emb_BED, valid_BE = model.encode_packed(batch.images)
         imgs.append(emb_BED[valid_BE].float().cpu())
         txts.append(model.encode_text(batch.text[valid_BE], normalize=True).float().cpu())
-    img, txt = torch.cat(imgs), torch.cat(txts)
-    if world_size > 1 and dist.is_initialized():
+    if world_size > 1 and dist.is_initialized():  # a rank may have read nothing: gather lists, then cat
         parts = [None] * world_size
-        dist.all_gather_object(parts, (img, txt))
-        img, txt = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        dist.all_gather_object(parts, (imgs, txts))
+        imgs, txts = [t for p in parts for t in p[0]], [t for p in parts for t in p[1]]
+    if not imgs:
+        raise ValueError(f"no image-text pairs in {data_cfg.shards!r}: nothing to evaluate retrieval on")
+    img, txt = torch.cat(imgs), torch.cat(txts)
     sim = img @ txt.T
     truth = torch.arange(sim.shape[0])
     out = {"n": float(sim.shape[0])}

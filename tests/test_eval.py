@@ -13,6 +13,7 @@ from PIL import Image
 from navit_clip.cli import main as cli
 from navit_clip.config import load_config
 from navit_clip.data.pipeline import DataConfig
+from navit_clip.distributed import DistInfo, wrap_model
 from navit_clip.model.clip import ModelConfig, NaViTCLIP
 from navit_clip.model.text import TextConfig
 from navit_clip.model.vision import VisionConfig
@@ -119,9 +120,22 @@ def _sharded(rank, world, shards, expected, expected_retrieval):
     assert retrieval == expected_retrieval
     # one shard for two ranks: rank 1 reads nothing, the gathered figures are the same
     one = shards.replace("{0000..0003}", "0000")
-    assert evaluate_zeroshot(model, clf, eval_cfg(one), torch.device("cpu"), rank, world)["n"] == alone_one(
-        one
+    n_one = alone_one(one)
+    assert evaluate_zeroshot(model, clf, eval_cfg(one), torch.device("cpu"), rank, world)["n"] == n_one
+    # the same under FSDP2, where every forward is a collective: ranks with fewer (or no) batches
+    # must keep calling the towers until every rank is done
+    wrap_model(model, DistInfo(rank, world), "fsdp")
+    assert build_classifier(model, tok, CLASSES, ["a {}"], torch.device("cpu")).equal(clf)
+    sharded = evaluate_zeroshot(model, clf, eval_cfg(shards), torch.device("cpu"), rank, world)
+    for key in ("n", "top1", "top5", "mean_per_class_top1", "per_class_top1"):
+        assert sharded[key] == expected[key], key
+    assert evaluate_zeroshot(model, clf, eval_cfg(one), torch.device("cpu"), rank, world)["n"] == n_one
+    assert (
+        evaluate_retrieval(model, tok, eval_cfg(shards), torch.device("cpu"), rank, world)
+        == expected_retrieval
     )
+    one_retrieval = evaluate_retrieval(model, tok, eval_cfg(one), torch.device("cpu"), rank, world)
+    assert one_retrieval["n"] == n_one
 
 
 def test_two_gloo_ranks_give_the_same_numbers_as_one(tmp_path):

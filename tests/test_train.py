@@ -303,7 +303,9 @@ def test_ddp_and_fsdp_training_runs_agree(small_shards, tmp_path):
         run_world(2, _train_on_rank, small_shards, str(tmp_path / parallel), parallel, str(path))
         runs[parallel] = json.loads(path.read_text())
         assert (tmp_path / parallel / "step_00000003.pt").exists()
-        logged = [json.loads(line) for line in (tmp_path / parallel / "metrics.jsonl").read_text().splitlines()]
+        logged = [
+            json.loads(line) for line in (tmp_path / parallel / "metrics.jsonl").read_text().splitlines()
+        ]
         assert [r["step"] for r in logged if "zeroshot_top1" in r] == [2, 3]
     assert len(runs["ddp"]["losses"]) == 3
     torch.testing.assert_close(
