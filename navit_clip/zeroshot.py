@@ -204,10 +204,11 @@ def evaluate_retrieval(
     data_cfg.validate()
     ds = PackedImageText(data_cfg, tokenizer=tokenizer, rank=rank, world_size=world_size)
     imgs, txts = [], []
+    idle_text = tokenizer([""]).to(device)  # what a rank that is out of data encodes (see lockstep)
     for batch, real in lockstep(make_loader(ds, num_workers=0), data_cfg, device, world_size):
         if not real:  # this rank is done; its peers are not (FSDP): both towers keep in step
             model.encode_packed(batch)
-            model.encode_text(tokenizer([""]).to(device))
+            model.encode_text(idle_text)
             continue
         batch = batch.to(device)
         emb_BED, valid_BE = model.encode_packed(batch.images)
