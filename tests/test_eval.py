@@ -163,7 +163,7 @@ def test_retrieval_recall_on_a_hand_made_case():
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory):
     """A briefly trained demo-style model (the held-out demo classes are its eval set)."""
-    from navit_clip.data.demo import ensure_demo_data
+    from navit_clip.data.demo import CLASSNAMES, ensure_demo_data
     from navit_clip.train import train
 
     root = tmp_path_factory.mktemp("trained")
@@ -187,7 +187,7 @@ def trained_checkpoint(tmp_path_factory):
     ]
     result = train(load_config("configs/demo.yaml", overrides))
     # the evaluation inside training ran at step 20 and at the end
-    assert result["zeroshot"]["n"] == 96 and result["zeroshot"]["chance"] == 1 / 24
+    assert result["zeroshot"]["n"] == 96 and result["zeroshot"]["chance"] == 1 / len(CLASSNAMES)
     logged = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged if "zeroshot_top1" in m] == [20, 30]
     return root / "run" / "step_00000030.pt", paths
@@ -238,6 +238,7 @@ def test_eval_command_matches_open_clip_classifier_and_loop(trained_checkpoint, 
             n += 1
     assert n == ours[0]["n"] == 96
     assert top1 / n == ours[0]["top1"]
-    assert ours[0]["top1"] > 1 / 24  # the 30-step model already beats chance
+    # No accuracy claim here: a 30-step model is at chance on shapes (it used to beat chance on the old
+    # demo through colour alone). Learning is tested in test_learning.py and measured by the race.
     assert [r["budget"] for r in ours] == ["native", "16", "64"]
     assert ours[1]["tokens_per_image"] <= 16 < ours[2]["tokens_per_image"] <= 64

@@ -1,15 +1,22 @@
-"""The embedded demo dataset: synthetic coloured shapes at varied sizes and aspect ratios.
+"""The embedded demo dataset: shapes whose class only their *shape* decides.
 
 Generated on first use into a git-ignored folder (default `demo_data/`), never committed:
     train-{0000..K}.tar   image-text pairs (img2dataset layout: KEY.jpg/png + KEY.txt + KEY.json)
     heldout-0000.tar      held-out pairs whose KEY.cls holds the class index, for zero-shot eval
-    classnames.txt        one class name per line ("red circle", ...)
-Images: longer side 32..512 px, aspect ratio 1:4..4:1, one shape of one colour on a textured
-background; captions from varied templates. Writing goes through webdataset's ShardWriter.
+    heldout/CLASS/*.png   the same held-out images as an image folder (ROOT/CLASS_NAME/IMAGE)
+    classnames.txt        one class name per line ("circle", "star", ...)
+
+Each image shows one shape drawn in a random colour on a random, textured background of another
+colour; the image size (longer side 32..192 px), aspect ratio (1:2..2:1), the shape's size, position
+and a small rotation are random too. Colour, size and position therefore carry no information about
+the class: a model has to learn shapes. Captions name the shape and often its colours and size (as
+web captions would), so a model can also learn colour words, but zero-shot prompts name the shape
+only. Writing goes through webdataset's ShardWriter.
 """
 
 from __future__ import annotations
 
+import colorsys
 import io
 import json
 import math
@@ -19,65 +26,136 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-COLORS = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 50),
-    "blue": (30, 60, 220),
-    "yellow": (240, 220, 30),
-    "purple": (140, 40, 180),
-    "orange": (250, 140, 20),
+SHAPES = ("circle", "square", "triangle", "star", "plus", "cross", "ring", "crescent", "arrow", "heart")
+CLASSNAMES = sorted(SHAPES)  # sorted: the order an image folder (ROOT/CLASS/IMAGE) labels them in
+COLOR_NAMES = {  # hue (degrees) -> name, for captions
+    0: "red",
+    30: "orange",
+    55: "yellow",
+    120: "green",
+    180: "cyan",
+    225: "blue",
+    275: "purple",
+    320: "pink",
 }
-SHAPES = ("circle", "square", "triangle", "cross")
-CLASSNAMES = [f"{c} {s}" for c in COLORS for s in SHAPES]
 
 TEMPLATES = (
-    "a {color} {shape}",
-    "a photo of a {color} {shape}.",
-    "a {size} {color} {shape} on a {bg} background",
-    "{shape}, {color}",
-    "a drawing of a {color} {shape}",
-    "there is a {color} {shape} in the picture",
-    "a {color} {shape} seen from above",
-    "an image showing one {size} {shape} coloured {color}",
+    "a {shape}",
+    "a photo of a {shape}.",
+    "a {fg} {shape} on a {bg} background",
+    "{shape}, {fg}",
+    "a drawing of a {shape}",
+    "there is a {size} {shape} in the picture",
+    "a {size} {fg} {shape}",
+    "an image showing one {shape} coloured {fg}",
 )
-ZEROSHOT_TEMPLATES = ("a {}.", "a photo of a {}.", "a drawing of a {}")
+ZEROSHOT_TEMPLATES = ("a {}.", "a photo of a {}.", "a drawing of a {}.")
 DONE = "DONE"
 
 
-def _draw(rng: random.Random, color: str, shape: str) -> tuple[Image.Image, str, str]:
-    long_side = int(math.exp(rng.uniform(math.log(32), math.log(512))))
-    aspect = math.exp(rng.uniform(-math.log(4), math.log(4)))
-    W, H = (
-        (long_side, max(8, int(long_side / aspect)))
-        if aspect >= 1
-        else (max(8, int(long_side * aspect)), long_side)
-    )
-    dark = rng.random() < 0.5
-    base = rng.randint(20, 90) if dark else rng.randint(170, 240)
-    img = (
-        Image.effect_noise((W, H), rng.uniform(5, 30))
-        .point(lambda v, b=base: b + (v - 128) // 4)
-        .convert("RGB")
-    )
-    d = ImageDraw.Draw(img)
-    short = min(W, H)
-    frac = rng.uniform(0.4, 0.9)
-    r = max(3, int(short * frac / 2))
-    cx, cy = rng.randint(r, max(r, W - r)), rng.randint(r, max(r, H - r))
-    fill = tuple(min(255, max(0, v + rng.randint(-25, 25))) for v in COLORS[color])
-    if shape == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "square":
-        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "triangle":
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+def _color(
+    rng: random.Random, avoid_lightness: float | None = None
+) -> tuple[tuple[int, int, int], str, float]:
+    """A random colour, its caption name and its lightness; at least 0.35 lightness away from `avoid`."""
+    while True:
+        hue = rng.uniform(0, 360)
+        lightness, saturation = rng.uniform(0.1, 0.9), rng.uniform(0.0, 1.0)
+        if avoid_lightness is None or abs(lightness - avoid_lightness) >= 0.35:
+            break
+    r, g, b = colorsys.hls_to_rgb(hue / 360, lightness, saturation)
+    if saturation < 0.25:
+        name = "black" if lightness < 0.3 else "white" if lightness > 0.7 else "grey"
     else:
-        t = max(1, r // 3)
-        d.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
-        d.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
+        name = COLOR_NAMES[min(COLOR_NAMES, key=lambda h: min(abs(h - hue), 360 - abs(h - hue)))]
+    return (int(255 * r), int(255 * g), int(255 * b)), name, lightness
+
+
+def _rotate(
+    points: list[tuple[float, float]], cx: float, cy: float, angle: float
+) -> list[tuple[float, float]]:
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + c * (x - cx) - s * (y - cy), cy + s * (x - cx) + c * (y - cy)) for x, y in points]
+
+
+def _outline(shape: str, cx: float, cy: float, r: float) -> list[list[tuple[float, float]]]:
+    """Polygons (filled in order; a later polygon in the background colour cuts a hole: see _draw)."""
+    if shape in ("circle", "ring", "crescent"):
+        return [
+            [(cx + r * math.cos(t * math.pi / 32), cy + r * math.sin(t * math.pi / 32)) for t in range(64)]
+        ]
+    if shape == "square":
+        r *= 0.85
+        return [[(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]]
+    if shape == "triangle":
+        return [[(cx, cy - r), (cx + 0.95 * r, cy + 0.75 * r), (cx - 0.95 * r, cy + 0.75 * r)]]
+    if shape == "star":
+        return [
+            [
+                (cx + rr * math.sin(k * math.pi / 5), cy - rr * math.cos(k * math.pi / 5))
+                for k in range(10)
+                for rr in [r if k % 2 == 0 else 0.42 * r]
+            ]
+        ]
+    if shape in ("plus", "cross"):
+        t = 0.3 * r
+        bars = [
+            [(cx - r, cy - t), (cx + r, cy - t), (cx + r, cy + t), (cx - r, cy + t)],
+            [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy + r), (cx - t, cy + r)],
+        ]
+        return bars if shape == "plus" else [_rotate(p, cx, cy, math.pi / 4) for p in bars]
+    if shape == "arrow":
+        t, head = 0.25 * r, 0.1 * r
+        return [
+            [
+                (cx - r, cy - t),
+                (cx + head, cy - t),
+                (cx + head, cy - 0.8 * r),
+                (cx + r, cy),
+                (cx + head, cy + 0.8 * r),
+                (cx + head, cy + t),
+                (cx - r, cy + t),
+            ]
+        ]
+    if shape == "heart":
+        pts = []
+        for k in range(64):
+            t = 2 * math.pi * k / 64  # the classic heart curve, scaled to radius r
+            x = 16 * math.sin(t) ** 3
+            y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+            pts.append((cx + r * x / 17, cy - r * (y + 2) / 17))
+        return [pts]
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def draw_shape(rng: random.Random, shape: str) -> tuple[Image.Image, str]:
+    """One image of `shape` (random size, aspect, colours, position, rotation) and a caption for it."""
+    long_side = int(math.exp(rng.uniform(math.log(32), math.log(192))))
+    aspect = math.exp(rng.uniform(-math.log(2), math.log(2)))
+    W, H = (long_side, round(long_side / aspect)) if aspect >= 1 else (round(long_side * aspect), long_side)
+    W, H = max(16, W), max(16, H)
+    bg, bg_name, bg_light = _color(rng)
+    fg, fg_name, _ = _color(rng, avoid_lightness=bg_light)
+    img = Image.effect_noise((W, H), rng.uniform(5, 40)).convert("RGB")
+    img = Image.blend(Image.new("RGB", (W, H), bg), img, rng.uniform(0.0, 0.25))
+    short = min(W, H)
+    frac = rng.uniform(0.45, 0.95)
+    r = short * frac / 2
+    cx, cy = rng.uniform(r, W - r), rng.uniform(r, H - r)
+    angle = math.radians(rng.uniform(-15, 15))
+    d = ImageDraw.Draw(img)
+    for poly in _outline(shape, cx, cy, r):
+        d.polygon(_rotate(poly, cx, cy, angle), fill=fg)
+    if shape == "ring":  # cut the hole
+        d.polygon(_rotate(_outline("circle", cx, cy, 0.55 * r)[0], cx, cy, angle), fill=bg)
+    elif shape == "crescent":  # a bite out of one side
+        d.polygon(
+            _rotate(_outline("circle", cx + 0.45 * r, cy - 0.2 * r, 0.8 * r)[0], cx, cy, angle), fill=bg
+        )
     if rng.random() < 0.3:
-        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
-    return img, ("small" if frac < 0.6 else "large"), ("dark" if dark else "light")
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
+    size = "small" if frac < 0.7 else "large"
+    caption = rng.choice(TEMPLATES).format(shape=shape, fg=fg_name, bg=bg_name, size=size)
+    return img, caption
 
 
 def _encode(img: Image.Image, rng: random.Random) -> tuple[str, bytes]:
@@ -89,16 +167,16 @@ def _encode(img: Image.Image, rng: random.Random) -> tuple[str, bytes]:
     return "png", buf.getvalue()
 
 
-def _write_split(root: Path, prefix: str, n: int, per_shard: int, seed: int, with_label: bool) -> None:
+def _write_split(
+    root: Path, prefix: str, n: int, per_shard: int, seed: int, with_label: bool, folder: Path | None = None
+) -> None:
     import webdataset as wds
 
     rng = random.Random(seed)
     with wds.ShardWriter(str(root / f"{prefix}-%04d.tar"), maxcount=per_shard, verbose=0) as sink:
         for i in range(n):
             cls = rng.randrange(len(CLASSNAMES))
-            color, shape = CLASSNAMES[cls].split()
-            img, size, bg = _draw(rng, color, shape)
-            caption = rng.choice(TEMPLATES).format(color=color, shape=shape, size=size, bg=bg)
+            img, caption = draw_shape(rng, CLASSNAMES[cls])
             ext, data = _encode(img, rng)
             sample = {
                 "__key__": f"{prefix}{i:06d}",
@@ -109,30 +187,44 @@ def _write_split(root: Path, prefix: str, n: int, per_shard: int, seed: int, wit
             if with_label:
                 sample["cls"] = str(cls)
             sink.write(sample)
+            if folder is not None:
+                (folder / CLASSNAMES[cls]).mkdir(parents=True, exist_ok=True)
+                (folder / CLASSNAMES[cls] / f"{prefix}{i:06d}.{ext}").write_bytes(data)
 
 
 def ensure_demo_data(
     root: str | os.PathLike = "demo_data",
-    n_train: int = 6000,
-    n_heldout: int = 480,
+    n_train: int = 8000,
+    n_heldout: int = 500,
     per_shard: int = 1000,
     seed: int = 0,
 ) -> dict[str, str]:
-    """Generate the demo shards into `root` unless a complete set is already there.
+    """Generate the shape-only dataset into `root` unless a complete set is already there.
 
-    Returns {"train": brace pattern, "heldout": pattern, "classnames": path}. A DONE marker is written
-    last, so an interrupted generation is redone rather than half-used.
+    Returns {"train": brace pattern, "heldout": shard, "heldout_folder": image folder, "classnames":
+    path}. A DONE marker is written last, so an interrupted generation is redone rather than half-used.
     """
     root = Path(root)
     n_shards = math.ceil(n_train / per_shard)
-    spec = {"n_train": n_train, "n_heldout": n_heldout, "per_shard": per_shard, "seed": seed}
+    spec = {
+        "kind": "shapes-v2",
+        "n_train": n_train,
+        "n_heldout": n_heldout,
+        "per_shard": per_shard,
+        "seed": seed,
+    }
     marker = root / DONE
+    folder = root / "heldout"
     if not (marker.exists() and json.loads(marker.read_text()) == spec):
+        import shutil
+
         root.mkdir(parents=True, exist_ok=True)
+        marker.unlink(missing_ok=True)
         for old in root.glob("*.tar"):
             old.unlink()
+        shutil.rmtree(folder, ignore_errors=True)
         _write_split(root, "train", n_train, per_shard, seed, with_label=False)
-        _write_split(root, "heldout", n_heldout, n_heldout, seed + 1, with_label=True)
+        _write_split(root, "heldout", n_heldout, n_heldout, seed + 1, with_label=True, folder=folder)
         (root / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps(spec))
@@ -140,5 +232,6 @@ def ensure_demo_data(
     return {
         "train": str(root / f"train-{{0000..{n_shards - 1:04d}}}.tar"),
         "heldout": str(root / "heldout-0000.tar"),
+        "heldout_folder": str(folder),
         "classnames": str(root / "classnames.txt"),
     }

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 try:  # inside a package (Hugging Face remote code) or as plain modules next to each other
-    from .navit_layers import build_tower, mean_pool
+    from .navit_layers import build_tower, embed_tokens, mean_pool
     from .navit_posemb import FactorizedPosEmb
 except ImportError:
-    from navit_layers import build_tower, mean_pool
+    from navit_layers import build_tower, embed_tokens, mean_pool
     from navit_posemb import FactorizedPosEmb
 
 CONFIG_KEYS = (
@@ -51,6 +51,7 @@ CONFIG_KEYS = (
     "max_grid",
     "pool",
     "ln_eps",
+    "ln_pre",
     "embed_dim",
 )
 _DTYPES = {
@@ -114,9 +115,7 @@ class NaViTEncoderMixin:
         """The traceable core (exported to ONNX): per-token layout in, (tokens [T, D], pooled [n, D],
         image_embeds [n, E]) out. Attention is block-diagonal through a [T, T] segment mask."""
         n = grid_hw.shape[0]
-        x_1TD = (self.patch_embed(pixel_values) + self.posemb(coords, token_grid).to(pixel_values.dtype))[
-            None
-        ]
+        x_1TD = embed_tokens(self, pixel_values, coords, token_grid)[None]
         mask_11TT = (segment_ids[:, None] == segment_ids[None, :])[None, None]
 
         def attend(q_1THd, k_1THd, v_1THd):
@@ -181,7 +180,7 @@ def merge_2x2(tokens: torch.Tensor, grid_hw: torch.Tensor) -> tuple[torch.Tensor
 class NaViTEncoder(NaViTEncoderMixin, nn.Module):
     def __init__(self, config: dict):
         super().__init__()
-        self._build({k: config[k] for k in CONFIG_KEYS})
+        self._build({k: config[k] for k in CONFIG_KEYS if k in config})  # older exports lack ln_pre
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> NaViTEncoder:

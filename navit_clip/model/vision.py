@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from navit_clip.model.attention import AttentionPlan, block_attention
-from navit_clip.model.layers import build_tower, init_weights, mean_pool
+from navit_clip.model.layers import build_tower, embed_tokens, init_weights, mean_pool
 from navit_clip.model.posemb import FactorizedPosEmb
 from navit_clip.packing import PackedBatch, grid_size, pack_images, unpack_slots
 
@@ -36,6 +36,7 @@ class VisionConfig:
     seq_len: int = 256  # L, tokens per packed sequence
     max_images: int = 8  # E_max, image slots per sequence
     ln_eps: float = 1e-6
+    ln_pre: bool = False  # LayerNorm on the input tokens, before the first block (open_clip's ln_pre)
 
     def validate(self) -> None:
         if self.width % self.heads:
@@ -74,7 +75,7 @@ class NaViT(nn.Module):
         patches, coords, grid = batch.patches, batch.coords, batch.grid
         if plan.flat:  # the backend runs on real tokens only: padding costs no compute at all
             patches, coords, grid = plan.to_flat(patches), plan.to_flat(coords), plan.to_flat(grid)
-        x = self.patch_embed(patches) + self.posemb(coords, grid).to(patches.dtype)
+        x = embed_tokens(self, patches, coords, grid)
         attend = partial(block_attention, plan=plan)
         for block in self.blocks:
             x = block(x, attend)

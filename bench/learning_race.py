@@ -1,0 +1,305 @@
+"""The learning race: zero-shot top-1 of navit-clip and open_clip after equal wall-clock training.
+
+Both learn the same shape-only task (navit_clip/data/demo.py: ten shapes in random colours, sizes,
+aspect ratios 1:2..2:1 and positions; only the shape decides the class), from the same webdataset
+shards, at the same size (open_clip's ViT-Ti shape: vision width 192, depth 6, 3 heads, patch 16;
+text width 192, depth 4, 3 heads, context 32; embed 256) with the same optimiser settings (AdamW,
+lr 5e-4, betas (0.9, 0.98), eps 1e-6, weight decay 0.1 on weight matrices, 60 warm-up steps, then
+a cosine over the wall-clock budget; no gradient clipping, open_clip's default), one after the
+other in one process:
+  - navit-clip with the NaViT recipe: native aspect ratio, longer side ~ U(48, 128) px, Beta token
+    dropping (mean 0.25), 8 packed sequences of 256 tokens per step, through its own data pipeline,
+    model, loss and the defaults of navit_clip's configs (anything a user does not set);
+  - open_clip's own `CLIP` model (96 x 96 px, 36 tokens) and `ClipLoss` in a plain loop, batch 64
+    (about as many tokens per step), its own train / val transforms.
+The clock runs while training (data loading included) and stops for evaluation. At each budget both
+are evaluated zero-shot on the same held-out image folder (navit-clip at native resolution and, at
+the last budget, at several token budgets).
+
+    python bench/learning_race.py                          -> bench/results/learning_race.json
+    python bench/learning_race.py --budgets 60,120 --only navit model.vision.pool=mean   (an ablation)
+    python bench/learning_race.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from pathlib import Path
+
+import open_clip
+import torch
+import webdataset as wds
+from common import save_results
+from open_clip.loss import ClipLoss
+
+from navit_clip.config import load_config
+from navit_clip.data.demo import ZEROSHOT_TEMPLATES, ensure_demo_data
+from navit_clip.data.pipeline import PackedImageText, folder_samples, make_loader
+from navit_clip.loss import ContrastiveLoss
+from navit_clip.model.clip import NaViTCLIP
+from navit_clip.packing import ResolutionPolicy
+from navit_clip.tokenizer import build_tokenizer
+from navit_clip.train import MAX_LOGIT_SCALE, param_groups
+from navit_clip.zeroshot import build_classifier, eval_data_config, evaluate_zeroshot
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = dict(lr=5e-4, weight_decay=0.1, warmup=60, grad_clip=0.0)  # no clipping: open_clip's default
+NAVIT = [  # the race's navit-clip: the ViT-Ti shape and the NaViT recipe, defaults for everything else
+    "demo=false",
+    "model.embed_dim=256",
+    "model.vision.width=192",
+    "model.vision.depth=6",
+    "model.vision.heads=3",
+    "model.vision.mlp_ratio=4.0",
+    "model.vision.seq_len=256",
+    "model.vision.max_images=32",
+    "model.text.width=192",
+    "model.text.depth=4",
+    "model.text.heads=3",
+    "model.text.mlp_ratio=4.0",
+    "model.text.context_length=32",
+    "tokenizer.context_length=32",
+    "data.batch_seqs=8",
+    "data.num_workers=1",
+    "data.shuffle_buffer=500",
+    "data.resolution.kind=side_sampling",
+    "data.resolution.min_side=48",
+    "data.resolution.max_side=128",
+    "data.token_drop.kind=beta",
+    "data.token_drop.rate=0.25",
+    f"train.lr={SHARED['lr']}",
+    f"train.weight_decay={SHARED['weight_decay']}",
+    f"train.warmup={SHARED['warmup']}",
+    f"train.grad_clip={SHARED['grad_clip']}",
+]
+OPENCLIP_BATCH, OPENCLIP_SIZE = 64, 96
+BUDGET_TOKENS = (16, 36, 64, 144, 256)
+
+
+class Schedule:
+    """Linear warm-up over steps, then a cosine over the wall-clock budget (the same rule for both)."""
+
+    def __init__(self, optimizer, warmup: int, total_s: float):
+        self.optimizer, self.warmup, self.total_s = optimizer, warmup, total_s
+        self.base = [g["lr"] for g in optimizer.param_groups]
+
+    def set(self, step: int, elapsed_s: float) -> float:
+        if step < self.warmup:
+            f = (step + 1) / self.warmup
+        else:
+            f = 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed_s / self.total_s)))
+        for g, lr in zip(self.optimizer.param_groups, self.base):
+            g["lr"] = lr * f
+        return f
+
+
+def race(name: str, step_fn, eval_fn, budgets: list[float], log_every: int = 20) -> dict:
+    """Train with `step_fn(step) -> dict of curves` until each budget (training seconds), evaluating there."""
+    out: dict = {"curve": []}
+    elapsed, step = 0.0, 0
+    for budget in budgets:
+        while elapsed < budget:
+            t0 = time.perf_counter()
+            curves = step_fn(step, elapsed)
+            elapsed += time.perf_counter() - t0
+            step += 1
+            if step % log_every == 0:
+                out["curve"].append({"step": step, "time_s": round(elapsed, 1), **curves})
+                print(
+                    f"  {name} step {step:4d} {elapsed:6.1f}s "
+                    + " ".join(f"{k} {v:.4g}" for k, v in curves.items())
+                )
+        t0 = time.perf_counter()
+        acc = eval_fn(budget == budgets[-1])
+        print(f"  {name} at {budget:.0f}s ({step} steps): {acc} (eval {time.perf_counter() - t0:.0f}s)")
+        out[f"at_{budget:.0f}s"] = {"steps": step, **acc}
+    return out
+
+
+def run_navit(data: dict, budgets: list[float], overrides: list[str], device: torch.device) -> dict:
+    cfg = load_config(
+        str(ROOT / "configs" / "demo.yaml"), NAVIT + [f"data.shards={data['train']}"] + overrides
+    )
+    tok = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path, cfg.tokenizer.context_length)
+    cfg.model.text.vocab_size, cfg.model.text.pad_id = tok.num_embeddings, tok.pad_id
+    cfg.validate()
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    model = NaViTCLIP(cfg.model).to(device).train()
+    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas, eps=tc.eps)
+    sched = Schedule(opt, tc.warmup, budgets[-1])
+    loss_fn = ContrastiveLoss(cfg.loss.kind)
+    batches = iter(make_loader(PackedImageText(cfg.data, tok)))
+    classnames = Path(data["classnames"]).read_text().split()
+    print(
+        f"navit-clip: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, grad_clip {tc.grad_clip}"
+    )
+
+    def step_fn(step: int, elapsed: float) -> dict:
+        sched.set(step, elapsed)
+        batch = next(batches).to(device)
+        out = model(batch.images, batch.text)
+        loss = loss_fn(out["image_emb"], out["text_emb"], out["valid"], out["logit_scale"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf
+        )
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return {
+            "loss": loss.item(),
+            "grad_norm": norm.item(),
+            "logit_scale": model.logit_scale.exp().item(),
+            "images": batch.stats["images"],
+        }
+
+    def eval_fn(last: bool) -> dict:
+        model.eval()
+        classifier = build_classifier(model, tok, classnames, list(ZEROSHOT_TEMPLATES), device)
+        policies = {"native": ResolutionPolicy("native", max_side=192)}
+        if last:
+            policies.update({str(t): ResolutionPolicy("budget", tokens=t) for t in BUDGET_TOKENS})
+        else:
+            policies["36"] = ResolutionPolicy("budget", tokens=36)
+        acc = {}
+        for key, policy in policies.items():
+            dc = eval_data_config(cfg.data, data["heldout_folder"], "cls", policy, batch_seqs=8)
+            acc[f"top1_{key}"] = round(evaluate_zeroshot(model, classifier, dc, device)["top1"], 4)
+        model.train()
+        return acc
+
+    return race("navit", step_fn, eval_fn, budgets)
+
+
+def run_openclip(data: dict, budgets: list[float], grad_clip: float, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=256,
+        vision_cfg={
+            "image_size": OPENCLIP_SIZE,
+            "layers": 6,
+            "width": 192,
+            "head_width": 64,
+            "patch_size": 16,
+        },
+        text_cfg={"context_length": 32, "vocab_size": 49408, "width": 192, "heads": 3, "layers": 4},
+    ).to(device)
+    train_tf = open_clip.image_transform(OPENCLIP_SIZE, is_train=True)
+    val_tf = open_clip.image_transform(OPENCLIP_SIZE, is_train=False)
+    tok = open_clip.get_tokenizer("ViT-B-32", context_length=32)
+    # open_clip's own rule (open_clip_train.main): no weight decay on gains, biases, norms, logit_scale
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    named = list(model.named_parameters())
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": SHARED["weight_decay"]},
+        ],
+        lr=SHARED["lr"],
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
+    sched = Schedule(opt, SHARED["warmup"], budgets[-1])
+    loss_fn = ClipLoss()
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(data["train"], seed=0, deterministic=True),
+        wds.tarfile_to_samples(),
+        wds.shuffle(500, initial=250, seed=0),
+        wds.decode("pil"),
+        wds.to_tuple("jpg;png", "txt"),
+        wds.map_tuple(train_tf, lambda t: tok([t])[0]),
+        wds.batched(OPENCLIP_BATCH),
+    )
+    batches = iter(torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=1, prefetch_factor=2))
+    classnames = Path(data["classnames"]).read_text().split()
+    held = list(folder_samples(data["heldout_folder"]))
+
+    def step_fn(step: int, elapsed: float) -> dict:
+        sched.set(step, elapsed)
+        images, texts = next(batches)
+        image_features, text_features, logit_scale = model(images.to(device), texts.to(device))
+        loss = loss_fn(image_features, text_features, logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return {"loss": loss.item(), "grad_norm": norm.item(), "logit_scale": model.logit_scale.exp().item()}
+
+    @torch.no_grad()
+    def eval_fn(last: bool) -> dict:
+        import io
+
+        from PIL import Image
+
+        model.eval()
+        classifier = build_classifier(model, tok, classnames, list(ZEROSHOT_TEMPLATES), device)
+        correct = 0
+        for i in range(0, len(held), 128):
+            chunk = held[i : i + 128]
+            ims = [
+                val_tf(
+                    Image.open(
+                        io.BytesIO(next(v for k, v in s.items() if k not in ("__key__", "cls")))
+                    ).convert("RGB")
+                )
+                for s in chunk
+            ]
+            emb = model.encode_image(torch.stack(ims).to(device), normalize=True)
+            labels = torch.tensor([int(s["cls"]) for s in chunk], device=device)
+            correct += int(((emb @ classifier).argmax(1) == labels).sum())
+        model.train()
+        return {"top1_96px": round(correct / len(held), 4)}
+
+    return race("open_clip", step_fn, eval_fn, budgets)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budgets", default="90,180", help="training seconds at which both are evaluated")
+    ap.add_argument("--only", choices=("navit", "openclip"), help="run one side (ablations)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--data", default=str(ROOT / "bench" / "results" / "race_data"))
+    ap.add_argument("--name", default="learning_race", help="results file name")
+    ap.add_argument("overrides", nargs="*", help="navit-clip config overrides (section.key=value)")
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    random.seed(0)
+    budgets = sorted(float(b) for b in args.budgets.split(","))
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    data = ensure_demo_data(args.data, n_train=8000, n_heldout=500)
+    print(
+        f"shape-only data in {args.data} ({time.perf_counter() - t0:.0f}s); budgets {budgets} s on {device}"
+    )
+    results: dict = {"budgets_s": budgets, "device": str(device), "navit_overrides": args.overrides}
+    if args.only != "openclip":
+        nav = run_navit(data, budgets, args.overrides, device)
+        results.update({f"navit_{k}": v for k, v in nav.items()})
+    if args.only != "navit":
+        oc = run_openclip(data, budgets, SHARED["grad_clip"], device)
+        results.update({f"openclip_{k}": v for k, v in oc.items()})
+    if args.only is None:
+        print(f"\n{'budget':>8} {'navit top1':>11} {'open_clip top1':>15} {'ratio':>6}")
+        for b in budgets:
+            key = f"at_{b:.0f}s"
+            ours, peer = results[f"navit_{key}"]["top1_native"], results[f"openclip_{key}"]["top1_96px"]
+            ratio = ours / max(peer, 1e-9)
+            results[f"ratio_top1_navit_over_openclip_{b:.0f}s"] = round(ratio, 3)
+            print(f"{b:7.0f}s {100 * ours:10.1f}% {100 * peer:14.1f}% {ratio:6.2f}")
+        last = results[f"navit_at_{budgets[-1]:.0f}s"]
+        print(
+            "navit-clip top-1 by tokens per image at the last budget: "
+            + ", ".join(f"{k[5:]} {100 * v:.1f}%" for k, v in last.items() if k.startswith("top1_"))
+        )
+    save_results(args.name, results)
+
+
+if __name__ == "__main__":
+    main()
