@@ -313,3 +313,19 @@ def test_budget_policy_keeps_aspect_and_budget(tokens):
         assert h * w <= tokens
         assert h * w >= 0.6 * tokens or min(h, w) == 1
         assert abs(w - h * W0 / H0) <= 1 or abs(h - w * H0 / W0) <= 1
+
+
+def test_demo_shapes_any_background_gets_a_contrasting_colour():
+    """The generator samples, never rejects: every background lightness has a foreground CONTRAST away."""
+    import random
+
+    from navit_clip.data.demo import CLASSNAMES, CONTRAST, _color, draw_shape
+
+    rng = random.Random(0)
+    for bg in (0.1, 0.3, 0.5, 0.55, 0.7, 0.9):
+        for _ in range(50):
+            _, _, fg = _color(rng, avoid_lightness=bg)
+            assert abs(fg - bg) >= CONTRAST - 1e-9 and 0.0 <= fg <= 1.0
+    for name in CLASSNAMES:
+        img, caption = draw_shape(rng, name)
+        assert name in caption and min(img.size) >= 16

@@ -7,7 +7,7 @@ Generated on first use into a git-ignored folder (default `demo_data/`), never c
     classnames.txt        one class name per line ("circle", "star", ...)
 
 Each image shows one shape drawn in a random colour on a random, textured background of another
-colour; the image size (longer side 32..192 px), aspect ratio (1:2..2:1), the shape's size, position
+colour; the image size (longer side 48..192 px), aspect ratio (1:2..2:1), the shape's size, position
 and a small rotation are random too. Colour, size and position therefore carry no information about
 the class: a model has to learn shapes. Captions name the shape and often its colours and size (as
 web captions would), so a model can also learn colour words, but zero-shot prompts name the shape
@@ -49,19 +49,24 @@ TEMPLATES = (
     "a {size} {fg} {shape}",
     "an image showing one {shape} coloured {fg}",
 )
+CONTRAST = 0.45  # least lightness difference between a shape and its background
 ZEROSHOT_TEMPLATES = ("a {}.", "a photo of a {}.", "a drawing of a {}.")
 DONE = "DONE"
 
 
-def _color(
-    rng: random.Random, avoid_lightness: float | None = None
-) -> tuple[tuple[int, int, int], str, float]:
-    """A random colour, its caption name and its lightness; at least 0.35 lightness away from `avoid`."""
-    while True:
-        hue = rng.uniform(0, 360)
-        lightness, saturation = rng.uniform(0.1, 0.9), rng.uniform(0.0, 1.0)
-        if avoid_lightness is None or abs(lightness - avoid_lightness) >= 0.35:
-            break
+def _color(rng: random.Random, avoid_lightness: float | None = None) -> tuple[tuple[int, int, int], str, float]:
+    """A random colour, its caption name and its lightness. With `avoid_lightness`, the lightness is
+    drawn from [0.02, 0.98] at least CONTRAST away from it (sampled directly, never by rejection)."""
+    hue, saturation = rng.uniform(0, 360), rng.uniform(0.0, 1.0)
+    if avoid_lightness is None:
+        lightness = rng.uniform(0.1, 0.9)
+    else:
+        below = (0.02, avoid_lightness - CONTRAST)
+        above = (avoid_lightness + CONTRAST, 0.98)
+        spans = [s for s in (below, above) if s[1] > s[0]]
+        widths = [s[1] - s[0] for s in spans]
+        lo, hi = spans[0] if len(spans) == 1 or rng.random() * sum(widths) < widths[0] else spans[1]
+        lightness = rng.uniform(lo, hi)
     r, g, b = colorsys.hls_to_rgb(hue / 360, lightness, saturation)
     if saturation < 0.25:
         name = "black" if lightness < 0.3 else "white" if lightness > 0.7 else "grey"
@@ -129,16 +134,16 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[list[tuple[floa
 
 def draw_shape(rng: random.Random, shape: str) -> tuple[Image.Image, str]:
     """One image of `shape` (random size, aspect, colours, position, rotation) and a caption for it."""
-    long_side = int(math.exp(rng.uniform(math.log(32), math.log(192))))
+    long_side = int(math.exp(rng.uniform(math.log(48), math.log(192))))
     aspect = math.exp(rng.uniform(-math.log(2), math.log(2)))
     W, H = (long_side, round(long_side / aspect)) if aspect >= 1 else (round(long_side * aspect), long_side)
     W, H = max(16, W), max(16, H)
     bg, bg_name, bg_light = _color(rng)
     fg, fg_name, _ = _color(rng, avoid_lightness=bg_light)
     img = Image.effect_noise((W, H), rng.uniform(5, 40)).convert("RGB")
-    img = Image.blend(Image.new("RGB", (W, H), bg), img, rng.uniform(0.0, 0.25))
+    img = Image.blend(Image.new("RGB", (W, H), bg), img, rng.uniform(0.0, 0.15))
     short = min(W, H)
-    frac = rng.uniform(0.45, 0.95)
+    frac = rng.uniform(0.6, 0.95)
     r = short * frac / 2
     cx, cy = rng.uniform(r, W - r), rng.uniform(r, H - r)
     angle = math.radians(rng.uniform(-15, 15))
@@ -153,7 +158,7 @@ def draw_shape(rng: random.Random, shape: str) -> tuple[Image.Image, str]:
         )
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
-    size = "small" if frac < 0.7 else "large"
+    size = "small" if frac < 0.75 else "large"
     caption = rng.choice(TEMPLATES).format(shape=shape, fg=fg_name, bg=bg_name, size=size)
     return img, caption
 
@@ -207,7 +212,7 @@ def ensure_demo_data(
     root = Path(root)
     n_shards = math.ceil(n_train / per_shard)
     spec = {
-        "kind": "shapes-v2",
+        "kind": "shapes-v3",
         "n_train": n_train,
         "n_heldout": n_heldout,
         "per_shard": per_shard,
