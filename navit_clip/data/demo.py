@@ -54,7 +54,9 @@ ZEROSHOT_TEMPLATES = ("a {}.", "a photo of a {}.", "a drawing of a {}.")
 DONE = "DONE"
 
 
-def _color(rng: random.Random, avoid_lightness: float | None = None) -> tuple[tuple[int, int, int], str, float]:
+def _color(
+    rng: random.Random, avoid_lightness: float | None = None
+) -> tuple[tuple[int, int, int], str, float]:
     """A random colour, its caption name and its lightness. With `avoid_lightness`, the lightness is
     drawn from [0.02, 0.98] at least CONTRAST away from it (sampled directly, never by rejection)."""
     hue, saturation = rng.uniform(0, 360), rng.uniform(0.0, 1.0)
