@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ["learning_race", "packing", "vision_tower", "loss_memory", "loader", "train_throughput"]
+BENCHES = ["learning_race", "demo", "packing", "vision_tower", "loss_memory", "loader", "train_throughput"]
 NOTES = (ROOT / "bench" / "NOTES.md").read_text() if (ROOT / "bench" / "NOTES.md").exists() else ""
 
 
