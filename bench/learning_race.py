@@ -270,7 +270,6 @@ def main() -> None:
     ap.add_argument("--name", default="learning_race", help="results file name")
     ap.add_argument("overrides", nargs="*", help="navit-clip config overrides (section.key=value)")
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     random.seed(0)
     budgets = sorted(float(b) for b in args.budgets.split(","))
     device = torch.device(args.device)
