@@ -85,7 +85,7 @@ def _rotate(
 
 
 def _outline(shape: str, cx: float, cy: float, r: float) -> list[list[tuple[float, float]]]:
-    """Polygons (filled in order; a later polygon in the background colour cuts a hole: see _draw)."""
+    """Polygons of `shape` at centre (cx, cy), radius r (draw_shape cuts the ring's and crescent's holes)."""
     if shape in ("circle", "ring", "crescent"):
         return [
             [(cx + r * math.cos(t * math.pi / 32), cy + r * math.sin(t * math.pi / 32)) for t in range(64)]
@@ -142,7 +142,8 @@ def draw_shape(rng: random.Random, shape: str) -> tuple[Image.Image, str]:
     W, H = max(16, W), max(16, H)
     bg, bg_name, bg_light = _color(rng)
     fg, fg_name, _ = _color(rng, avoid_lightness=bg_light)
-    img = Image.effect_noise((W, H), rng.uniform(5, 40)).convert("RGB")
+    # texture from the seeded rng (PIL's effect_noise has its own unseeded generator: not reproducible)
+    img = Image.frombytes("L", (W, H), rng.randbytes(W * H)).convert("RGB")
     img = Image.blend(Image.new("RGB", (W, H), bg), img, rng.uniform(0.0, 0.15))
     short = min(W, H)
     frac = rng.uniform(0.6, 0.95)
@@ -214,7 +215,7 @@ def ensure_demo_data(
     root = Path(root)
     n_shards = math.ceil(n_train / per_shard)
     spec = {
-        "kind": "shapes-v3",
+        "kind": "shapes-v4",
         "n_train": n_train,
         "n_heldout": n_heldout,
         "per_shard": per_shard,
