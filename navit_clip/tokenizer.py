@@ -15,6 +15,18 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def trim_padding(ids_NK: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Drop the columns that are padding in every row (keeping at least one).
+
+    Exact for the text tower: its attention is causal and it pools at the last real token (or over
+    real tokens only), so trailing padding never reaches a real token's output. Captions of ~10
+    tokens padded to a context of 32 spend two thirds of the text tower on padding otherwise.
+    """
+    real_K = (ids_NK != pad_id).any(0)
+    K = int(real_K.nonzero().max()) + 1 if bool(real_K.any()) else 1
+    return ids_NK[:, :K]
+
+
 class OpenCLIPTokenizer:
     """open_clip's byte-level BPE (49408 tokens); pad 0, start/end-of-text tokens added."""
 

@@ -93,8 +93,14 @@ def collect(ds, workers=2, limit=None):
     return keys, stats, shapes
 
 
-def toy_tokenizer(texts):
-    return torch.tensor([[len(t), 1, 2] for t in texts])
+class ToyTokenizer:
+    pad_id = 0
+
+    def __call__(self, texts):
+        return torch.tensor([[len(t), 1, 2] for t in texts])
+
+
+toy_tokenizer = ToyTokenizer()
 
 
 def test_finite_mode_delivers_every_valid_sample_once_across_ranks_and_workers(tmp_path):

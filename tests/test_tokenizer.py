@@ -3,7 +3,9 @@
 import torch
 
 from navit_clip.model.text import TextConfig, TextTransformer
-from navit_clip.tokenizer import build_tokenizer, train_sentencepiece
+import pytest
+
+from navit_clip.tokenizer import build_tokenizer, train_sentencepiece, trim_padding
 
 CAPTIONS = [
     f"a {c} {s} on a {b} background"
@@ -57,3 +59,30 @@ def test_local_huggingface_tokenizer(tmp_path):
     tok = build_tokenizer("hf", str(tmp_path / "hf"), context_length=12)
     check_layout(tok, 12)
     assert tok(["red circle"])[0].tolist()[:3] == [vocab["red"], vocab["circle"], vocab["[EOS]"]]
+
+
+@pytest.mark.parametrize("pool", ["eot", "map"])
+def test_trimmed_captions_equal_padded_ones_with_gradients(pool):
+    """Batches carry captions trimmed to the longest one; the text tower's output and gradients match
+    the context-length-padded path (causal attention, pooling over real tokens only)."""
+    tok = build_tokenizer("openclip", context_length=32)
+    ids = tok(["a red circle", "a photo of a small green star on grey", "x"])
+    trimmed = trim_padding(ids, tok.pad_id)
+    assert trimmed.shape[1] == int((ids != tok.pad_id).sum(1).max()) < 32
+    assert torch.equal(trimmed, ids[:, : trimmed.shape[1]])
+    assert trim_padding(torch.zeros(2, 5, dtype=torch.long), 0).shape == (2, 1)  # all padding: one column
+    torch.manual_seed(0)
+    cfg = TextConfig(
+        vocab_size=tok.num_embeddings, pad_id=0, context_length=32, width=32, depth=2, heads=4, pool=pool
+    )
+    model = TextTransformer(cfg).double()
+    w = torch.randn(3, 32, dtype=torch.float64)
+    outs, grads = [], []
+    for x in (ids, trimmed):
+        model.zero_grad()
+        out = model(x)
+        (out * w).sum().backward()
+        outs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-10)

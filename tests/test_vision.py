@@ -190,3 +190,56 @@ def test_bad_config_raises():
         NaViT(VisionConfig(width=30, heads=4))
     with pytest.raises(ValueError, match="posemb"):
         NaViT(VisionConfig(width=32, heads=4, depth=1, posemb="rope"))
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_slot_pooling_equals_per_image_attention_and_mean(qk_norm):
+    """The MAP head and mean pooling scatter per token into slot rows (O(tokens)); check both, values
+    and gradients, against the definition computed image by image in float64: one probe query
+    attending over that image's tokens (softmax(q k^T / sqrt(d)) v per head), and a plain mean."""
+    from navit_clip.model.layers import MAPHead, mean_pool, slot_index
+
+    torch.manual_seed(0)
+    cfg = VisionConfig(width=32, heads=4, qk_norm=qk_norm, max_images=3)
+    head = MAPHead(cfg).double()
+    seg_BL = torch.tensor([[1, 1, 1, 2, 2, 0, 0], [1, 2, 2, 2, 2, 2, 3]])
+    valid_BE = torch.tensor([[True, True, False], [True, True, True]])
+    x_BLD = torch.randn(2, 7, 32, dtype=torch.float64, requires_grad=True)
+    slot_N = slot_index(seg_BL, 3).flatten()
+    assert slot_N.tolist() == [0, 0, 0, 1, 1, 6, 6, 3, 4, 4, 4, 4, 4, 5]  # padding -> spare row 6
+    w_SD = torch.randn(6, 32, dtype=torch.float64)
+
+    def reference(x_BLD):
+        H, d = 4, 8
+        q_Hd = head.q_norm(head.q(head.probe).view(H, d))
+        out = []
+        for b, e in [(b, e) for b in range(2) for e in range(3)]:
+            if not valid_BE[b, e]:
+                out.append(x_BLD.new_zeros(32))
+                continue
+            x_nD = x_BLD[b][seg_BL[b] == e + 1]
+            k_nHd, v_nHd = head.kv(x_nD).view(-1, 2, H, d).unbind(1)
+            a_nH = torch.softmax((head.k_norm(k_nHd) * q_Hd).sum(-1) / d**0.5, dim=0)
+            y = head.proj((a_nH[..., None] * v_nHd).sum(0).reshape(32))
+            out.append(y + head.mlp(head.norm(y)))
+        return torch.stack(out)
+
+    for fn, ref in (
+        (lambda x: head(x.flatten(0, 1), slot_N, valid_BE.flatten()), reference),
+        (
+            lambda x: mean_pool(x.flatten(0, 1), slot_N, 6),
+            lambda x: torch.stack(
+                [
+                    x[b][seg_BL[b] == e + 1].mean(0) if valid_BE[b, e] else x.new_zeros(32)
+                    for b in range(2)
+                    for e in range(3)
+                ]
+            ),
+        ),
+    ):
+        got, want = fn(x_BLD), ref(x_BLD)
+        g_got = torch.autograd.grad((got * w_SD).sum(), x_BLD)[0]
+        g_want = torch.autograd.grad((want * w_SD).sum(), x_BLD)[0]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-12)
+    assert got[2].abs().max() == 0  # the empty slot

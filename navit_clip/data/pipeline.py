@@ -35,6 +35,7 @@ from navit_clip.packing import (
     sample_drop_rate,
     target_size,
 )
+from navit_clip.tokenizer import trim_padding
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,8 @@ class PackedImageText(IterableDataset):
     Each DataLoader worker reads its own shards (split by rank, then by worker), decodes and sizes
     images, drops tokens, and first-fit packs a buffer of examples into B sequences per batch; what
     does not fit waits in the buffer. In finite mode the buffer is flushed at the end, so every
-    valid sample is delivered exactly once per epoch.
+    valid sample is delivered exactly once per epoch. The tokenizer is a navit_clip.tokenizer one (a
+    callable with a `pad_id`); captions are trimmed to the longest of each batch.
     """
 
     def __init__(
@@ -183,6 +185,8 @@ class PackedImageText(IterableDataset):
         start_step: int = 0,
     ):
         cfg.validate()
+        if tokenizer is not None and not hasattr(tokenizer, "pad_id"):
+            raise TypeError("the tokenizer needs a pad_id (see navit_clip.tokenizer.build_tokenizer)")
         self.cfg, self.tokenizer = cfg, tokenizer
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
         self.epoch = 0
@@ -276,7 +280,7 @@ class PackedImageText(IterableDataset):
                     labels[b, e] = examples[i].label
         text = None
         if self.tokenizer is not None:
-            ids = self.tokenizer(captions)
+            ids = trim_padding(self.tokenizer(captions), self.tokenizer.pad_id)
             text = torch.zeros(B, E, ids.shape[-1], dtype=ids.dtype)
             if where:
                 bb, ee = torch.tensor(where).T

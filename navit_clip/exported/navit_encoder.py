@@ -127,13 +127,12 @@ class NaViTEncoderMixin:
         for block in self.blocks:
             x_1TD = block(x_1TD, attend)
         x_1TD = self.norm(x_1TD)
-        member_1nT = (torch.arange(n, device=segment_ids.device)[:, None] == segment_ids[None, :])[None]
-        valid_1n = torch.ones(1, n, dtype=torch.bool, device=segment_ids.device)
+        x_TD = x_1TD[0]
         if self.head is not None:
-            pooled_1nD = self.head(x_1TD, member_1nT, valid_1n)
+            pooled_nD = self.head(x_TD, segment_ids, torch.ones(n, dtype=torch.bool, device=x_TD.device))
         else:
-            pooled_1nD = mean_pool(x_1TD, member_1nT)
-        return x_1TD[0], pooled_1nD[0], self.image_proj(pooled_1nD[0])
+            pooled_nD = mean_pool(x_TD, segment_ids, n)
+        return x_TD, pooled_nD, self.image_proj(pooled_nD)
 
     def forward(self, pixel_values: torch.Tensor, grid_hw: torch.Tensor) -> dict[str, torch.Tensor]:
         """Qwen2-VL-style packed input: flat patches of all images [T, C] and their grids [n, 2]."""

@@ -84,32 +84,56 @@ class MAPHead(nn.Module):
         self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
         self.mlp = Mlp(D, int(D * cfg.mlp_ratio), cfg.bias)
 
-    def forward(
-        self, x_BLD: torch.Tensor, member_BEL: torch.Tensor, slot_valid_BE: torch.Tensor
-    ) -> torch.Tensor:
-        B, L, D = x_BLD.shape
-        E, H = member_BEL.shape[1], self.heads
-        q_1H1d = self.q_norm(self.q(self.probe).view(1, H, 1, D // H))
-        q_BHEd = q_1H1d.expand(B, H, E, D // H)
-        k_BLHd, v_BLHd = self.kv(x_BLD).view(B, L, 2, H, D // H).unbind(2)
-        # An empty slot would have an all-False row (NaN softmax): let it see everything, zero it below.
-        mask_B1EL = (member_BEL | ~slot_valid_BE[:, :, None])[:, None]
-        o_BHEd = F.scaled_dot_product_attention(
-            q_BHEd.to(v_BLHd.dtype),
-            self.k_norm(k_BLHd).transpose(1, 2).to(v_BLHd.dtype),
-            v_BLHd.transpose(1, 2),
-            attn_mask=mask_B1EL,
-        )
-        y_BED = self.proj(o_BHEd.transpose(1, 2).reshape(B, E, D))
-        y_BED = y_BED + self.mlp(self.norm(y_BED))
-        return y_BED * slot_valid_BE[:, :, None]
+    def forward(self, x_ND: torch.Tensor, slot_N: torch.Tensor, valid_S: torch.Tensor) -> torch.Tensor:
+        """Tokens [N, D], each token's slot row [N] (see `slot_index`), valid slots [S] -> [S, D].
+
+        The query is one learned probe shared by every slot, so each slot's attention is a softmax
+        over its own tokens' scores: computed per token and summed per slot, O(N) work and memory,
+        however many slots a sequence has (no [slots, tokens] mask).
+        """
+        N, D = x_ND.shape
+        H, d = self.heads, D // self.heads
+        q_Hd = self.q_norm(self.q(self.probe).view(H, d))
+        k_NHd, v_NHd = self.kv(x_ND).view(N, 2, H, d).unbind(1)
+        scores_NH = (self.k_norm(k_NHd) * q_Hd.to(k_NHd.dtype)).sum(-1) * d**-0.5
+        o_SHd = segment_softmax_pool(scores_NH, v_NHd, slot_N, valid_S.shape[0])
+        y_SD = self.proj(o_SHd.reshape(-1, D))
+        y_SD = y_SD + self.mlp(self.norm(y_SD))
+        return y_SD * valid_S[:, None]
 
 
-def mean_pool(x_BLD: torch.Tensor, member_BEL: torch.Tensor) -> torch.Tensor:
-    """Masked mean over each slot's tokens: [B, E, D] (zero for empty slots)."""
-    weight_BEL = member_BEL.to(x_BLD.dtype)
-    weight_BEL = weight_BEL / weight_BEL.sum(-1, keepdim=True).clamp(min=1)
-    return torch.bmm(weight_BEL, x_BLD)
+def slot_index(segment_ids_BL: torch.Tensor, E: int) -> torch.Tensor:
+    """[B, L] segment ids (1..E image slots, 0 padding) -> each token's pooled row [B, L]:
+    b * E + segment - 1 for image tokens, and B * E (one spare row, dropped) for padding."""
+    B = segment_ids_BL.shape[0]
+    first_B1 = torch.arange(B, device=segment_ids_BL.device)[:, None] * E
+    return torch.where(segment_ids_BL > 0, first_B1 + segment_ids_BL - 1, B * E)
+
+
+def segment_softmax_pool(
+    scores_NH: torch.Tensor, v_NHd: torch.Tensor, slot_N: torch.Tensor, S: int
+) -> torch.Tensor:
+    """sum over each slot's tokens of softmax(scores) * v, per head: [S, H, d] (zero for slots with
+    no token). Rows at or past S (padding) are computed and dropped. Softmax statistics in float32 (or wider);
+    the per-slot max only shifts the exponent, so it carries no gradient."""
+    acc = torch.promote_types(scores_NH.dtype, torch.float32)  # float32, or float64 when given
+    s_NH = scores_NH.to(acc)
+    rows = S + 1  # the slots and the spare padding row
+    idx_NH = slot_N[:, None].expand_as(s_NH)
+    max_RH = s_NH.new_full((rows, s_NH.shape[1]), float("-inf")).scatter_reduce(
+        0, idx_NH, s_NH.detach(), "amax"
+    )
+    w_NH = torch.exp(s_NH - max_RH[slot_N])
+    den_RH = s_NH.new_zeros(rows, s_NH.shape[1]).index_add(0, slot_N, w_NH)
+    num_RHd = s_NH.new_zeros(rows, *v_NHd.shape[1:]).index_add(0, slot_N, w_NH[..., None] * v_NHd.to(acc))
+    return (num_RHd[:S] / den_RH[:S, :, None].clamp(min=torch.finfo(acc).tiny)).to(v_NHd.dtype)
+
+
+def mean_pool(x_ND: torch.Tensor, slot_N: torch.Tensor, S: int) -> torch.Tensor:
+    """Mean of each slot's tokens: [S, D] (zero for slots with no token); rows past S dropped."""
+    sums_RD = x_ND.new_zeros(S + 1, x_ND.shape[1]).index_add(0, slot_N, x_ND)
+    counts_R = x_ND.new_zeros(S + 1).index_add(0, slot_N, x_ND.new_ones(slot_N.shape[0]))
+    return sums_RD[:S] / counts_R[:S, None].clamp(min=1)
 
 
 def build_tower(module: nn.Module, cfg, posemb: nn.Module) -> None:

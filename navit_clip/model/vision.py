@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from navit_clip.model.attention import AttentionPlan, block_attention
-from navit_clip.model.layers import build_tower, embed_tokens, init_weights, mean_pool
+from navit_clip.model.layers import build_tower, embed_tokens, init_weights, mean_pool, slot_index
 from navit_clip.model.posemb import FactorizedPosEmb
 from navit_clip.packing import PackedBatch, grid_size, pack_images, unpack_slots
 
@@ -70,7 +70,7 @@ class NaViT(nn.Module):
 
     def forward(self, batch: PackedBatch) -> VisionOutput:
         seg_BL = batch.segment_ids
-        E = batch.slot_valid.shape[1]
+        B, E = batch.slot_valid.shape
         plan = AttentionPlan.build(seg_BL, self.cfg.attn_backend)
         patches, coords, grid = batch.patches, batch.coords, batch.grid
         if plan.flat:  # the backend runs on real tokens only: padding costs no compute at all
@@ -81,12 +81,14 @@ class NaViT(nn.Module):
             x = block(x, attend)
         x = self.norm(x)
         x_BLD = plan.from_flat(x) if plan.flat else x
-        slot_ids = torch.arange(1, E + 1, device=seg_BL.device)
-        member_BEL = seg_BL[:, None, :] == slot_ids[None, :, None]
+        slot_BL = slot_index(seg_BL, E)
+        slot_N = plan.to_flat(slot_BL)[0] if plan.flat else slot_BL.flatten()
+        x_ND = x[0] if plan.flat else x.flatten(0, 1)
         if self.head is not None:
-            pooled_BED = self.head(x_BLD, member_BEL, batch.slot_valid)
+            pooled = self.head(x_ND, slot_N, batch.slot_valid.flatten())
         else:
-            pooled_BED = mean_pool(x_BLD, member_BEL)
+            pooled = mean_pool(x_ND, slot_N, B * E)
+        pooled_BED = pooled.view(B, E, -1)
         return VisionOutput(tokens=x_BLD, pooled=pooled_BED, slot_valid=batch.slot_valid)
 
     def encode_images(
