@@ -1,10 +1,9 @@
 """The three offline tokenizers: open_clip's BPE, a SentencePiece model trained here, a local HF folder."""
 
+import pytest
 import torch
 
 from navit_clip.model.text import TextConfig, TextTransformer
-import pytest
-
 from navit_clip.tokenizer import build_tokenizer, train_sentencepiece, trim_padding
 
 CAPTIONS = [
