@@ -47,6 +47,29 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def remove_partial(folder: str | Path) -> list[Path]:
+    """Delete the *.tmp files a run killed mid-write left behind (call once, on rank 0, at start)."""
+    folder = Path(folder)
+    found = sorted(folder.glob("step_*.pt.tmp")) if folder.is_dir() else []
+    for p in found:
+        p.unlink(missing_ok=True)
+    if found:
+        log.info("removed %d partial checkpoint file(s) left by an interrupted write", len(found))
+    return found
+
+
+def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """`field: checkpoint A, config B` for every leaf that differs between two nested dicts."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for k in sorted(set(saved) | set(current)):
+            out += config_differences(saved.get(k), current.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)):
+        saved, current = list(saved), list(current)
+    return [] if saved == current else [f"{prefix}: checkpoint {saved!r}, config {current!r}"]
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -91,9 +114,23 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, scheduler=None) -> dict:
-    """Restore model (and optimizer, scheduler) from a full-state checkpoint; returns the whole dict."""
+def load_checkpoint(
+    path: str | Path, model: nn.Module, optimizer=None, scheduler=None, model_config: dict | None = None
+) -> dict:
+    """Restore model (and optimizer, scheduler) from a full-state checkpoint; returns the whole dict.
+
+    With `model_config` (the run's resolved `model` section), a checkpoint saved with a different
+    model is a ValueError that names the differing fields, before any weight is touched.
+    """
     state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = state.get("config", {}).get("model")
+    if model_config is not None and saved is not None:
+        diff = config_differences(saved, model_config, "model")
+        if diff:
+            raise ValueError(
+                f"{path} was saved with a different model config; resume with the same model, or start "
+                f"a new run folder. Differences:\n  " + "\n  ".join(diff)
+            )
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     set_model_state_dict(model, state["model"], options=opts)
     if optimizer is not None:

@@ -85,6 +85,7 @@ class TrainConfig:
     stop_at: int = (
         0  # stop (after a checkpoint) at this step; the schedule still spans `steps` (0: run to the end)
     )
+    max_skipped_steps: int = 5  # stop after this many non-finite steps in a row (updates skipped)
     resume_data: str = "exact"  # exact: replay the data stream to the saved position | fresh: new stream
     device: str = "auto"  # auto | cpu | cuda
 
@@ -97,6 +98,7 @@ class TrainConfig:
             "keep_last": self.keep_last >= 1,
             "log_every": self.log_every >= 1,
             "ckpt_every": self.ckpt_every >= 0,
+            "max_skipped_steps": self.max_skipped_steps >= 1,
         }
         for name, ok in checks.items():
             if not ok:

@@ -83,3 +83,16 @@ def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
     return {k: float(v) / info.world_size for k, v in zip(keys, t.tolist())}
+
+
+def sum_counts(counts: dict[str, int], info: DistInfo) -> dict[str, int]:
+    """Sum integer counters over ranks; ranks may hold different keys (one small object gather)."""
+    if not info.distributed:
+        return dict(counts)
+    gathered: list = [None] * info.world_size
+    dist.all_gather_object(gathered, dict(counts))
+    total: dict[str, int] = {}
+    for part in gathered:
+        for k, v in part.items():
+            total[k] = total.get(k, 0) + v
+    return total

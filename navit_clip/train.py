@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -19,11 +20,11 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from navit_clip.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from navit_clip.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from navit_clip.config import Config, to_dict
 from navit_clip.data.demo import ZEROSHOT_TEMPLATES, ensure_demo_data
 from navit_clip.data.pipeline import PackedImageText, make_loader
-from navit_clip.distributed import DistInfo, all_reduce_mean, init_distributed, wrap_model
+from navit_clip.distributed import DistInfo, all_reduce_mean, init_distributed, sum_counts, wrap_model
 from navit_clip.loss import ContrastiveLoss
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.packing import ResolutionPolicy
@@ -84,13 +85,22 @@ def set_rng_state(state: dict) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl and TensorBoard scalars, written by rank 0 only."""
+    """metrics.jsonl and TensorBoard scalars, written by rank 0 only.
 
-    def __init__(self, folder: Path, enabled: bool):
+    A run that starts at step `start` (0, or the resumed checkpoint's) first drops what an earlier
+    run logged after that step: metrics.jsonl keeps its rows up to `start`, and TensorBoard hides
+    later events (`purge_step`), so both read as one run however often it was killed and resumed.
+    """
+
+    def __init__(self, folder: Path, enabled: bool, start: int = 0):
         self.enabled = enabled
         if enabled:
-            self.jsonl = open(folder / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
-            self.tb = SummaryWriter(str(folder / "tensorboard"))
+            path = folder / "metrics.jsonl"
+            if path.exists():
+                kept = [r for r in path.read_text().splitlines() if _row_step(r) <= start]
+                path.write_text("".join(r + "\n" for r in kept))
+            self.jsonl = open(path, "a")  # noqa: SIM115 - closed in close()
+            self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=start + 1)
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -105,6 +115,13 @@ class MetricsLog:
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+
+
+def _row_step(row: str) -> float:
+    try:
+        return float(json.loads(row).get("step", math.inf))
+    except (ValueError, AttributeError):
+        return math.inf  # a torn last line from a killed run: dropped
 
 
 def zero_shot(model, tokenizer, cfg: Config, info: DistInfo) -> dict | None:
@@ -157,7 +174,8 @@ def train(cfg: Config) -> dict:
         cfg.loss.kind, tile_size=cfg.loss.tile_size, direct_max_slots=cfg.loss.direct_max_slots
     )
 
-    start, data_batches, data_epoch, skipped = 0, 0, 0, 0
+    start, data_batches, data_epoch, skipped, skipped_in_a_row = 0, 0, 0, 0, 0
+    skip_window, skip_totals = Counter(), Counter()  # data skips by reason, this log window / whole run
     resume_from = (
         latest_checkpoint(out) if tc.resume == "latest" else (Path(tc.resume) if tc.resume else None)
     )
@@ -165,9 +183,12 @@ def train(cfg: Config) -> dict:
         log.warning("train.resume=latest but %s holds no checkpoint: starting from scratch", out)
     if resume_from is not None and not resume_from.exists():
         raise ValueError(f"train.resume={tc.resume}: no such checkpoint; give a path or 'latest'")
+    if info.is_main:
+        remove_partial(out)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, model_config=resolved["model"])
         start, data_batches, skipped = state["step"], state["data_batches"], state.get("skipped_steps", 0)
+        skip_totals.update(state.get("skip_counts", {}))
         data_epoch = state.get("data_epoch", 0)
         set_rng_state(state["rng"])
         if info.is_main:
@@ -187,7 +208,7 @@ def train(cfg: Config) -> dict:
     ):
         next(batches)
 
-    metrics = MetricsLog(out, info.is_main)
+    metrics = MetricsLog(out, info.is_main, start)
     autocast = (
         torch.autocast(info.device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
     )
@@ -226,6 +247,13 @@ def train(cfg: Config) -> dict:
             window["tokens"] += batch.stats["tokens"]
             window["padding"] += batch.stats["padding_fraction"]
             window["batches"] += 1
+            skip_window.update(
+                {
+                    k: v
+                    for k, v in batch.stats.items()
+                    if (k.startswith("skip_") or k == "corrupt_shard") and v
+                }
+            )
         grad_norm = torch.nn.utils.clip_grad_norm_(
             model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")
         )
@@ -233,9 +261,19 @@ def train(cfg: Config) -> dict:
         finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
         if finite:
             optimizer.step()
+            skipped_in_a_row = 0
         else:
             skipped += 1
+            skipped_in_a_row += 1
             log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", step, skipped)
+            if skipped_in_a_row >= tc.max_skipped_steps:
+                last = latest_checkpoint(out)
+                raise RuntimeError(
+                    f"{skipped_in_a_row} steps in a row (to step {step + 1}) had a non-finite loss or "
+                    f"gradient (train.max_skipped_steps={tc.max_skipped_steps}); stopped. The last "
+                    f"checkpoint ({last or 'none yet'}) holds the last weights written; lower train.lr, "
+                    f"set train.grad_clip, or check the data"
+                )
         scheduler.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
@@ -256,22 +294,27 @@ def train(cfg: Config) -> dict:
                 "padding": w["padding"] / max(w["batches"], 1),
                 "skipped_steps": skipped,
             }
-            values.update(
-                {k: v for k, v in batch.stats.items() if k.startswith("skip_") or k == "corrupt_shard"}
-            )
+            # data skips summed over ranks (and their workers): this window's and the run's so far
+            skips = sum_counts(skip_window, info)
+            skip_totals.update(skips)
+            values.update({f"data/{k}": v for k, v in skips.items()})
+            values.update({f"data/{k}_total": v for k, v in skip_totals.items()})
             metrics.write(done, values)
             bar.set_postfix(
                 loss=f"{values['loss']:.3f}",
                 img_s=f"{values['images_per_s']:.0f}",
                 tok_s=f"{values['tokens_per_s']:.0f}",
                 pad=f"{100 * values['padding']:.1f}%",
+                skipped=sum(skip_totals.values()),
             )
             window = dict.fromkeys(window, 0)
+            skip_window.clear()
         if (tc.ckpt_every and done % tc.ckpt_every == 0) or done == end:
             extra = {
                 "data_batches": data_batches,
                 "data_epoch": data_epoch,
                 "skipped_steps": skipped,
+                "skip_counts": dict(skip_totals + Counter(sum_counts(skip_window, info))),
                 "rng": rng_state(),
                 "config": resolved,
             }
@@ -313,8 +356,9 @@ def endless(loader, dataset: PackedImageText, info: DistInfo):
             yield batch
         if count == 0:
             raise ValueError(
-                f"rank {info.rank} got no batch from data.shards ({dataset.cfg.shards}): fewer shards than "
-                f"ranks x workers, or no valid sample; use data.resampled=true or more shards"
+                f"rank {info.rank} got no batch from data.shards ({dataset.cfg.shards}) in one pass: no "
+                f"usable sample in its shards, or fewer shards than ranks x data.num_workers (then give "
+                f"more shards, fewer workers, or data.resampled=true)"
             )
         dataset.set_epoch(dataset.epoch + 1)
 

@@ -335,3 +335,48 @@ def test_demo_shapes_any_background_gets_a_contrasting_colour():
     for name in CLASSNAMES:
         img, caption = draw_shape(rng, name)
         assert name in caption and min(img.size) >= 16
+
+
+def _first_batch(cfg, workers):
+    return next(iter(make_loader(PackedImageText(cfg, tokenizer=toy_tokenizer), num_workers=workers)))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sources_without_a_usable_sample_stop_with_the_reasons_not_hang(tmp_path, workers):
+    """Resampled shards never end: an empty tar, a tar of unusable samples or a non-tar file would be
+    opened forever. Each stops the run with a message naming the shards and the skips counted."""
+    from navit_clip.data.pipeline import NoUsableData
+
+    with wds.TarWriter(str(tmp_path / "empty.tar")):
+        pass
+    with wds.TarWriter(str(tmp_path / "nocaption.tar")) as sink:
+        for i in range(5):
+            sink.write({"__key__": f"k{i}", "jpg": good_image(random.Random(i)), "txt": "  "})
+    (tmp_path / "notes.txt").write_text("not a tar file\n" * 100)
+    cases = {
+        "empty.tar": "shards opened in a row",
+        "nocaption.tar": "samples in a row.*skip_no_caption",
+        "notes.txt": "corrupt_shard",
+    }
+    for name, message in cases.items():
+        cfg = config(str(tmp_path / name), resampled=True, max_bad_in_a_row=200)
+        with pytest.raises(NoUsableData, match=message) as err:
+            _first_batch(cfg, workers)
+        assert "no usable sample" in str(err.value) and name in str(err.value)
+
+
+def test_missing_files_and_bad_fields_are_errors_before_any_work(tmp_path):
+    shards, _, _ = write_corpus(tmp_path, n_shards=2)
+    with pytest.raises(ValueError, match=r"1 of 3 shard files do not exist: .*shard-0002.tar"):
+        PackedImageText(config(str(tmp_path / "shard-{0000..0002}.tar")), tokenizer=toy_tokenizer)
+    with pytest.raises(ValueError, match="do not exist"):
+        PackedImageText(config(str(tmp_path / "nothing-*.tar"), resampled=True))
+    for field, value in (
+        ("max_aspect", 0),
+        ("max_pixels", 0),
+        ("max_bad_in_a_row", 0),
+        ("shuffle_buffer", -1),
+    ):
+        with pytest.raises(ValueError, match=f"data.{field}"):
+            config(shards, **{field: value}).validate()

@@ -325,3 +325,81 @@ def test_finite_data_runs_epoch_after_epoch(tmp_path):
     overrides = {"train.steps": 8, "data.resampled": "false", "data.shuffle_buffer": 0}
     result = train(load_config("configs/demo.yaml", tiny_run(tiny["train"], tmp_path / "run", **overrides)))
     assert len(result["losses"]) == 8 and torch.isfinite(torch.tensor(result["losses"])).all()
+
+
+def test_repeated_non_finite_steps_stop_the_run_with_finite_checkpoints(small_shards, tmp_path, monkeypatch):
+    import navit_clip.train as train_module
+
+    calls = {"n": 0}
+
+    class PoisonedFromTheSecondStep(ContrastiveLoss):
+        def forward(self, *args, **kwargs):
+            calls["n"] += 1
+            loss = super().forward(*args, **kwargs)
+            return loss * float("nan") if calls["n"] >= 2 else loss
+
+    monkeypatch.setattr(train_module, "ContrastiveLoss", PoisonedFromTheSecondStep)
+    overrides = {"train.steps": 20, "train.ckpt_every": 1, "train.max_skipped_steps": 3}
+    with pytest.raises(RuntimeError, match="3 steps in a row .*to step 4.* non-finite"):
+        train_module.train(
+            load_config("configs/demo.yaml", tiny_run(small_shards["train"], tmp_path, **overrides))
+        )
+    assert calls["n"] == 4  # stopped at once, not after 20 steps
+    for path in list_checkpoints(tmp_path):
+        state = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_resumed_run_logs_read_as_one_run_and_leftovers_are_cleaned(small_shards, tmp_path):
+    import json
+
+    from navit_clip.train import train
+
+    shards = small_shards["train"]
+    train(load_config("configs/demo.yaml", tiny_run(shards, tmp_path)))  # 6 steps, checkpoints at 3 and 6
+    (tmp_path / "step_00000009.pt.tmp").write_bytes(b"half a checkpoint")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # a torn line from a killed run
+    # as if killed after step 6 but before its checkpoint: resume from step 3 and run to the end again
+    (tmp_path / "step_00000006.pt").unlink()
+    train(load_config("configs/demo.yaml", tiny_run(shards, tmp_path, **{"train.resume": "latest"})))
+    steps = [json.loads(r)["step"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert not list(tmp_path.glob("*.tmp"))
+    # a different model: one clear error naming the fields, before any weight is loaded
+    with pytest.raises(ValueError, match=r"model.vision.width: checkpoint 32, config 64") as err:
+        train(
+            load_config(
+                "configs/demo.yaml",
+                tiny_run(shards, tmp_path, **{"train.resume": "latest", "model.vision.width": 64}),
+            )
+        )
+    assert "model.text" not in str(err.value) and "size mismatch" not in str(err.value)
+
+
+def test_data_skips_are_counted_per_window_and_in_total(tmp_path):
+    """Every skipped sample is counted once in metrics.jsonl (per log window and cumulative), not only
+    those of the batch that happened to be last before a log line."""
+    import json
+
+    from test_data import write_corpus
+
+    from navit_clip.train import train
+
+    shards, _, bad_counts = write_corpus(tmp_path, n_shards=4, per_shard=30, bad_every=3)
+    overrides = {
+        "data.resampled": "false",
+        "data.resolution.kind": "native",
+        "data.resolution.max_side": 64,
+        "data.max_pixels": 1_000_000,
+        "train.steps": 12,
+        "train.log_every": 4,
+        "train.ckpt_every": 0,
+    }
+    train(load_config("configs/demo.yaml", tiny_run(shards, tmp_path / "run", **overrides)))
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    window = {k: sum(r.get(f"data/skip_{k}", 0) for r in rows) for k in bad_counts}
+    total = {k: rows[-1].get(f"data/skip_{k}_total", 0) for k in bad_counts}
+    assert window == total and sum(total.values()) > 0
+    # 12 steps run through the 120-sample corpus at least once: every bad sample is seen at least once
+    assert all(total[k] >= n for k, n in bad_counts.items())

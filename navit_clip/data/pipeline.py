@@ -68,6 +68,9 @@ class DataConfig:
     num_workers: int = 2
     seed: int = 0
     label_key: str = ""  # e.g. "cls": read an integer class label per sample; the caption becomes optional
+    # A worker that reads this many samples in a row without a usable one (or opens 10 shards per
+    # listed shard, plus 100, in a row without a sample) stops the run with the skip reasons so far.
+    max_bad_in_a_row: int = 10_000
 
     def validate(self) -> None:
         if not self.shards:
@@ -78,9 +81,15 @@ class DataConfig:
             raise ValueError(f"data.normalize={self.normalize!r} must be 'clip' or 'half'")
         if self.pack_factor < 1:
             raise ValueError(f"data.pack_factor={self.pack_factor} must be at least 1")
-        for name in ("seq_len", "max_images", "batch_seqs", "patch_size"):
+        for name in ("seq_len", "max_images", "batch_seqs", "patch_size", "max_pixels", "max_bad_in_a_row"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be positive")
+        if not self.max_aspect >= 1:
+            raise ValueError(
+                f"data.max_aspect={self.max_aspect} must be at least 1 (the longer side over the shorter)"
+            )
+        if self.shuffle_buffer < 0 or self.num_workers < 0:
+            raise ValueError("data.shuffle_buffer and data.num_workers must not be negative")
         self.resolution.validate()
         self.token_drop.validate()
 
@@ -94,6 +103,21 @@ class DataConfig:
             urls = [u for part in str(pattern).split("::") for u in braceexpand.braceexpand(part)]
             out.append((urls, weight))
         return out
+
+    def check_files(self) -> None:
+        """Local shard paths that do not exist are an error before any work (remote URLs and
+        `pipe:` commands are opened by webdataset when read)."""
+        if isinstance(self.shards, str) and Path(self.shards).is_dir():
+            return
+        for urls, _ in self.sources():
+            missing = [
+                u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()
+            ]
+            if missing:
+                shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+                raise ValueError(
+                    f"data.shards: {len(missing)} of {len(urls)} shard files do not exist: {shown}"
+                )
 
 
 @dataclass
@@ -185,6 +209,7 @@ class PackedImageText(IterableDataset):
         start_step: int = 0,
     ):
         cfg.validate()
+        cfg.check_files()
         if tokenizer is not None and not hasattr(tokenizer, "pad_id"):
             raise TypeError("the tokenizer needs a pad_id (see navit_clip.tokenizer.build_tokenizer)")
         self.cfg, self.tokenizer = cfg, tokenizer
@@ -211,6 +236,8 @@ class PackedImageText(IterableDataset):
 
         pipelines = []
         weights = []
+        n_urls = sum(len(urls) for urls, _ in self.cfg.sources())
+        guard = _NoSampleGuard(10 * n_urls + 100, self.cfg.shards, stats)
         for urls, weight in self.cfg.sources():
             if self.cfg.resampled:
                 stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
@@ -219,7 +246,7 @@ class PackedImageText(IterableDataset):
                 if not mine:  # fewer shards than ranks: this rank reads none of this source
                     continue
                 stages = [wds.SimpleShardList(mine), wds.split_by_worker]
-            stages.append(wds.tarfile_to_samples(handler=shard_error))
+            stages += [guard.count_shards, wds.tarfile_to_samples(handler=shard_error), guard.saw_sample]
             if self.cfg.shuffle_buffer > 1:
                 stages.append(
                     wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer // 2, seed=seed)
@@ -309,13 +336,20 @@ class PackedImageText(IterableDataset):
         buffer: list[Example] = []
         buffered_tokens, emitted = 0, 0
         threshold = cfg.pack_factor * cfg.batch_seqs * cfg.seq_len
+        bad_in_a_row = 0
         for sample in self._samples(seed, stats):
             step = self.start_step + emitted * num_workers  # this worker makes every num_workers-th batch
             try:
                 ex = self._example(sample, rng, g, step)
             except BadSample as e:
                 stats[f"skip_{e.reason}"] += 1
+                bad_in_a_row += 1
+                if bad_in_a_row >= cfg.max_bad_in_a_row:
+                    raise NoUsableData(
+                        f"{bad_in_a_row} samples in a row without a usable one", cfg.shards, stats
+                    ) from e
                 continue
+            bad_in_a_row = 0
             buffer.append(ex)
             buffered_tokens += ex.patches.shape[0]
             if buffered_tokens >= threshold:
@@ -335,6 +369,44 @@ class PackedImageText(IterableDataset):
         for i in left:
             buffer[i].waited += 1
         return self._batch(buffer, bins, stats), [buffer[i] for i in left]
+
+
+class NoUsableData(RuntimeError):
+    """A data worker read on and on without producing a usable sample: the run stops with the counts."""
+
+    def __init__(self, what: str, shards=None, stats: Counter | None = None):
+        if stats is None:  # re-raised in the main process from a worker's message
+            super().__init__(what)
+            return
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(stats.items())) or "none"
+        super().__init__(
+            f"no usable sample from data.shards={shards!r}: {what} (skips so far: {counts}). Check that "
+            f"the shards hold image files and captions (or data.label_key), and data.max_pixels / "
+            f"data.max_aspect"
+        )
+
+
+class _NoSampleGuard:
+    """Two webdataset stages around `tarfile_to_samples`: one counts the shards opened, the other
+    resets the count when a sample comes out. Resampled shards never end, so without this, shards that
+    are empty, unreadable or hold no image-text sample would be opened forever."""
+
+    def __init__(self, limit: int, shards, stats: Counter):
+        self.limit, self.shards, self.stats, self.in_a_row = limit, shards, stats, 0
+
+    def count_shards(self, src):
+        for item in src:
+            self.in_a_row += 1
+            if self.in_a_row > self.limit:
+                raise NoUsableData(
+                    f"{self.in_a_row - 1} shards opened in a row without a sample", self.shards, self.stats
+                )
+            yield item
+
+    def saw_sample(self, src):
+        for sample in src:
+            self.in_a_row = 0
+            yield sample
 
 
 def folder_classes(root: str | Path) -> list[str]:
