@@ -12,9 +12,16 @@ instead: L = 1024, longer side ~ U(64, 496), Beta dropping 0.5; there big images
 attention per token (it grows with tokens per image). Both read the demo shards; batches are loaded before the clock
 starts, so this times the training step alone (bench/loader.py times the data side).
 
-    python bench/train_throughput.py     -> bench/results/train_throughput.json
+`--e2e` times what a user runs instead: each side's own loader (one worker, as the demo) feeding its
+training step, over the demo's shards, the clock running over loading and stepping together.
+Both modes print the step's FLOP/s (counted by torch.utils.flop_counter) against this machine's fp32
+matmul peak, measured in the same run.
+
+    python bench/train_throughput.py         -> bench/results/train_throughput.json
+    python bench/train_throughput.py --e2e   -> bench/results/train_throughput_e2e.json
 """
 
+import argparse
 import time
 
 import open_clip
@@ -26,7 +33,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
 from navit_clip.config import load_config
 from navit_clip.data.demo import ensure_demo_data
-from navit_clip.data.pipeline import PackedImageText
+from navit_clip.data.pipeline import PackedImageText, make_loader
 from navit_clip.loss import ContrastiveLoss
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.packing import ResolutionPolicy, TokenDropConfig
@@ -70,7 +77,10 @@ def our_setup(
         s = batch.stats
         return s["images"], s["tokens"], (s["tokens"] + s["tokens_dropped"]) * 16**2
 
-    return model, batches, step
+    def loader():  # as the trainer reads it: one worker, uint8 batches normalised by .to()
+        return (b.to("cpu") for b in make_loader(PackedImageText(cfg.data, tok), num_workers=1))
+
+    return model, batches, step, loader
 
 
 def peer_setup(shards: str, n_images: int):
@@ -83,10 +93,10 @@ def peer_setup(shards: str, n_images: int):
     ds = (
         wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode("pil").to_tuple("jpg;png", "txt")
     )
-    ds = ds.map_tuple(transform, lambda t: t).batched(n_images)
+    ds = ds.map_tuple(transform, lambda t: t).batched(n_images).map(lambda b: (b[0], tokenizer(list(b[1]))))
     batches = []
-    for images, texts in ds:
-        batches.append((images, tokenizer(list(texts))))
+    for batch in ds:
+        batches.append(batch)
         if len(batches) == BATCHES:
             break
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -100,13 +110,57 @@ def peer_setup(shards: str, n_images: int):
         opt.step()
         return images.shape[0], images.shape[0] * 197, images.shape[0] * 224**2
 
-    return model, batches, step
+    def loader():
+        return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, prefetch_factor=2))
+
+    return model, batches, step, loader
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """fp32 FLOP/s of one large square matmul on this machine (best of `repeats`)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def step_flops(step, batch) -> float:
+    """FLOPs per image of one training step (forward, backward, optimiser), as torch counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        images = step(batch)[0]
+    return counter.get_total_flops() / images
+
+
+def measure_e2e(setups: dict, steps: int = 12, warmup: int = 3) -> dict:
+    """Loader + step, one side after the other, each with its own one-worker loader."""
+    out = {}
+    for k, (_, _, step, loader) in setups.items():
+        it = loader()
+        for _ in range(warmup):
+            step(next(it))
+        images = tokens = 0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            n_img, n_tok, _ = step(next(it))
+            images, tokens = images + n_img, tokens + n_tok
+        dt = time.perf_counter() - t0
+        out[k] = {"images_per_s": images / dt, "tokens_per_s": tokens / dt, "step_s": dt / steps}
+        del it
+    return out
 
 
 def measure(setups: dict) -> dict:
     done = {k: [0, 0, 0, 0.0] for k in setups}  # images, tokens, pixels, seconds
     for i in range(WARMUP + REPEATS):
-        for k, (_, batches, step) in setups.items():
+        for k, (_, batches, step, _) in setups.items():
             t0 = time.perf_counter()
             counts = step(batches[i % len(batches)])
             dt = time.perf_counter() - t0
@@ -126,7 +180,9 @@ def measure(setups: dict) -> dict:
 
 
 def main() -> None:
-    torch.set_num_threads(torch.get_num_threads())
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--e2e", action="store_true", help="time loader + step together, one worker each")
+    args = ap.parse_args()
     shards = ensure_demo_data()["train"]
     setups = {
         "recipe": our_setup(shards, drop=True),
@@ -135,21 +191,29 @@ def main() -> None:
     }
     peer_images = round(NUM_SEQS * SEQ_LEN / 197)  # the same tokens per step as a packed batch
     setups["open_clip"] = peer_setup(shards, peer_images)
-    r = measure(setups)
+    peak = matmul_peak()
+    flops = {k: step_flops(step, batches[0]) for k, (_, batches, step, _) in setups.items()}
+    r = measure_e2e(setups) if args.e2e else measure(setups)
     results = {
+        "mode": "e2e (loader + step)" if args.e2e else "step",
         "seq_len": SEQ_LEN,
         "num_seqs": NUM_SEQS,
         "max_side": MAX_SIDE,
         "open_clip_batch": peer_images,
         "repeats": REPEATS,
         "threads": torch.get_num_threads(),
+        "matmul_peak_gflops": peak / 1e9,
     }
+    print(f"fp32 matmul peak on this machine: {peak / 1e9:.0f} GFLOP/s")
     for k, v in r.items():
+        # FLOP/s: FLOPs per image of the first batch times the measured images/s
+        v["gflops"] = flops[k] / 1e9 * v["images_per_s"]
+        v["fraction_of_peak"] = v["gflops"] * 1e9 / peak
         for m, x in v.items():
             results[f"{m}_{k}"] = x
         print(
             f"{k:22s} {v['images_per_s']:7.1f} images/s {v['tokens_per_s']:8.0f} tokens/s "
-            f"({v['images_per_step']:.1f} images/step, {v['pixels_per_image']:.0f} px/image before dropping)"
+            f"{v['gflops']:6.1f} GFLOP/s ({100 * v['fraction_of_peak']:.0f}% of peak)"
         )
     for k in ("recipe", "nodrop", "recipe_matched_pixels"):
         results[f"ratio_images_per_s_{k}"] = r[k]["images_per_s"] / r["open_clip"]["images_per_s"]
@@ -158,7 +222,7 @@ def main() -> None:
             f"ratio {k} / open_clip: images/s {results[f'ratio_images_per_s_{k}']:.2f}x, "
             f"tokens/s {results[f'ratio_tokens_per_s_{k}']:.2f}x"
         )
-    save_results("train_throughput", results)
+    save_results("train_throughput_e2e" if args.e2e else "train_throughput", results)
 
 
 if __name__ == "__main__":

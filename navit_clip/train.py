@@ -194,10 +194,11 @@ def train(cfg: Config) -> dict:
         if info.is_main:
             log.info("resumed from %s at step %d", resume_from, start)
 
+    first_batch = 0  # exact resume replays the stream from its start
     if tc.resume_data == "fresh" and start:
         # a new deterministic stream: instant, but not the one an unbroken run would have seen
-        data_epoch, data_batches = start, 0
-    dataset = PackedImageText(cfg.data, tokenizer, info.rank, info.world_size)
+        data_epoch, data_batches, first_batch = start, 0, start * tc.accum
+    dataset = PackedImageText(cfg.data, tokenizer, info.rank, info.world_size, tc.accum, first_batch)
     dataset.set_epoch(data_epoch)
     loader = make_loader(dataset, pin_memory=info.device.type == "cuda")
     batches = endless(loader, dataset, info)
@@ -354,6 +355,7 @@ def endless(loader, dataset: PackedImageText, info: DistInfo):
         for batch in loader:
             count += 1
             yield batch
+        dataset.first_batch += count  # schedules continue across epochs
         if count == 0:
             raise ValueError(
                 f"rank {info.rank} got no batch from data.shards ({dataset.cfg.shards}) in one pass: no "

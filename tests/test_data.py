@@ -380,3 +380,26 @@ def test_missing_files_and_bad_fields_are_errors_before_any_work(tmp_path):
     ):
         with pytest.raises(ValueError, match=f"data.{field}"):
             config(shards, **{field: value}).validate()
+
+
+def test_schedules_follow_the_optimizer_step_across_workers_accumulation_and_epochs(tmp_path):
+    """A batch carries the trainer's optimiser step it will be consumed at (what token-drop schedules
+    read): batch i of the run is step i // accum, with 2 workers taking turns, and it keeps counting
+    over the epochs of finite data and from a fresh-stream resume."""
+    from navit_clip.distributed import DistInfo
+    from navit_clip.train import endless
+
+    shards, _, _ = write_corpus(tmp_path, n_shards=2, per_shard=12)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    ds = PackedImageText(config(shards, resampled=True), tokenizer=toy_tokenizer, accum=2)
+    steps = [b.stats["step"] for b, _ in zip(make_loader(ds, num_workers=2), range(12))]
+    assert steps == [i // 2 for i in range(12)]
+    ds = PackedImageText(config(shards, num_workers=0), tokenizer=toy_tokenizer, accum=3, first_batch=30)
+    per_epoch = sum(1 for _ in make_loader(ds, num_workers=0))
+    steps = [b.stats["step"] for b, _ in zip(endless(make_loader(ds), ds, info), range(3 * per_epoch))]
+    assert steps == [(30 + i) // 3 for i in range(3 * per_epoch)]
+    # the schedule itself: a fixed rate that rises with the step is applied per batch
+    drop = TokenDropConfig("fixed", rate=0.5, schedule=[(0, 0.0), (4, 0.5)])
+    ds = PackedImageText(config(shards, resampled=True, token_drop=drop), tokenizer=toy_tokenizer, accum=2)
+    batches = [b for b, _ in zip(make_loader(ds, num_workers=0), range(12))]
+    assert batches[0].stats["tokens_dropped"] == 0 and batches[-1].stats["tokens_dropped"] > 0

@@ -206,19 +206,29 @@ class PackedImageText(IterableDataset):
         tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
         rank: int = 0,
         world_size: int = 1,
-        start_step: int = 0,
+        accum: int = 1,
+        first_batch: int = 0,
     ):
         cfg.validate()
         cfg.check_files()
         if tokenizer is not None and not hasattr(tokenizer, "pad_id"):
             raise TypeError("the tokenizer needs a pad_id (see navit_clip.tokenizer.build_tokenizer)")
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+        self.rank, self.world_size = rank, world_size
+        # Schedules over training (token dropping) read the trainer's optimiser step, derived here
+        # deterministically: the DataLoader takes batches from its workers in turn, so this worker's
+        # n-th batch is batch first_batch + n * workers + worker of the run, and accum of them make
+        # one optimiser step. The trainer advances first_batch after each pass over finite data.
+        self.accum, self.first_batch = accum, first_batch
         self.epoch = 0
         self.mean, self.std = (CLIP_MEAN, CLIP_STD) if cfg.normalize == "clip" else (HALF_MEAN, HALF_STD)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def optimizer_step(self, emitted: int, worker: int, num_workers: int) -> int:
+        """The trainer's optimiser step when this worker's next batch is consumed."""
+        return (self.first_batch + emitted * max(num_workers, 1) + worker) // self.accum
 
     # -- reading (webdataset, or an image folder) -----------------------------------------------
     def _samples(self, seed: int, stats: Counter) -> Iterator[dict]:
@@ -338,7 +348,7 @@ class PackedImageText(IterableDataset):
         threshold = cfg.pack_factor * cfg.batch_seqs * cfg.seq_len
         bad_in_a_row = 0
         for sample in self._samples(seed, stats):
-            step = self.start_step + emitted * num_workers  # this worker makes every num_workers-th batch
+            step = self.optimizer_step(emitted, worker, num_workers)
             try:
                 ex = self._example(sample, rng, g, step)
             except BadSample as e:
@@ -353,11 +363,14 @@ class PackedImageText(IterableDataset):
             buffer.append(ex)
             buffered_tokens += ex.patches.shape[0]
             if buffered_tokens >= threshold:
+                stats["step"] = step
                 batch, buffer = self._pack(buffer, stats)
                 buffered_tokens = sum(e.patches.shape[0] for e in buffer)
                 emitted += 1
                 yield batch
         while buffer:  # finite mode: deliver the rest, in partly filled batches
+            stats["step"] = self.optimizer_step(emitted, worker, num_workers)
+            emitted += 1
             batch, buffer = self._pack(buffer, stats)
             yield batch
 
