@@ -5,27 +5,36 @@
     torchrun --nproc-per-node 8 train_clip.py --config configs/b16.yaml
     python train_clip.py --config configs/demo.yaml --resume latest
 
-Dotted overrides (section.key=value, values parsed as YAML) follow the options.
+Dotted overrides (section.key=value, values parsed as YAML) go before or after the options.
 """
 
 import argparse
 import logging
+import sys
+from pathlib import Path
 
 from navit_clip.config import load_config
 from navit_clip.train import train
+
+DEMO = Path(__file__).resolve().parent / "configs" / "demo.yaml"  # found from any working directory
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: the CPU demo)")
+    parser.add_argument("--config", default=str(DEMO), help="YAML config (default: the CPU demo)")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint path")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may come before and after the options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    train(load_config(args.config, overrides))
+    try:
+        cfg = load_config(args.config, overrides)
+        cfg.validate()
+    except ValueError as e:  # a config error: one line naming the field, not a traceback
+        sys.exit(f"config error: {e}")
+    train(cfg)
 
 
 if __name__ == "__main__":

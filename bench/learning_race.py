@@ -43,7 +43,7 @@ from navit_clip.loss import ContrastiveLoss
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.packing import ResolutionPolicy
 from navit_clip.tokenizer import build_tokenizer
-from navit_clip.train import MAX_LOGIT_SCALE, param_groups
+from navit_clip.train import MAX_LOGIT_SCALE, make_optimizer
 from navit_clip.zeroshot import build_classifier, eval_data_config, evaluate_zeroshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,7 +130,7 @@ def run_navit(data: dict, budgets: list[float], overrides: list[str], device: to
     tc = cfg.train
     torch.manual_seed(tc.seed)
     model = NaViTCLIP(cfg.model).to(device).train()
-    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas, eps=tc.eps)
+    opt = make_optimizer(model, tc)  # navit-clip's own (fused); open_clip's below is its trainer's
     sched = Schedule(opt, tc.warmup, budgets[-1])
     loss_fn = ContrastiveLoss(cfg.loss.kind)
     batches = iter(make_loader(PackedImageText(cfg.data, tok)))

@@ -15,15 +15,30 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ["learning_race", "demo", "packing", "vision_tower", "loss_memory", "loader", "train_throughput"]
+BENCHES = [
+    "learning_race",
+    "demo",
+    "packing",
+    "vision_tower",
+    "loss_memory",
+    "loader",
+    "train_throughput",
+    "train_throughput_e2e",
+    "profile_step",
+]
+COMMANDS = {"train_throughput_e2e": ["train_throughput.py", "--e2e"]}  # sections run with arguments
 NOTES = (ROOT / "bench" / "NOTES.md").read_text() if (ROOT / "bench" / "NOTES.md").exists() else ""
 
 
 def section(name: str, output: str, seconds: float) -> str:
     return (
-        f"<!-- bench:{name} -->\n## {name}\n\n```\n$ python bench/{name}.py\n{output.strip()}\n```\n"
+        f"<!-- bench:{name} -->\n## {name}\n\n```\n$ python bench/{' '.join(command(name))}\n{output.strip()}\n```\n"
         f"({seconds:.0f} s; figures in `bench/results/{name}.json`)\n<!-- /bench:{name} -->\n"
     )
+
+
+def command(name: str) -> list[str]:
+    return COMMANDS.get(name, [f"{name}.py"])
 
 
 def main() -> None:
@@ -33,7 +48,10 @@ def main() -> None:
     sections = {m[1]: m[0] for m in re.finditer(r"<!-- bench:(\w+) -->.*?<!-- /bench:\1 -->\n", old, re.S)}
     for name in chosen:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, f"bench/{name}.py"], cwd=ROOT, capture_output=True, text=True)
+        script, *args = command(name)
+        proc = subprocess.run(
+            [sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True
+        )
         if proc.returncode:
             sys.exit(f"bench/{name}.py failed:\n{proc.stderr[-3000:]}")
         out = "\n".join(line for line in proc.stdout.splitlines())

@@ -118,7 +118,9 @@ def _eval(args: argparse.Namespace) -> int:
         eval_data_config,
         evaluate_retrieval,
         evaluate_zeroshot,
+        folder_classnames,
         format_table,
+        label_map,
         load_names,
         plot_budgets,
     )
@@ -135,12 +137,18 @@ def _eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--budgets entry {b!r} must be 'native' or a token count")
     if args.data:
         is_folder = Path(args.data).is_dir()
-        if args.classnames:
-            classnames = load_names(args.classnames, "classnames")
-        elif is_folder:
-            classnames = [c.replace("_", " ") for c in folder_classes(args.data)]
+        given = load_names(args.classnames, "classnames") if args.classnames else None
+        if is_folder:
+            classnames = folder_classnames(folder_classes(args.data), given)
+        elif given:
+            classnames = given
         else:
             raise ValueError("--classnames is needed for shards (a file, or 'imagenet')")
+        results["labels"] = classnames
+        if info.is_main:
+            print(
+                f"labels ({'sorted class folders' if is_folder else args.label_key}): {label_map(classnames)}"
+            )
         templates = load_names(args.templates, "templates")
         classifier = cached_classifier(
             model,

@@ -60,6 +60,19 @@ class EvalConfig:
     seq_len: int = 0  # 0: the model's vision seq_len
     batch_seqs: int = 8
 
+    def validate(self) -> None:
+        for name, ok in {
+            "every": self.every >= 0,
+            "max_side": self.max_side >= 1,
+            "seq_len": self.seq_len >= 0,
+            "batch_seqs": self.batch_seqs >= 1,
+        }.items():
+            if not ok:
+                raise ValueError(f"eval.{name}={getattr(self, name)} is out of range")
+        for t in self.templates:
+            if "{}" not in t:
+                raise ValueError(f"eval.templates entry {t!r} has no '{{}}' for the class name")
+
 
 @dataclass
 class TrainConfig:
@@ -99,6 +112,12 @@ class TrainConfig:
             "log_every": self.log_every >= 1,
             "ckpt_every": self.ckpt_every >= 0,
             "max_skipped_steps": self.max_skipped_steps >= 1,
+            "min_lr": 0 <= self.min_lr <= self.lr,
+            "eps": self.eps > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "grad_clip": self.grad_clip >= 0,
+            "stop_at": self.stop_at >= 0,
+            "betas": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
         }
         for name, ok in checks.items():
             if not ok:
@@ -126,12 +145,14 @@ class Config:
     demo_root: str = "demo_data"  # where the demo dataset is generated (git-ignored)
 
     def validate(self) -> None:
-        """Check every section and the fields that must agree across sections."""
+        """Check every section and the fields that must agree across sections (in the demo, before
+        its data exist: the demo fills an empty data.shards)."""
         self.model.validate()
-        self.data.validate()
+        self.data.validate(require_shards=not self.demo)
         self.tokenizer.validate()
         self.loss.validate()
         self.train.validate()
+        self.eval.validate()
         v = self.model.vision
         for name in PACKING_FIELDS:
             if getattr(self.data, name) != getattr(v, name):

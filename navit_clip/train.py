@@ -46,6 +46,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model: torch.nn.Module, tc) -> torch.optim.AdamW:
+    """AdamW with `param_groups`, fused: one kernel over all parameters instead of a Python loop of
+    small ops (on CPU 49 -> 10 ms a step for the race's 14.7M parameters; the same update)."""
+    return torch.optim.AdamW(
+        param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, fused=True
+    )
+
+
 def warmup_cosine(warmup: int, total: int, min_ratio: float):
     def factor(step: int) -> float:
         if step < warmup:
@@ -57,13 +65,16 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
 
 
 def prepare_demo(cfg: Config, info: DistInfo) -> None:
-    """Point data and eval at the generated demo shards (generated once, by rank 0)."""
+    """Point data and eval at the generated demo shards (generated once, by rank 0), where the user
+    gave none: a `data.shards` given on the command line is never replaced."""
     if info.is_main:
         ensure_demo_data(cfg.demo_root)
     if info.distributed:
         torch.distributed.barrier()
     paths = ensure_demo_data(cfg.demo_root)  # already complete: returns the paths at once
-    cfg.data.shards = paths["train"]
+    if cfg.data.shards and info.is_main:
+        log.info("demo: training on the given data.shards; evaluating on the demo's held-out set")
+    cfg.data.shards = cfg.data.shards or paths["train"]
     cfg.eval.shards = cfg.eval.shards or paths["heldout"]
     cfg.eval.classnames = cfg.eval.classnames or paths["classnames"]
     if cfg.eval.templates == ["a photo of a {}."]:
@@ -142,10 +153,11 @@ def zero_shot(model, tokenizer, cfg: Config, info: DistInfo) -> dict | None:
 
 def train(cfg: Config) -> dict:
     """Train as configured; returns the final metrics (last losses, zero-shot results)."""
+    cfg.validate()  # before any work, the demo's data generation included
     info = init_distributed(cfg.train.device)
     if cfg.demo:
         prepare_demo(cfg, info)
-    cfg.validate()
+        cfg.validate()
     tc = cfg.train
     out = Path(tc.output_dir)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
@@ -166,7 +178,7 @@ def train(cfg: Config) -> dict:
         for tower in (model.visual, model.text):
             for block in tower.blocks:
                 block.mlp.compile(dynamic=True)
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas, eps=tc.eps)
+    optimizer = make_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(tc.warmup, tc.steps, tc.min_lr / tc.lr)
     )

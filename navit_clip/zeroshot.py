@@ -44,6 +44,40 @@ def load_names(spec: str, kind: str) -> list[str]:
 
 
 @torch.no_grad()
+def _norm(name: str) -> str:
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+def folder_classnames(folders: list[str], given: list[str] | None) -> list[str]:
+    """Class names in the image folder's label order (its sorted class folders).
+
+    Given names that match the folder names (ignoring case and `_` vs space) are put in folder order,
+    whatever order the file lists them in. Given names that match none of the folders (ImageNet's
+    wnid folders with a file of readable names) are taken to follow the sorted folder order, as that
+    convention has it. A partial match, or a count that differs, is an error naming both orders.
+    """
+    if not given:
+        return [f.replace("_", " ") for f in folders]
+    by_name = {_norm(g): g for g in given}
+    matched = [by_name.get(_norm(f)) for f in folders]
+    if len(given) == len(folders) and all(matched):
+        return matched
+    if len(given) == len(folders) and not any(matched):
+        return list(given)
+    raise ValueError(
+        f"--classnames does not match the class folders: the folders (labels 0..{len(folders) - 1}, "
+        f"sorted) are {folders[:12]}{' ...' if len(folders) > 12 else ''}; the file lists "
+        f"{given[:12]}{' ...' if len(given) > 12 else ''}. Name the classes as the folders are named "
+        f"(any order), or list readable names in the folders' sorted order"
+    )
+
+
+def label_map(classnames: list[str], shown: int = 10) -> str:
+    """`0=circle, 1=square, ...`: the label-to-name mapping an evaluation used."""
+    head = ", ".join(f"{i}={n}" for i, n in enumerate(classnames[:shown]))
+    return head + (f", ... ({len(classnames)} classes)" if len(classnames) > shown else "")
+
+
 def build_classifier(model, tokenizer, classnames: list[str], templates: list[str], device) -> torch.Tensor:
     """[D, C]: for each class, the normalised mean of its normalised prompt embeddings."""
     weights = []

@@ -3,6 +3,7 @@ classifier builder and evaluation loop as the cross-check."""
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,3 +243,38 @@ def test_eval_command_matches_open_clip_classifier_and_loop(trained_checkpoint, 
     # demo through colour alone). Learning is tested in test_learning.py and measured by the race.
     assert [r["budget"] for r in ours] == ["native", "16", "64"]
     assert ours[1]["tokens_per_image"] <= 16 < ours[2]["tokens_per_image"] <= 64
+
+
+def test_folder_classnames_are_matched_by_name_not_by_file_order(trained_checkpoint, tmp_path):
+    """A class-name file in another order than the sorted class folders gets the same numbers as the
+    folders' own names (it used to score a 65 % model at chance); a file that half matches is an error."""
+    from navit_clip.zeroshot import folder_classnames
+
+    ckpt, paths = trained_checkpoint
+    folders = sorted(p.name for p in Path(paths["heldout_folder"]).iterdir())
+    shuffled = tmp_path / "names.txt"
+    shuffled.write_text("\n".join(reversed(folders)) + "\n")
+    runs = {}
+    for name, extra in (("folders", []), ("reversed file", ["--classnames", str(shuffled)])):
+        cli(
+            [
+                "eval",
+                str(ckpt),
+                "--data",
+                paths["heldout_folder"],
+                "--budgets",
+                "16",
+                "--out",
+                str(tmp_path / name),
+                *extra,
+            ]
+        )
+        runs[name] = json.loads((tmp_path / name / "results.json").read_text())
+    assert runs["folders"]["labels"] == runs["reversed file"]["labels"] == folders
+    assert runs["folders"]["zeroshot"][0]["top1"] == runs["reversed file"]["zeroshot"][0]["top1"]
+    assert folder_classnames(["n015", "n020"], ["Tench", "goldfish"]) == ["Tench", "goldfish"]  # wnid folders
+    assert folder_classnames(["big_cat", "dog"], ["Dog", "big cat"]) == ["big cat", "Dog"]
+    with pytest.raises(
+        ValueError, match=r"folders .*\['circle', 'square'\].*the file lists \['square', 'star'\]"
+    ):
+        folder_classnames(["circle", "square"], ["square", "star"])

@@ -403,3 +403,35 @@ def test_data_skips_are_counted_per_window_and_in_total(tmp_path):
     assert window == total and sum(total.values()) > 0
     # 12 steps run through the 120-sample corpus at least once: every bad sample is seen at least once
     assert all(total[k] >= n for k, n in bad_counts.items())
+
+
+def test_demo_never_replaces_the_shards_a_user_gave(small_shards, tmp_path, monkeypatch):
+    import navit_clip.train as train_module
+
+    monkeypatch.setattr(
+        train_module, "ensure_demo_data", lambda root: small_shards
+    )  # no 8000-image generation
+    cfg = load_config("configs/demo.yaml", tiny_run("mine-{0..3}.tar", tmp_path, demo="true"))
+    train_module.prepare_demo(cfg, DistInfo())
+    assert cfg.data.shards == "mine-{0..3}.tar" and cfg.eval.shards == small_shards["heldout"]
+    cfg = load_config("configs/demo.yaml", tiny_run("''", tmp_path, demo="true"))
+    train_module.prepare_demo(cfg, DistInfo())
+    assert cfg.data.shards == small_shards["train"]
+
+
+def test_command_line_from_any_folder_with_overrides_around_resume_and_one_line_errors(tmp_path):
+    """`python /path/to/train_clip.py` finds its default config from any folder, takes overrides before
+    and after --resume, and a bad value is one line naming the field, before any demo data is made."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_clip.py")
+    cases = {
+        ("train.steps=5", "--resume", "latest", "train.eps=0"): "train.eps=0",
+        ("model.vision.seq_len=0",): "seq_len=0",
+        ("train.min_lr=1.0",): "train.min_lr=1.0",
+        ("eval.every=-1",): "eval.every=-1",
+    }
+    for args, field in cases.items():
+        proc = subprocess.run([sys.executable, script, *args], cwd=tmp_path, capture_output=True, text=True)
+        assert proc.returncode != 0
+        assert proc.stderr.strip().startswith("config error:") and field in proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "demo_data").exists()  # validation came first

@@ -72,8 +72,8 @@ class DataConfig:
     # listed shard, plus 100, in a row without a sample) stops the run with the skip reasons so far.
     max_bad_in_a_row: int = 10_000
 
-    def validate(self) -> None:
-        if not self.shards:
+    def validate(self, require_shards: bool = True) -> None:
+        if require_shards and not self.shards:
             raise ValueError(
                 "data.shards is empty: give a shard pattern such as 'data/shards-{0000..0009}.tar'"
             )

@@ -39,12 +39,13 @@ class VisionConfig:
     ln_pre: bool = False  # LayerNorm on the input tokens, before the first block (open_clip's ln_pre)
 
     def validate(self) -> None:
+        for name in ("patch_size", "seq_len", "max_images", "width", "depth", "heads", "max_grid"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.vision.{name}={getattr(self, name)} must be positive")
         if self.width % self.heads:
             raise ValueError(f"vision.width={self.width} is not divisible by vision.heads={self.heads}")
         if self.pool not in ("map", "mean"):
             raise ValueError(f"vision.pool={self.pool!r} must be 'map' or 'mean'")
-        if self.patch_size < 1 or self.seq_len < 1 or self.max_images < 1:
-            raise ValueError("vision.patch_size, vision.seq_len and vision.max_images must be positive")
 
 
 @dataclass
