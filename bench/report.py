@@ -25,6 +25,7 @@ BENCHES = [
     "train_throughput",
     "train_throughput_e2e",
     "profile_step",
+    "resume",
 ]
 COMMANDS = {"train_throughput_e2e": ["train_throughput.py", "--e2e"]}  # sections run with arguments
 NOTES = (ROOT / "bench" / "NOTES.md").read_text() if (ROOT / "bench" / "NOTES.md").exists() else ""

@@ -186,7 +186,7 @@ def train(cfg: Config) -> dict:
         cfg.loss.kind, tile_size=cfg.loss.tile_size, direct_max_slots=cfg.loss.direct_max_slots
     )
 
-    start, data_batches, data_epoch, skipped, skipped_in_a_row = 0, 0, 0, 0, 0
+    start, data_batches, skipped, skipped_in_a_row, state = 0, 0, 0, 0, {}
     skip_window, skip_totals = Counter(), Counter()  # data skips by reason, this log window / whole run
     resume_from = (
         latest_checkpoint(out) if tc.resume == "latest" else (Path(tc.resume) if tc.resume else None)
@@ -201,25 +201,12 @@ def train(cfg: Config) -> dict:
         state = load_checkpoint(resume_from, model, optimizer, scheduler, model_config=resolved["model"])
         start, data_batches, skipped = state["step"], state["data_batches"], state.get("skipped_steps", 0)
         skip_totals.update(state.get("skip_counts", {}))
-        data_epoch = state.get("data_epoch", 0)
         set_rng_state(state["rng"])
         if info.is_main:
             log.info("resumed from %s at step %d", resume_from, start)
 
-    first_batch = 0  # exact resume replays the stream from its start
-    if tc.resume_data == "fresh" and start:
-        # a new deterministic stream: instant, but not the one an unbroken run would have seen
-        data_epoch, data_batches, first_batch = start, 0, start * tc.accum
-    dataset = PackedImageText(cfg.data, tokenizer, info.rank, info.world_size, tc.accum, first_batch)
-    dataset.set_epoch(data_epoch)
-    loader = make_loader(dataset, pin_memory=info.device.type == "cuda")
-    batches = endless(loader, dataset, info)
-    for _ in tqdm(
-        range(data_batches),
-        desc="replaying data to the checkpoint",
-        disable=not info.is_main or not data_batches,
-    ):
-        next(batches)
+    data_state = {k: state.get(k, 0) for k in ("data_batches", "data_epoch", "data_origin")} if start else {}
+    dataset, batches, replayed = open_data(cfg, tokenizer, info, start, data_state)
 
     metrics = MetricsLog(out, info.is_main, start)
     autocast = (
@@ -325,7 +312,8 @@ def train(cfg: Config) -> dict:
         if (tc.ckpt_every and done % tc.ckpt_every == 0) or done == end:
             extra = {
                 "data_batches": data_batches,
-                "data_epoch": data_epoch,
+                "data_epoch": dataset.epoch,
+                "data_origin": dataset.origin,
                 "skipped_steps": skipped,
                 "skip_counts": dict(skip_totals + Counter(sum_counts(skip_window, info))),
                 "rng": rng_state(),
@@ -338,7 +326,7 @@ def train(cfg: Config) -> dict:
                 metrics.write(done, {"zeroshot_top1": result["top1"], "zeroshot_top5": result["top5"]})
     bar.close()
 
-    final = {"losses": history, "skipped_steps": skipped, "steps": end}
+    final = {"losses": history, "skipped_steps": skipped, "steps": end, "replayed_batches": replayed}
     if end < tc.steps:
         metrics.close()
         if info.is_main:
@@ -359,6 +347,33 @@ def train(cfg: Config) -> dict:
     return final
 
 
+def open_data(cfg: Config, tokenizer, info: DistInfo, start: int, saved: dict):
+    """The training data stream, positioned for a run at optimiser step `start` (`saved`: the data
+    state of its checkpoint) -> (dataset, batches, number of batches replayed).
+
+    Exact resume (`train.resume_data=exact`) restores the stream's epoch and origin and replays at
+    most one chunk of resampled data (`data.resume_chunk` batches) or the current epoch of finite
+    data: the same batches an unbroken run sees, in seconds whatever the step. `fresh` starts a new
+    deterministic stream at once (seeded by the step), not the one an unbroken run would have seen.
+    """
+    tc = cfg.train
+    done = saved.get("data_batches", 0)
+    dataset = PackedImageText(cfg.data, tokenizer, info.rank, info.world_size, tc.accum, first_batch=done)
+    replay = 0
+    if start and tc.resume_data == "fresh":
+        dataset.set_epoch(start)
+    elif start:
+        dataset.set_epoch(saved.get("data_epoch", 0))
+        dataset.origin = saved.get("data_origin", 0)
+        replay = dataset.resume_at(done)
+    batches = endless(make_loader(dataset, pin_memory=info.device.type == "cuda"), dataset, info)
+    for _ in tqdm(
+        range(replay), desc="replaying data to the checkpoint", disable=not info.is_main or not replay
+    ):
+        next(batches)
+    return dataset, batches, replay
+
+
 def endless(loader, dataset: PackedImageText, info: DistInfo):
     """Batches forever: resampled data never ends; finite data (data.resampled=false) starts its next
     epoch, reshuffled, when one ends. Deterministic, so resume can replay it."""
@@ -367,7 +382,8 @@ def endless(loader, dataset: PackedImageText, info: DistInfo):
         for batch in loader:
             count += 1
             yield batch
-        dataset.first_batch += count  # schedules continue across epochs
+        dataset.first_batch += count  # schedules continue across epochs; the next epoch starts here
+        dataset.origin = dataset.first_batch
         if count == 0:
             raise ValueError(
                 f"rank {info.rank} got no batch from data.shards ({dataset.cfg.shards}) in one pass: no "

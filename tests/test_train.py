@@ -435,3 +435,55 @@ def test_command_line_from_any_folder_with_overrides_around_resume_and_one_line_
         assert proc.stderr.strip().startswith("config error:") and field in proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "demo_data").exists()  # validation came first
+
+
+def _resume_on_rank(rank, world, shards, out, overrides, stops, result_path):
+    import json
+    from pathlib import Path
+
+    from navit_clip.train import train
+
+    def run(folder, **extra):
+        return train(
+            load_config("configs/demo.yaml", tiny_run(shards, Path(out) / folder, **overrides, **extra))
+        )
+
+    results = {"full": run("full")["losses"]}
+    for k in stops:
+        first = run(f"stop{k}", **{"train.stop_at": k})
+        second = run(f"stop{k}", **{"train.resume": "latest"})
+        results[k] = {"losses": first["losses"] + second["losses"], "replayed": second["replayed_batches"]}
+    if rank == 0:
+        Path(result_path).write_text(json.dumps(results))
+
+
+@pytest.mark.parametrize("resampled", [True, False])
+def test_resume_on_two_ranks_and_two_workers_replays_at_most_a_chunk(tmp_path, resampled):
+    """2 gloo ranks x 2 loader workers: runs stopped at several steps and resumed give the unbroken
+    run's losses; resampled data replay less than one chunk (data.resume_chunk), whatever the step."""
+    import json
+
+    from test_data import write_corpus
+
+    shards, _, _ = write_corpus(tmp_path, n_shards=4, per_shard=40, bad_every=7)
+    overrides = {
+        "data.resampled": str(resampled).lower(),
+        "data.num_workers": 2,
+        "data.resume_chunk": 4,
+        "data.resolution.kind": "native",
+        "data.resolution.max_side": 64,
+        "data.max_pixels": 1_000_000,
+        "train.steps": 9,
+        "train.ckpt_every": 1,
+        "train.keep_last": 1,
+    }
+    stops = (3, 6)
+    path = tmp_path / "result.json"
+    run_world(2, _resume_on_rank, shards, str(tmp_path / "runs"), overrides, stops, str(path))
+    results = json.loads(path.read_text())
+    for k in stops:
+        torch.testing.assert_close(
+            torch.tensor(results[str(k)]["losses"]), torch.tensor(results["full"]), rtol=1e-6, atol=0
+        )
+    if resampled:  # chunk of 4 batches: step 3 replays 3, step 6 replays 2 (not 6)
+        assert [results[str(k)]["replayed"] for k in stops] == [3, 2]

@@ -71,6 +71,10 @@ class DataConfig:
     # A worker that reads this many samples in a row without a usable one (or opens 10 shards per
     # listed shard, plus 100, in a row without a sample) stops the run with the skip reasons so far.
     max_bad_in_a_row: int = 10_000
+    # Resampled data restart their stream (fresh shard draws and shuffle, seeded by the chunk's index)
+    # every resume_chunk batches per rank (rounded up to a multiple of num_workers), so a resumed run
+    # replays fewer than resume_chunk batches, whatever its step. Finite data replay within the epoch.
+    resume_chunk: int = 100
 
     def validate(self, require_shards: bool = True) -> None:
         if require_shards and not self.shards:
@@ -81,7 +85,15 @@ class DataConfig:
             raise ValueError(f"data.normalize={self.normalize!r} must be 'clip' or 'half'")
         if self.pack_factor < 1:
             raise ValueError(f"data.pack_factor={self.pack_factor} must be at least 1")
-        for name in ("seq_len", "max_images", "batch_seqs", "patch_size", "max_pixels", "max_bad_in_a_row"):
+        for name in (
+            "seq_len",
+            "max_images",
+            "batch_seqs",
+            "patch_size",
+            "max_pixels",
+            "max_bad_in_a_row",
+            "resume_chunk",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be positive")
         if not self.max_aspect >= 1:
@@ -215,16 +227,35 @@ class PackedImageText(IterableDataset):
             raise TypeError("the tokenizer needs a pad_id (see navit_clip.tokenizer.build_tokenizer)")
         self.cfg, self.tokenizer = cfg, tokenizer
         self.rank, self.world_size = rank, world_size
-        # Schedules over training (token dropping) read the trainer's optimiser step, derived here
-        # deterministically: the DataLoader takes batches from its workers in turn, so this worker's
-        # n-th batch is batch first_batch + n * workers + worker of the run, and accum of them make
-        # one optimiser step. The trainer advances first_batch after each pass over finite data.
-        self.accum, self.first_batch = accum, first_batch
+        # Where the stream stands, counted in batches of this rank over the whole run. The DataLoader
+        # takes batches from its workers in turn, so this worker's n-th batch is batch
+        # first_batch + n * workers + worker; accum of them make one optimiser step, which is what
+        # schedules over training (token dropping) read. `origin` is the batch this stream (this epoch
+        # of finite data, or the stream a run started or freshly resumed with) began at; resampled
+        # streams restart at every resume_chunk batches after it, so first_batch may be any such
+        # chunk start (exact resume), and finite ones begin at their origin.
+        self.accum, self.first_batch, self.origin = accum, first_batch, first_batch
         self.epoch = 0
         self.mean, self.std = (CLIP_MEAN, CLIP_STD) if cfg.normalize == "clip" else (HALF_MEAN, HALF_STD)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def chunk_batches(self, workers: int | None = None) -> int:
+        """Batches per resampled chunk: resume_chunk rounded up to a multiple of the loader's workers
+        (data.num_workers unless given)."""
+        W = max(self.cfg.num_workers if workers is None else workers, 1)
+        return -(-self.cfg.resume_chunk // W) * W
+
+    def resume_at(self, done: int) -> int:
+        """Position the stream for a run that has consumed `done` batches since `origin` began:
+        returns how many batches to replay (fewer than one chunk, or than one epoch of finite data)."""
+        if self.cfg.resampled:
+            chunk = self.chunk_batches()
+            self.first_batch = self.origin + (done - self.origin) // chunk * chunk
+        else:
+            self.first_batch = self.origin
+        return done - self.first_batch
 
     def optimizer_step(self, emitted: int, worker: int, num_workers: int) -> int:
         """The trainer's optimiser step when this worker's next batch is consumed."""
@@ -339,16 +370,32 @@ class PackedImageText(IterableDataset):
     def __iter__(self) -> Iterator[ImageTextBatch]:
         cfg = self.cfg
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        seed = hash((cfg.seed, self.epoch, self.rank, worker)) & 0x7FFFFFFF
+        worker, W = (info.id, info.num_workers) if info else (0, 1)
+        if not cfg.resampled:
+            yield from self._stream(hash((cfg.seed, self.epoch, self.rank, worker)), worker, W, 0, None)
+            return
+        size = self.chunk_batches(W if info else 0)
+        chunk, emitted = (self.first_batch - self.origin) // size, 0
+        per_worker = size // W
+        while True:  # resampled: endless, restarted with a new seed at every chunk boundary
+            seed = hash((cfg.seed, self.epoch, self.rank, worker, chunk))
+            for batch in self._stream(seed, worker, W, emitted, per_worker):
+                emitted += 1
+                yield batch
+            chunk += 1
+
+    def _stream(self, seed: int, worker: int, W: int, emitted: int, limit: int | None):
+        """Batches from one seeded sample stream: up to `limit` of them (all, for finite data)."""
+        cfg = self.cfg
+        seed &= 0x7FFFFFFF
         rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
         stats: Counter = Counter()
         buffer: list[Example] = []
-        buffered_tokens, emitted = 0, 0
+        buffered_tokens, made = 0, 0
         threshold = cfg.pack_factor * cfg.batch_seqs * cfg.seq_len
         bad_in_a_row = 0
         for sample in self._samples(seed, stats):
-            step = self.optimizer_step(emitted, worker, num_workers)
+            step = self.optimizer_step(emitted + made, worker, W)
             try:
                 ex = self._example(sample, rng, g, step)
             except BadSample as e:
@@ -366,11 +413,13 @@ class PackedImageText(IterableDataset):
                 stats["step"] = step
                 batch, buffer = self._pack(buffer, stats)
                 buffered_tokens = sum(e.patches.shape[0] for e in buffer)
-                emitted += 1
+                made += 1
                 yield batch
+                if limit is not None and made >= limit:
+                    return
         while buffer:  # finite mode: deliver the rest, in partly filled batches
-            stats["step"] = self.optimizer_step(emitted, worker, num_workers)
-            emitted += 1
+            stats["step"] = self.optimizer_step(emitted + made, worker, W)
+            made += 1
             batch, buffer = self._pack(buffer, stats)
             yield batch
 
