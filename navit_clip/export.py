@@ -95,7 +95,9 @@ def export_encoder(
             "tokenizer": asdict(cfg.tokenizer),
         }
         (out / "text_config.json").write_text(json.dumps(text_cfg, indent=1))
-        shutil.copyfile(HERE / "model" / "text.py", out / "navit_text.py")
+    # The text tower's code ships with every export (the weights only with --with-text): transformers
+    # checks every relative import of remote code, and navit_encoder.py imports .navit_text.
+    shutil.copyfile(HERE / "model" / "text.py", out / "navit_text.py")
     if onnx:
         export_onnx(out)
     return out

@@ -3,7 +3,8 @@
 Files of an export folder:
     model.safetensors        weights;  config.json   architecture;  preprocessor_config.json
     navit_encoder.py         this file;  navit_layers.py, navit_posemb.py   the layers it is built of
-    text_model.safetensors, text_config.json, navit_text.py    with --with-text: NaViTTextEncoder
+    navit_text.py            the text tower's code (always: transformers checks every import)
+    text_model.safetensors, text_config.json    with --with-text: NaViTTextEncoder
     modeling_navit.py        the Hugging Face wrapper (AutoModel with trust_remote_code=True)
     encoder.onnx             the packed interface in ONNX (dynamic tokens and images)
 
@@ -209,6 +210,10 @@ class NaViTTextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> NaViTTextEncoder:
         folder = Path(folder)
+        if not (folder / "text_model.safetensors").exists():
+            raise FileNotFoundError(
+                f"{folder} holds no text tower: export it with `navit-clip export CKPT OUT --with-text`"
+            )
         model = cls(json.loads((folder / "text_config.json").read_text()))
         state = load_safetensors(folder / "text_model.safetensors")
         model.load_state_dict({k: v for k, v in state.items() if k != "logit_bias"})
