@@ -50,6 +50,22 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(device=dev)
 
 
+def parallelize(model: nn.Module, tc, info: DistInfo) -> nn.Module:
+    """Everything that changes how the model runs, in one place and in this order (torchtitan's):
+    1. activation checkpointing on every transformer block (`torch.utils.checkpoint` inside the
+       block's forward: parameter names, and so checkpoints, are unchanged);
+    2. `torch.compile` of the blocks' MLPs (most of the FLOPs; attention stays eager, since its
+       packing plan changes every batch and would recompile);
+    3. DDP or FSDP2 (`wrap_model`), under torchrun.
+    Returns the module to call for training (the model itself in one process)."""
+    blocks = [block for tower in (model.visual, model.text) for block in tower.blocks]
+    for block in blocks:
+        block.checkpointing = tc.activation_checkpointing
+        if tc.compile:
+            block.mlp.compile(dynamic=True)
+    return wrap_model(model, info, tc.parallel)
+
+
 def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Module:
     """DDP, or FSDP2 (`fully_shard` on every transformer block, then the root).
 

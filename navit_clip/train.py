@@ -1,7 +1,10 @@
-"""The training loop, top to bottom: build, (resume), step, log, checkpoint, evaluate.
+"""The training loop, in named parts: build, resume, (data), step, log, checkpoint, evaluate.
 
-Runs as one process on a CPU or a GPU, or under torchrun (DDP by default, FSDP2 with
-train.parallel=fsdp). The contrastive loss covers the global batch of all ranks.
+`train(cfg)` reads top to bottom: `build` makes the run (tokenizer, model, `parallelize`, optimiser,
+schedule, loss), `resume` restores a checkpoint into it and returns the `TrainState`, `open_data`
+positions the data stream, and each step is `train_step`, then `log_window`, `checkpoint` and
+`evaluate` when due. Runs as one process on a CPU or a GPU, or under torchrun (DDP by default, FSDP2
+with train.parallel=fsdp). The contrastive loss covers the global batch of all ranks.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import random
 import time
 from collections import Counter
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,7 +28,7 @@ from navit_clip.checkpoint import latest_checkpoint, load_checkpoint, remove_par
 from navit_clip.config import Config, to_dict
 from navit_clip.data.demo import ZEROSHOT_TEMPLATES, ensure_demo_data
 from navit_clip.data.pipeline import PackedImageText, make_loader
-from navit_clip.distributed import DistInfo, all_reduce_mean, init_distributed, sum_counts, wrap_model
+from navit_clip.distributed import DistInfo, all_reduce_mean, init_distributed, parallelize, sum_counts
 from navit_clip.loss import ContrastiveLoss
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.packing import ResolutionPolicy
@@ -151,13 +155,60 @@ def zero_shot(model, tokenizer, cfg: Config, info: DistInfo) -> dict | None:
     return result
 
 
-def train(cfg: Config) -> dict:
-    """Train as configured; returns the final metrics (last losses, zero-shot results)."""
-    cfg.validate()  # before any work, the demo's data generation included
-    info = init_distributed(cfg.train.device)
-    if cfg.demo:
-        prepare_demo(cfg, info)
-        cfg.validate()
+# -- the run's parts --------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What a training run is made of, built once by `build`."""
+
+    cfg: Config
+    info: DistInfo
+    out: Path
+    resolved: dict  # the config as it ran (saved as config.yaml and in every checkpoint)
+    tokenizer: object
+    model: NaViTCLIP
+    wrapped: torch.nn.Module  # the model under DDP / FSDP2 (the model itself in one process)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loss_fn: ContrastiveLoss
+    autocast: object
+
+
+@dataclass
+class TrainState:
+    """What a resume restores besides weights, optimiser, scheduler and RNG (lingua's TrainState)."""
+
+    step: int = 0
+    data_batches: int = 0  # batches this rank has consumed over the whole run
+    skipped_steps: int = 0  # non-finite steps (update skipped), in all
+    skipped_in_a_row: int = 0  # not saved: a resumed run starts counting again
+    skip_counts: Counter = field(default_factory=Counter)  # data skips by reason, whole run
+
+
+@dataclass
+class Window:
+    """Throughput and data-skip counts since the last log line (this rank)."""
+
+    images: int = 0
+    tokens: int = 0
+    padding: float = 0.0
+    batches: int = 0
+    time: float = 0.0
+    skips: Counter = field(default_factory=Counter)
+
+    def add(self, stats: dict) -> None:
+        self.images += stats["images"]
+        self.tokens += stats["tokens"]
+        self.padding += stats["padding_fraction"]
+        self.batches += 1
+        self.skips.update(
+            {k: v for k, v in stats.items() if (k.startswith("skip_") or k == "corrupt_shard") and v}
+        )
+
+
+def build(cfg: Config, info: DistInfo) -> Run:
+    """Tokenizer, model, parallel wrapper, optimiser, schedule and loss; writes config.yaml."""
     tc = cfg.train
     out = Path(tc.output_dir)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
@@ -168,16 +219,9 @@ def train(cfg: Config) -> dict:
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        remove_partial(out)
     model = NaViTCLIP(cfg.model).to(info.device)
-    if tc.activation_checkpointing:
-        _checkpoint_blocks(model)
-    wrapped = wrap_model(model, info, tc.parallel)
-    if tc.compile:
-        # The MLPs (most of the FLOPs) are compiled with dynamic shapes; attention stays eager: its
-        # packing plan (group sizes, sequence offsets) changes every batch and would recompile.
-        for tower in (model.visual, model.text):
-            for block in tower.blocks:
-                block.mlp.compile(dynamic=True)
+    wrapped = parallelize(model, tc, info)
     optimizer = make_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(tc.warmup, tc.steps, tc.min_lr / tc.lr)
@@ -185,156 +229,187 @@ def train(cfg: Config) -> dict:
     loss_fn = ContrastiveLoss(
         cfg.loss.kind, tile_size=cfg.loss.tile_size, direct_max_slots=cfg.loss.direct_max_slots
     )
-
-    start, data_batches, skipped, skipped_in_a_row, state = 0, 0, 0, 0, {}
-    skip_window, skip_totals = Counter(), Counter()  # data skips by reason, this log window / whole run
-    resume_from = (
-        latest_checkpoint(out) if tc.resume == "latest" else (Path(tc.resume) if tc.resume else None)
-    )
-    if tc.resume and resume_from is None:
-        log.warning("train.resume=latest but %s holds no checkpoint: starting from scratch", out)
-    if resume_from is not None and not resume_from.exists():
-        raise ValueError(f"train.resume={tc.resume}: no such checkpoint; give a path or 'latest'")
-    if info.is_main:
-        remove_partial(out)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler, model_config=resolved["model"])
-        start, data_batches, skipped = state["step"], state["data_batches"], state.get("skipped_steps", 0)
-        skip_totals.update(state.get("skip_counts", {}))
-        set_rng_state(state["rng"])
-        if info.is_main:
-            log.info("resumed from %s at step %d", resume_from, start)
-
-    data_state = {k: state.get(k, 0) for k in ("data_batches", "data_epoch", "data_origin")} if start else {}
-    dataset, batches, replayed = open_data(cfg, tokenizer, info, start, data_state)
-
-    metrics = MetricsLog(out, info.is_main, start)
     autocast = (
         torch.autocast(info.device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
     )
-    history: list[float] = []
-    window = {"images": 0, "tokens": 0, "padding": 0.0, "batches": 0, "time": 0.0}
-    end = min(tc.stop_at, tc.steps) if tc.stop_at else tc.steps
-    bar = tqdm(range(start, end), desc="train", initial=start, total=tc.steps, disable=not info.is_main)
-    wrapped.train()
-    for step in bar:
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=info.device)
-        for micro in range(tc.accum):
-            batch = next(batches).to(info.device, non_blocking=True)
-            data_batches += 1
-            sync = (
-                nullcontext()
-                if micro == tc.accum - 1 or not hasattr(wrapped, "no_sync")
-                else wrapped.no_sync()
-            )
-            with sync, autocast:
-                out_emb = wrapped(batch.images, batch.text)
-                loss = loss_fn(
-                    out_emb["image_emb"],
-                    out_emb["text_emb"],
-                    out_emb["valid"],
-                    out_emb["logit_scale"],
-                    out_emb.get("logit_bias"),
-                )
-            # read now: under FSDP2 the parameter is only whole (unsharded) inside the step
-            scale_seen = out_emb["logit_scale"].detach().exp().reshape(())
-            with sync:
-                (loss / tc.accum).backward()
-            loss_sum += loss.detach() / tc.accum
-            window["images"] += batch.stats["images"]
-            window["tokens"] += batch.stats["tokens"]
-            window["padding"] += batch.stats["padding_fraction"]
-            window["batches"] += 1
-            skip_window.update(
-                {
-                    k: v
-                    for k, v in batch.stats.items()
-                    if (k.startswith("skip_") or k == "corrupt_shard") and v
-                }
-            )
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        )
-        # One host-device sync per step: a non-finite loss or gradient skips the update.
-        finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-        if finite:
-            optimizer.step()
-            skipped_in_a_row = 0
-        else:
-            skipped += 1
-            skipped_in_a_row += 1
-            log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", step, skipped)
-            if skipped_in_a_row >= tc.max_skipped_steps:
-                last = latest_checkpoint(out)
-                raise RuntimeError(
-                    f"{skipped_in_a_row} steps in a row (to step {step + 1}) had a non-finite loss or "
-                    f"gradient (train.max_skipped_steps={tc.max_skipped_steps}); stopped. The last "
-                    f"checkpoint ({last or 'none yet'}) holds the last weights written; lower train.lr, "
-                    f"set train.grad_clip, or check the data"
-                )
-        scheduler.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        window["time"] += time.perf_counter() - t0
-        history.append(float(loss_sum))
+    return Run(cfg, info, out, resolved, tokenizer, model, wrapped, optimizer, scheduler, loss_fn, autocast)
 
-        done = step + 1
-        if done % tc.log_every == 0 or done == tc.steps:
-            w = all_reduce_mean({k: float(v) for k, v in window.items()}, info)
-            scale = info.world_size  # images and tokens summed over ranks
-            values = {
-                "loss": history[-1],
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "logit_scale": float(scale_seen),
-                "images_per_s": scale * w["images"] / max(w["time"], 1e-9),
-                "tokens_per_s": scale * w["tokens"] / max(w["time"], 1e-9),
-                "padding": w["padding"] / max(w["batches"], 1),
-                "skipped_steps": skipped,
-            }
-            # data skips summed over ranks (and their workers): this window's and the run's so far
-            skips = sum_counts(skip_window, info)
-            skip_totals.update(skips)
-            values.update({f"data/{k}": v for k, v in skips.items()})
-            values.update({f"data/{k}_total": v for k, v in skip_totals.items()})
-            metrics.write(done, values)
-            bar.set_postfix(
-                loss=f"{values['loss']:.3f}",
-                img_s=f"{values['images_per_s']:.0f}",
-                tok_s=f"{values['tokens_per_s']:.0f}",
-                pad=f"{100 * values['padding']:.1f}%",
-                skipped=sum(skip_totals.values()),
+
+def resume(run: Run) -> tuple[TrainState, dict]:
+    """Restore the newest (or the named) checkpoint, if asked: (train state, the data stream's state)."""
+    tc, out = run.cfg.train, run.out
+    path = latest_checkpoint(out) if tc.resume == "latest" else (Path(tc.resume) if tc.resume else None)
+    if tc.resume and path is None:
+        log.warning("train.resume=latest but %s holds no checkpoint: starting from scratch", out)
+    if path is None:
+        return TrainState(), {}
+    if not path.exists():
+        raise ValueError(f"train.resume={tc.resume}: no such checkpoint; give a path or 'latest'")
+    saved = load_checkpoint(path, run.model, run.optimizer, run.scheduler, model_config=run.resolved["model"])
+    set_rng_state(saved["rng"])
+    if run.info.is_main:
+        log.info("resumed from %s at step %d", path, saved["step"])
+    state = TrainState(
+        step=saved["step"],
+        data_batches=saved["data_batches"],
+        skipped_steps=saved.get("skipped_steps", 0),
+        skip_counts=Counter(saved.get("skip_counts", {})),
+    )
+    return state, {k: saved.get(k, 0) for k in ("data_batches", "data_epoch", "data_origin")}
+
+
+def train_step(run: Run, batches, state: TrainState, window: Window) -> dict:
+    """One optimiser step over `train.accum` micro-batches; a non-finite loss or gradient skips the
+    update, and `train.max_skipped_steps` of those in a row stop the run."""
+    tc, info, wrapped = run.cfg.train, run.info, run.wrapped
+    t0 = time.perf_counter()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=info.device)
+    for micro in range(tc.accum):
+        batch = next(batches).to(info.device, non_blocking=True)
+        state.data_batches += 1
+        last = micro == tc.accum - 1 or not hasattr(wrapped, "no_sync")
+        sync = nullcontext() if last else wrapped.no_sync()
+        with sync, run.autocast:
+            emb = wrapped(batch.images, batch.text)
+            loss = run.loss_fn(
+                emb["image_emb"], emb["text_emb"], emb["valid"], emb["logit_scale"], emb.get("logit_bias")
             )
-            window = dict.fromkeys(window, 0)
-            skip_window.clear()
+        # read now: under FSDP2 the parameter is only whole (unsharded) inside the step
+        scale_seen = emb["logit_scale"].detach().exp().reshape(())
+        with sync:
+            (loss / tc.accum).backward()
+        loss_sum += loss.detach() / tc.accum
+        window.add(batch.stats)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        run.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")
+    )
+    # One host-device sync per step: a non-finite loss or gradient skips the update.
+    if bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)):
+        run.optimizer.step()
+        state.skipped_in_a_row = 0
+    else:
+        _skip_update(run, state)
+    run.scheduler.step()
+    with torch.no_grad():
+        run.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    state.step += 1
+    window.time += time.perf_counter() - t0
+    return {"loss": float(loss_sum), "grad_norm": float(grad_norm), "logit_scale": float(scale_seen)}
+
+
+def _skip_update(run: Run, state: TrainState) -> None:
+    tc = run.cfg.train
+    state.skipped_steps += 1
+    state.skipped_in_a_row += 1
+    log.warning(
+        "step %d: non-finite loss or gradient, update skipped (%d so far)", state.step, state.skipped_steps
+    )
+    if state.skipped_in_a_row >= tc.max_skipped_steps:
+        raise RuntimeError(
+            f"{state.skipped_in_a_row} steps in a row (to step {state.step + 1}) had a non-finite loss or "
+            f"gradient (train.max_skipped_steps={tc.max_skipped_steps}); stopped. The last checkpoint "
+            f"({latest_checkpoint(run.out) or 'none yet'}) holds the last weights written; lower "
+            f"train.lr, set train.grad_clip, or check the data"
+        )
+
+
+def log_window(run: Run, state: TrainState, window: Window, last: dict, metrics: MetricsLog, bar) -> None:
+    """Write the window's metrics (throughput and data skips summed over ranks) and the progress bar."""
+    info = run.info
+    w = all_reduce_mean(
+        {k: float(getattr(window, k)) for k in ("images", "tokens", "padding", "batches", "time")}, info
+    )
+    values = {
+        **last,
+        "lr": run.scheduler.get_last_lr()[0],
+        # images and tokens summed over ranks
+        "images_per_s": info.world_size * w["images"] / max(w["time"], 1e-9),
+        "tokens_per_s": info.world_size * w["tokens"] / max(w["time"], 1e-9),
+        "padding": w["padding"] / max(w["batches"], 1),
+        "skipped_steps": state.skipped_steps,
+    }
+    # data skips summed over ranks (and their workers): this window's and the run's so far
+    skips = sum_counts(window.skips, info)
+    state.skip_counts.update(skips)
+    values.update({f"data/{k}": v for k, v in skips.items()})
+    values.update({f"data/{k}_total": v for k, v in state.skip_counts.items()})
+    metrics.write(state.step, values)
+    bar.set_postfix(
+        loss=f"{values['loss']:.3f}",
+        img_s=f"{values['images_per_s']:.0f}",
+        tok_s=f"{values['tokens_per_s']:.0f}",
+        pad=f"{100 * values['padding']:.1f}%",
+        skipped=sum(state.skip_counts.values()),
+    )
+
+
+def checkpoint(run: Run, state: TrainState, dataset: PackedImageText, window: Window) -> None:
+    """Save everything a resume needs (a collective: every rank calls it)."""
+    extra = {
+        "data_batches": state.data_batches,
+        "data_epoch": dataset.epoch,
+        "data_origin": dataset.origin,
+        "skipped_steps": state.skipped_steps,
+        "skip_counts": dict(state.skip_counts + Counter(sum_counts(window.skips, run.info))),
+        "rng": rng_state(),
+        "config": run.resolved,
+    }
+    tc = run.cfg.train
+    save_checkpoint(
+        run.out, state.step, run.model, run.optimizer, run.scheduler, extra, tc.keep_last, run.info.is_main
+    )
+
+
+def evaluate(run: Run, metrics: MetricsLog, step: int) -> dict | None:
+    """Zero-shot top-1 / top-5 on the configured held-out set (all ranks), logged at `step`."""
+    result = zero_shot(run.model, run.tokenizer, run.cfg, run.info)
+    if result:
+        metrics.write(step, {"zeroshot_top1": result["top1"], "zeroshot_top5": result["top5"]})
+    return result
+
+
+def train(cfg: Config) -> dict:
+    """Train as configured; returns the final metrics (losses, skipped steps, zero-shot results)."""
+    cfg.validate()  # before any work, the demo's data generation included
+    info = init_distributed(cfg.train.device)
+    if cfg.demo:
+        prepare_demo(cfg, info)
+        cfg.validate()
+    tc = cfg.train
+    run = build(cfg, info)
+    state, data_state = resume(run)
+    dataset, batches, replayed = open_data(cfg, run.tokenizer, info, state.step, data_state)
+    metrics = MetricsLog(run.out, info.is_main, state.step)
+    end = min(tc.stop_at, tc.steps) if tc.stop_at else tc.steps
+    bar = tqdm(
+        range(state.step, end), desc="train", initial=state.step, total=tc.steps, disable=not info.is_main
+    )
+    history, window = [], Window()
+    run.wrapped.train()
+    for _ in bar:
+        last = train_step(run, batches, state, window)
+        history.append(last["loss"])
+        done = state.step
+        if done % tc.log_every == 0 or done == tc.steps:
+            log_window(run, state, window, last, metrics, bar)
+            window = Window()
         if (tc.ckpt_every and done % tc.ckpt_every == 0) or done == end:
-            extra = {
-                "data_batches": data_batches,
-                "data_epoch": dataset.epoch,
-                "data_origin": dataset.origin,
-                "skipped_steps": skipped,
-                "skip_counts": dict(skip_totals + Counter(sum_counts(skip_window, info))),
-                "rng": rng_state(),
-                "config": resolved,
-            }
-            save_checkpoint(out, done, model, optimizer, scheduler, extra, tc.keep_last, info.is_main)
+            checkpoint(run, state, dataset, window)
         if cfg.eval.every and done % cfg.eval.every == 0 and done != tc.steps:
-            result = zero_shot(model, tokenizer, cfg, info)
-            if result:
-                metrics.write(done, {"zeroshot_top1": result["top1"], "zeroshot_top5": result["top5"]})
+            evaluate(run, metrics, done)
     bar.close()
 
-    final = {"losses": history, "skipped_steps": skipped, "steps": end, "replayed_batches": replayed}
+    final = {
+        "losses": history,
+        "skipped_steps": state.skipped_steps,
+        "steps": end,
+        "replayed_batches": replayed,
+    }
     if end < tc.steps:
-        metrics.close()
         if info.is_main:
             print(f"stopped at step {end} of {tc.steps}; continue with --resume latest")
-        return final
-    result = zero_shot(model, tokenizer, cfg, info)
-    if result:
-        metrics.write(tc.steps, {"zeroshot_top1": result["top1"], "zeroshot_top5": result["top5"]})
+    elif result := evaluate(run, metrics, tc.steps):
         final["zeroshot"] = result
         if info.is_main:
             print(
@@ -342,8 +417,8 @@ def train(cfg: Config) -> dict:
                 f"top-5 {100 * result['top5']:.1f}% (chance {100 * result['chance']:.1f}%)"
             )
     metrics.close()
-    if info.is_main:
-        print(f"run folder: {out} (checkpoints, metrics.jsonl, tensorboard/, config.yaml)")
+    if info.is_main and end == tc.steps:
+        print(f"run folder: {run.out} (checkpoints, metrics.jsonl, tensorboard/, config.yaml)")
     return final
 
 
@@ -391,19 +466,3 @@ def endless(loader, dataset: PackedImageText, info: DistInfo):
                 f"more shards, fewer workers, or data.resampled=true)"
             )
         dataset.set_epoch(dataset.epoch + 1)
-
-
-def _checkpoint_blocks(model: NaViTCLIP) -> None:
-    """Activation checkpointing on every transformer block (recompute in backward)."""
-    from torch.utils.checkpoint import checkpoint
-
-    for tower in (model.visual, model.text):
-        for block in tower.blocks:
-            block.forward = _wrap_checkpoint(block.forward, checkpoint)
-
-
-def _wrap_checkpoint(fn, checkpoint):
-    def run(*args):
-        return checkpoint(fn, *args, use_reentrant=False)
-
-    return run

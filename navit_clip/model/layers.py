@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -54,7 +55,14 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio), cfg.bias)
 
+    checkpointing = False  # recompute activations in backward (set by distributed.parallelize)
+
     def forward(self, x_BLD: torch.Tensor, attend: Attend) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x_BLD, attend, use_reentrant=False)
+        return self._forward(x_BLD, attend)
+
+    def _forward(self, x_BLD: torch.Tensor, attend: Attend) -> torch.Tensor:
         x_BLD = x_BLD + self.attn(self.norm1(x_BLD), attend)
         return x_BLD + self.mlp(self.norm2(x_BLD))
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 try:
     from navit_clip.model.layers import Mlp
@@ -50,7 +51,14 @@ class CausalBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio), bias=True)
 
+    checkpointing = False  # recompute activations in backward (set by distributed.parallelize)
+
     def forward(self, x_NKD: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x_NKD, use_reentrant=False)
+        return self._forward(x_NKD)
+
+    def _forward(self, x_NKD: torch.Tensor) -> torch.Tensor:
         N, K, D = x_NKD.shape
         q, k, v = (
             self.qkv(self.norm1(x_NKD)).view(N, K, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
