@@ -55,18 +55,26 @@ def create_model(source: str | Path | Config, device: str | torch.device = "cpu"
 
 
 def create_model_and_transforms(
-    source: str | Path | Config, device: str | torch.device = "cpu", eval_max_side: int = 512
+    source: str | Path | Config,
+    device: str | torch.device = "cpu",
+    eval_tokens: int = 256,
+    eval_max_side: int | None = None,
 ):
     """(model, preprocess_train, preprocess_val): the transforms turn a PIL image into [3, H, W].
 
-    preprocess_train samples sizes like the training pipeline; preprocess_val keeps the native size,
-    the longer side capped at `eval_max_side`.
+    preprocess_train samples sizes like the training pipeline. preprocess_val resizes every image to
+    the largest size with its aspect ratio that fits `eval_tokens` patches (default 256), exactly as
+    the exported NaViTProcessor does by default, so one photo gets one embedding either way; with
+    `eval_max_side` it keeps the native size instead, the longer side capped there.
     """
     cfg = config_of(source)
     model = create_model(cfg if isinstance(source, Config) else source, device)
     v = cfg.model.vision
     train_tf = make_preprocess(cfg.data.resolution, v.patch_size, v.seq_len, cfg.data.normalize)
-    val_tf = make_preprocess(
-        ResolutionPolicy("native", max_side=eval_max_side), v.patch_size, 1 << 20, cfg.data.normalize
+    policy = (
+        ResolutionPolicy("native", max_side=eval_max_side)
+        if eval_max_side
+        else ResolutionPolicy("budget", tokens=eval_tokens)
     )
+    val_tf = make_preprocess(policy, v.patch_size, 1 << 20, cfg.data.normalize)
     return model, train_tf, val_tf

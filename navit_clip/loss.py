@@ -17,6 +17,7 @@ The loss imports no model code: it sees embeddings, a validity mask and the temp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -378,6 +379,12 @@ class ContrastiveLoss(nn.Module):
     """Module form of `clip_loss` / `sigmoid_loss` (kind='softmax' or 'sigmoid').
 
     forward(image_emb [N_local, D], text_emb [N_local, D], valid [N_local], logit_scale, logit_bias=None)
+    forward(image_emb, text_emb, valid, scale=s)   # open_clip's convention: ClipLoss(..., logit_scale.exp())
+
+    `logit_scale` is the model's *log-space* parameter t (the multiplier is s = exp(t), clamped to
+    max_scale), as navit-clip's and open_clip's models hold it; open_clip's `ClipLoss` instead takes
+    s = t.exp(). Pass that as `scale=` (keyword only). On the first call, a `logit_scale` above
+    log(max_scale) (an s passed where t belongs: it would be read as exp(s)) is a ValueError.
     """
 
     def __init__(
@@ -395,8 +402,26 @@ class ContrastiveLoss(nn.Module):
             raise ValueError(f"tile_size={tile_size} must be positive")
         self.kind, self.group, self.tile_size = kind, group, tile_size
         self.max_scale, self.direct_max_slots = max_scale, direct_max_slots
+        self._checked = False
 
-    def forward(self, image_emb, text_emb, valid, logit_scale, logit_bias=None) -> torch.Tensor:
+    def forward(
+        self, image_emb, text_emb, valid, logit_scale=None, logit_bias=None, *, scale=None
+    ) -> torch.Tensor:
+        if (logit_scale is None) == (scale is None):
+            raise ValueError(
+                "give logit_scale (log space, the model's parameter) or scale= (exp of it), not both"
+            )
+        if scale is not None:
+            logit_scale = torch.as_tensor(scale).log()
+        elif not self._checked:
+            bound = math.log(self.max_scale) + 1e-3
+            if float(logit_scale.detach().max()) > bound:
+                raise ValueError(
+                    f"logit_scale={float(logit_scale.detach().max()):.4g} is above log(max_scale)={bound:.4g}: "
+                    f"it looks like exp(t), open_clip's convention (ClipLoss(..., logit_scale.exp())). "
+                    f"Pass the log-space parameter (model.logit_scale), or scale=logit_scale.exp()"
+                )
+            self._checked = True  # one host read per loss object, not one per step
         opts = dict(
             group=self.group,
             tile_size=self.tile_size,

@@ -222,7 +222,7 @@ def test_eval_command_matches_open_clip_classifier_and_loop(trained_checkpoint, 
     assert (tmp_path / "ev" / "accuracy_vs_tokens.png").stat().st_size > 1000
 
     # open_clip's classifier builder and an open_clip-style loop: one image at a time, no packing
-    model, _, preprocess = create_model_and_transforms(ckpt)
+    model, _, preprocess = create_model_and_transforms(ckpt, eval_max_side=512)  # as eval at "native"
     tokenizer = get_tokenizer(ckpt)
     classnames = [c for c in open(paths["classnames"]).read().splitlines() if c]
     with torch.no_grad():

@@ -253,3 +253,27 @@ def test_processor_sizes_images_like_the_budget_policy(exported):
                 h, w = rng.randint(1, 3000), rng.randint(1, 3000)
                 assert proc.grid_for(h, w) == budget_grid(h, w, 16, tokens, merge)
     sys.modules.pop("navit_encoder", None)
+
+
+def test_preprocess_val_and_the_exported_processor_agree_on_one_photo(exported):
+    """The documented default 'same image': preprocess_val and the exported processor size a photo
+    alike (256 patches), so its embedding is the same from the training code and from the export."""
+    from navit_clip.factory import create_model_and_transforms
+
+    model, out = exported
+    ckpt = out.parent / "step_00000001.pt"
+    _, _, preprocess = create_model_and_transforms(ckpt)
+    mod = load_exported_module(out)
+    enc, proc = mod.NaViTEncoder.from_pretrained(out), mod.NaViTProcessor.from_pretrained(out)
+    g = torch.Generator().manual_seed(3)
+    photos = [
+        Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+        for h, w in ((300, 451), (97, 60))
+    ]
+    with torch.no_grad():
+        ours = model.encode_image([preprocess(p) for p in photos])
+        theirs = enc(**proc(photos))["image_embeds"]
+    assert [tuple(preprocess(p).shape[1:]) for p in photos] == [
+        (int(h) * P, int(w) * P) for h, w in proc(photos)["grid_hw"]
+    ]
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)

@@ -203,3 +203,23 @@ def test_bad_inputs_raise():
         clip_loss(torch.randn(4, 8), torch.randn(4, 8), torch.ones(3, dtype=torch.bool), torch.tensor(1.0))
     with pytest.raises(ValueError, match="logit_bias"):
         ContrastiveLoss("sigmoid")(torch.randn(4, 8), torch.randn(4, 8), None, torch.tensor(1.0))
+
+
+def test_readme_loss_example_runs_and_the_open_clip_convention_cannot_be_confused():
+    import re
+    from pathlib import Path
+
+    from open_clip.loss import ClipLoss
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "ContrastiveLoss" in b)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    torch.testing.assert_close(scope["same"], scope["loss"])
+    ref = ClipLoss()(scope["image_emb"], scope["text_emb"], scope["logit_scale"].exp())
+    torch.testing.assert_close(scope["loss"], ref, rtol=1e-6, atol=1e-6)
+    fresh = ContrastiveLoss("softmax")
+    with pytest.raises(ValueError, match="open_clip's convention"):  # exp(t) where t belongs
+        fresh(scope["image_emb"], scope["text_emb"], scope["valid"], scope["logit_scale"].exp())
+    with pytest.raises(ValueError, match="not both"):
+        fresh(scope["image_emb"], scope["text_emb"], scope["valid"], scope["logit_scale"], scale=14.0)
