@@ -111,6 +111,16 @@ def _tiles(n: int, tile: int):
         yield slice(start, min(start + tile, n))
 
 
+def _diagonal(rows: slice, cols: slice, device):
+    """The (i, r, c) of the diagonal entries i == j inside a tile: slot i at tile row r, column c
+    (empty when the tile misses the diagonal)."""
+    lo, hi = max(rows.start, cols.start), min(rows.stop, cols.stop)
+    if lo >= hi:
+        return []
+    i = torch.arange(lo, hi, device=device)
+    return [(i, i - rows.start, i - cols.start)]
+
+
 def _masked_bias(valid_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 for valid slots, -inf for padding: added to logits it removes padding from every statistic."""
     return torch.zeros(valid_b.shape, dtype=dtype, device=valid_b.device).masked_fill(~valid_b, NEG_INF)
@@ -132,22 +142,27 @@ class _SoftmaxRing(torch.autograd.Function):
         bias_b = _masked_bias(valid_b, I_bD.dtype)
         Is_bD = I_bD * s
 
+        diag_b = torch.zeros_like(row_lse_b)
+
         def visit(step, chunk, carry):
             Tc_bD, bias_c_b = chunk
             (col_lse_b,) = carry
             for rows in _tiles(Is_bD.shape[0], tile):
                 for cols in _tiles(Tc_bD.shape[0], tile):
                     z_tt = Is_bD[rows] @ Tc_bD[cols].T
+                    if step == 0:  # own chunk: the positives z_ii, read from the same matmul as the LSEs
+                        for i, r, c in _diagonal(rows, cols, z_tt.device):
+                            diag_b[i] = z_tt[r, c]
                     z_tt += bias_b[rows, None]
                     z_tt += bias_c_b[None, cols]
                     row_lse_b[rows] = torch.logaddexp(row_lse_b[rows], z_tt.logsumexp(1))
                     col_lse_b[cols] = torch.logaddexp(col_lse_b[cols], z_tt.logsumexp(0))
 
         (col_lse_b,) = _ring_pass(ring, [T_bD, bias_b], [torch.full_like(row_lse_b, NEG_INF)], visit)
-        diag_b = (Is_bD * T_bD).sum(1)
-        local = (row_lse_b[valid_b].sum() + col_lse_b[valid_b].sum() - 2 * diag_b[valid_b].sum()) / (
-            2 * n_global
-        )
+        # Per-slot differences first (small numbers), summed in float64: summing the LSEs (30-100
+        # each at late-training temperatures) and the positives separately loses ~1e-5 of the loss.
+        per_slot_b = ((row_lse_b - diag_b) + (col_lse_b - diag_b))[valid_b]
+        local = (per_slot_b.double().sum() / (2 * n_global)).to(I_bD.dtype)
         loss = ring.all_reduce_sum(local.detach().clone())
         # Padding slots: finite placeholders, so exp(-inf - lse) is 0 instead of NaN in backward.
         ctx.save_for_backward(
@@ -168,32 +183,33 @@ class _SoftmaxRing(torch.autograd.Function):
         I_bD, T_bD, s = _acc(img_bD, txt_bD, scale)
         bias_b = _masked_bias(valid_b, I_bD.dtype)
         dI_bD = torch.zeros_like(I_bD)
-        ds = torch.zeros((), dtype=I_bD.dtype, device=I_bD.device)
+
+        Is_bD = I_bD * s  # the logits exactly as the forward computed them (same products, same tiles)
+        own_b = valid_b.to(I_bD.dtype) / n
 
         def visit(step, chunk, carry):
-            nonlocal ds
             Tc_bD, bias_c_b, col_lse_c_b = chunk
             (dTc_bD,) = carry
             for rows in _tiles(I_bD.shape[0], tile):
                 for cols in _tiles(Tc_bD.shape[0], tile):
-                    dot_tt = I_bD[rows] @ Tc_bD[cols].T
-                    z_tt = dot_tt * s + bias_b[rows, None] + bias_c_b[None, cols]
+                    zs_tt = Is_bD[rows] @ Tc_bD[cols].T
+                    z_tt = zs_tt + bias_b[rows, None] + bias_c_b[None, cols]
                     G_tt = (
                         torch.exp(z_tt - row_lse_b[rows, None]) + torch.exp(z_tt - col_lse_c_b[None, cols])
                     ) / (2 * n)
+                    if step == 0:  # the -2 delta_ij / (2N) of the positives, inside G: no cancellation later
+                        for i, r, c in _diagonal(rows, cols, G_tt.device):
+                            G_tt[r, c] -= own_b[i]
                     dI_bD[rows] += G_tt @ Tc_bD[cols]
                     dTc_bD[cols] += G_tt.T @ I_bD[rows]
-                    ds += (G_tt * dot_tt).sum()
 
         (dT_bD,) = _ring_pass(ring, [T_bD, bias_b, col_lse_b], [torch.zeros_like(T_bD)], visit)
-        # The -2 delta_ij / (2N) part of G: only this rank's own pairs, valid ones only.
-        v_b1 = valid_b[:, None].to(I_bD.dtype)
-        dI_bD -= T_bD * v_b1 / n
-        dT_bD -= I_bD * v_b1 / n
-        ds -= (I_bD * T_bD * v_b1).sum() / n
+        # dL/ds = sum_ij G_ij <I_i, T_j> = sum_i <(G T)_i, I_i>: read off dI (every column has visited
+        # this rank's rows), a small difference of large terms summed once, in float64
+        ds = (dI_bD * I_bD).sum(dtype=torch.float64)
         # DDP/FSDP average gradients over ranks; scaling by W makes the average the global gradient.
         g = grad_loss.to(I_bD.dtype) * ring.world
-        dI_bD, dT_bD, ds = dI_bD * (s * g), dT_bD * (s * g), ds * g
+        dI_bD, dT_bD, ds = dI_bD * (s * g), dT_bD * (s * g), ds.to(I_bD.dtype) * g
         return (
             dI_bD.to(img_bD.dtype),
             dT_bD.to(txt_bD.dtype),
