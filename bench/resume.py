@@ -1,4 +1,4 @@
-"""How long an exact resume takes to reach its first training batch, at step 100, 10,000 and 10,099.
+"""How long an exact resume takes to reach its first training batch, at step 100, 10,000 and 10,999.
 
 The data position is state: a resumed run restores the stream's epoch and origin and replays at most
 one chunk (`data.resume_chunk` batches, resampled data), so the time should be flat in the step.
@@ -21,7 +21,7 @@ from navit_clip.train import open_data
 
 DEMO = str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
 
-STEPS = (100, 10_000, 10_099)  # the last: the worst case, a chunk less one batch to replay
+STEPS = (100, 10_000, 10_999)  # the last: the worst case, a chunk less one batch to replay
 
 
 def main() -> None:

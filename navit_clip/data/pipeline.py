@@ -74,7 +74,9 @@ class DataConfig:
     # Resampled data restart their stream (fresh shard draws and shuffle, seeded by the chunk's index)
     # every resume_chunk batches per rank (rounded up to a multiple of num_workers), so a resumed run
     # replays fewer than resume_chunk batches, whatever its step. Finite data replay within the epoch.
-    resume_chunk: int = 100
+    # Restarts cost accuracy in a way not yet understood (demo: ~5 points at a restart every 100
+    # batches, bench/NOTES.md), so they are rare by default.
+    resume_chunk: int = 1000
 
     def validate(self, require_shards: bool = True) -> None:
         if require_shards and not self.shards:
