@@ -192,8 +192,7 @@ class _SoftmaxRing(torch.autograd.Function):
             (dTc_bD,) = carry
             for rows in _tiles(I_bD.shape[0], tile):
                 for cols in _tiles(Tc_bD.shape[0], tile):
-                    zs_tt = Is_bD[rows] @ Tc_bD[cols].T
-                    z_tt = zs_tt + bias_b[rows, None] + bias_c_b[None, cols]
+                    z_tt = Is_bD[rows] @ Tc_bD[cols].T + bias_b[rows, None] + bias_c_b[None, cols]
                     G_tt = (
                         torch.exp(z_tt - row_lse_b[rows, None]) + torch.exp(z_tt - col_lse_c_b[None, cols])
                     ) / (2 * n)

@@ -229,20 +229,26 @@ def test_config_overrides_and_errors():
         load_config(f"configs/{name}.yaml").validate()
 
 
-def test_non_finite_loss_skips_the_update(small_shards, tmp_path, monkeypatch):
-    import json
-
-    import navit_clip.train as train_module
-
+def poison_loss(monkeypatch, train_module, poisoned) -> dict:
+    """Make the trainer's loss NaN on the calls n (1-based) where poisoned(n); returns the call count."""
     calls = {"n": 0}
 
     class PoisonedLoss(ContrastiveLoss):
         def forward(self, *args, **kwargs):
             calls["n"] += 1
             loss = super().forward(*args, **kwargs)
-            return loss * float("nan") if calls["n"] == 2 else loss
+            return loss * float("nan") if poisoned(calls["n"]) else loss
 
     monkeypatch.setattr(train_module, "ContrastiveLoss", PoisonedLoss)
+    return calls
+
+
+def test_non_finite_loss_skips_the_update(small_shards, tmp_path, monkeypatch):
+    import json
+
+    import navit_clip.train as train_module
+
+    poison_loss(monkeypatch, train_module, lambda n: n == 2)
     result = train_module.train(
         load_config("configs/demo.yaml", tiny_run(small_shards["train"], tmp_path, **{"train.steps": 4}))
     )
@@ -337,15 +343,7 @@ def test_finite_data_runs_epoch_after_epoch(tmp_path):
 def test_repeated_non_finite_steps_stop_the_run_with_finite_checkpoints(small_shards, tmp_path, monkeypatch):
     import navit_clip.train as train_module
 
-    calls = {"n": 0}
-
-    class PoisonedFromTheSecondStep(ContrastiveLoss):
-        def forward(self, *args, **kwargs):
-            calls["n"] += 1
-            loss = super().forward(*args, **kwargs)
-            return loss * float("nan") if calls["n"] >= 2 else loss
-
-    monkeypatch.setattr(train_module, "ContrastiveLoss", PoisonedFromTheSecondStep)
+    calls = poison_loss(monkeypatch, train_module, lambda n: n >= 2)
     overrides = {"train.steps": 20, "train.ckpt_every": 1, "train.max_skipped_steps": 3}
     with pytest.raises(RuntimeError, match="3 steps in a row .*to step 4.* non-finite"):
         train_module.train(
