@@ -20,6 +20,7 @@ resolution and, at the last budget, at several token budgets.
     python bench/learning_race.py                          -> bench/results/learning_race.json
     python bench/learning_race.py --budgets 60,120 --only navit model.vision.pool=mean   (an ablation)
     python bench/learning_race.py --device cuda
+    python bench/learning_race.py --task digits            (real scans: bench/digits.py, needs scikit-learn)
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ from common import save_results
 from open_clip.loss import ClipLoss
 
 from navit_clip.config import load_config
-from navit_clip.data.demo import ZEROSHOT_TEMPLATES, ensure_demo_data
+from navit_clip.data.demo import TASKS, ensure_demo_data
 from navit_clip.data.pipeline import PackedImageText, folder_samples, make_loader
 from navit_clip.loss import ContrastiveLoss
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.packing import ResolutionPolicy
-from navit_clip.tokenizer import build_tokenizer
+from navit_clip.tokenizer import tokenizer_for
 from navit_clip.train import MAX_LOGIT_SCALE, make_optimizer
 from navit_clip.zeroshot import build_classifier, eval_data_config, evaluate_zeroshot
 
@@ -124,8 +125,7 @@ def run_navit(data: dict, budgets: list[float], overrides: list[str], device: to
     cfg = load_config(
         str(ROOT / "configs" / "demo.yaml"), NAVIT + [f"data.shards={data['train']}"] + overrides
     )
-    tok = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path, cfg.tokenizer.context_length)
-    cfg.model.text.vocab_size, cfg.model.text.pad_id = tok.num_embeddings, tok.pad_id
+    tok = tokenizer_for(cfg)
     cfg.validate()
     tc = cfg.train
     torch.manual_seed(tc.seed)
@@ -135,6 +135,7 @@ def run_navit(data: dict, budgets: list[float], overrides: list[str], device: to
     loss_fn = ContrastiveLoss(cfg.loss.kind)
     batches = iter(make_loader(PackedImageText(cfg.data, tok)))
     classnames = Path(data["classnames"]).read_text().split()
+    templates = list(data["templates"])
     print(
         f"navit-clip: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, grad_clip {tc.grad_clip}"
     )
@@ -161,7 +162,7 @@ def run_navit(data: dict, budgets: list[float], overrides: list[str], device: to
 
     def eval_fn(last: bool) -> dict:
         model.eval()
-        classifier = build_classifier(model, tok, classnames, list(ZEROSHOT_TEMPLATES), device)
+        classifier = build_classifier(model, tok, classnames, templates, device)
         policies = {"native": ResolutionPolicy("native", max_side=192)}
         if last:
             policies.update({str(t): ResolutionPolicy("budget", tokens=t) for t in BUDGET_TOKENS})
@@ -218,6 +219,7 @@ def run_openclip(data: dict, budgets: list[float], grad_clip: float, device: tor
     )
     batches = iter(torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=1, prefetch_factor=2))
     classnames = Path(data["classnames"]).read_text().split()
+    templates = list(data["templates"])
     held = list(folder_samples(data["heldout_folder"]))
 
     def step_fn(step: int, elapsed: float) -> dict:
@@ -240,7 +242,7 @@ def run_openclip(data: dict, budgets: list[float], grad_clip: float, device: tor
         from PIL import Image
 
         model.eval()
-        classifier = build_classifier(model, tok, classnames, list(ZEROSHOT_TEMPLATES), device)
+        classifier = build_classifier(model, tok, classnames, templates, device)
         correct = 0
         for i in range(0, len(held), 128):
             chunk = held[i : i + 128]
@@ -261,24 +263,48 @@ def run_openclip(data: dict, budgets: list[float], grad_clip: float, device: tor
     return race("open_clip", step_fn, eval_fn, budgets)
 
 
+def race_data(task: str, root: str | None) -> dict:
+    """The task's generated shards, held-out folder, class names and zero-shot templates."""
+    if task == "digits":
+        from digits import ZEROSHOT_TEMPLATES as templates
+        from digits import ensure_digit_data
+
+        root = root or str(ROOT / "bench" / "results" / "race_data_digits")
+        return {**ensure_digit_data(root), "templates": templates, "root": root}
+    root = root or str(ROOT / "bench" / "results" / "race_data")
+    return {
+        **ensure_demo_data(root, n_train=8000, n_heldout=500, task="shapes"),
+        "templates": TASKS["shapes"].zeroshot_templates,
+        "root": root,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", default="90,180", help="training seconds at which both are evaluated")
     ap.add_argument("--only", choices=("navit", "openclip"), help="run one side (ablations)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--data", default=str(ROOT / "bench" / "results" / "race_data"))
-    ap.add_argument("--name", default="learning_race", help="results file name")
+    ap.add_argument("--task", choices=("shapes", "digits"), default="shapes", help="the dataset (see above)")
+    ap.add_argument(
+        "--data", help="where the task's data is generated (default bench/results/race_data[_digits])"
+    )
+    ap.add_argument("--name", help="results file name (default learning_race[_digits])")
     ap.add_argument("overrides", nargs="*", help="navit-clip config overrides (section.key=value)")
     args = ap.parse_args()
     random.seed(0)
     budgets = sorted(float(b) for b in args.budgets.split(","))
     device = torch.device(args.device)
     t0 = time.perf_counter()
-    data = ensure_demo_data(args.data, n_train=8000, n_heldout=500)
+    data = race_data(args.task, args.data)
     print(
-        f"shape-only data in {args.data} ({time.perf_counter() - t0:.0f}s); budgets {budgets} s on {device}"
+        f"{args.task} data in {data['root']} ({time.perf_counter() - t0:.0f}s); budgets {budgets} s on {device}"
     )
-    results: dict = {"budgets_s": budgets, "device": str(device), "navit_overrides": args.overrides}
+    results: dict = {
+        "task": args.task,
+        "budgets_s": budgets,
+        "device": str(device),
+        "navit_overrides": args.overrides,
+    }
     if args.only != "openclip":
         nav = run_navit(data, budgets, args.overrides, device)
         results.update({f"navit_{k}": v for k, v in nav.items()})
@@ -306,7 +332,9 @@ def main() -> None:
             "navit-clip top-1 by tokens per image at the last budget: "
             + ", ".join(f"{k[5:]} {100 * v:.1f}%" for k, v in last.items() if k.startswith("top1_"))
         )
-    save_results(args.name, results)
+    save_results(
+        args.name or ("learning_race" if args.task == "shapes" else f"learning_race_{args.task}"), results
+    )
 
 
 if __name__ == "__main__":

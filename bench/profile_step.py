@@ -22,7 +22,7 @@ from navit_clip.data.demo import ensure_demo_data
 from navit_clip.data.pipeline import PackedImageText, make_loader
 from navit_clip.loss import ContrastiveLoss
 from navit_clip.model.clip import NaViTCLIP
-from navit_clip.tokenizer import build_tokenizer
+from navit_clip.tokenizer import tokenizer_for
 from navit_clip.train import make_optimizer
 
 REGIONS = ("data", "vision forward", "text forward", "loss", "backward", "optimizer")
@@ -30,10 +30,11 @@ WARMUP, STEPS = 3, 8
 
 
 def main() -> None:
-    data = ensure_demo_data(ROOT / "bench" / "results" / "race_data", n_train=8000, n_heldout=500)
+    data = ensure_demo_data(
+        ROOT / "bench" / "results" / "race_data", n_train=8000, n_heldout=500, task="shapes"
+    )
     cfg = load_config(str(ROOT / "configs" / "demo.yaml"), NAVIT + [f"data.shards={data['train']}"])
-    tok = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path, cfg.tokenizer.context_length)
-    cfg.model.text.vocab_size, cfg.model.text.pad_id = tok.num_embeddings, tok.pad_id
+    tok = tokenizer_for(cfg)
     torch.manual_seed(0)
     model = NaViTCLIP(cfg.model).train()
     opt = make_optimizer(model, cfg.train)

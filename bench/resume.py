@@ -16,7 +16,7 @@ from common import save_results
 from navit_clip.config import load_config
 from navit_clip.data.demo import ensure_demo_data
 from navit_clip.distributed import DistInfo
-from navit_clip.tokenizer import build_tokenizer
+from navit_clip.tokenizer import tokenizer_for
 from navit_clip.train import open_data
 
 DEMO = str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
@@ -26,10 +26,13 @@ STEPS = (100, 10_000, 10_999)  # the last: the worst case, a chunk less one batc
 
 def main() -> None:
     data = ensure_demo_data(
-        Path(DEMO).parent.parent / "bench" / "results" / "race_data", n_train=8000, n_heldout=500
+        Path(DEMO).parent.parent / "bench" / "results" / "race_data",
+        n_train=8000,
+        n_heldout=500,
+        task="shapes",
     )
     cfg = load_config(DEMO, ["demo=false", f"data.shards={data['train']}"])
-    tok = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path, cfg.tokenizer.context_length)
+    tok = tokenizer_for(cfg)
     info = DistInfo()
     results: dict = {"resume_chunk": cfg.data.resume_chunk, "num_workers": cfg.data.num_workers}
     t0 = time.perf_counter()

@@ -70,6 +70,11 @@ def _data_stats(args: argparse.Namespace) -> int:
         if args.max_batches and batches >= args.max_batches:
             break
     dt = time.perf_counter() - t0
+    if batches == 0:
+        print(
+            "no batch was made: no usable sample in the shards (the skips are counted in the warnings above)"
+        )
+        return 1
     slots = batches * cfg.batch_seqs * cfg.seq_len
     print(f"batches {batches}, images {int(totals.get('images', 0))}, {dt:.1f} s")
     print(f"padding fraction {1 - totals.get('tokens', 0) / max(slots, 1):.4f}")

@@ -16,7 +16,7 @@ from navit_clip.config import Config, _build, load_config
 from navit_clip.data.pipeline import make_preprocess
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.packing import ResolutionPolicy
-from navit_clip.tokenizer import build_tokenizer
+from navit_clip.tokenizer import tokenizer_for
 
 
 def config_of(source: str | Path | Config) -> Config:
@@ -39,14 +39,13 @@ def config_of(source: str | Path | Config) -> Config:
 
 def get_tokenizer(source: str | Path | Config):
     cfg = config_of(source)
-    return build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path, cfg.tokenizer.context_length)
+    return tokenizer_for(cfg)
 
 
 def create_model(source: str | Path | Config, device: str | torch.device = "cpu") -> NaViTCLIP:
     """The model of a config (fresh weights) or of a checkpoint (its weights), in eval mode."""
     cfg = config_of(source)
-    tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path, cfg.tokenizer.context_length)
-    cfg.model.text.vocab_size, cfg.model.text.pad_id = tokenizer.num_embeddings, tokenizer.pad_id
+    tokenizer_for(cfg)
     model = NaViTCLIP(cfg.model)
     if not isinstance(source, Config) and Path(source).suffix not in (".yaml", ".yml"):
         state = torch.load(source, map_location="cpu", weights_only=True)

@@ -106,6 +106,14 @@ class HFTokenizer(_IdsTokenizer):
         return self.tok(texts, add_special_tokens=False)["input_ids"]
 
 
+def tokenizer_for(cfg):
+    """The tokenizer a `Config` names, with its vocabulary size and pad id written into
+    `cfg.model.text` (the one place the text tower's embedding table learns them)."""
+    tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path, cfg.tokenizer.context_length)
+    cfg.model.text.vocab_size, cfg.model.text.pad_id = tokenizer.num_embeddings, tokenizer.pad_id
+    return tokenizer
+
+
 def build_tokenizer(kind: str, path: str = "", context_length: int = 32):
     if kind == "openclip":
         return OpenCLIPTokenizer(context_length)

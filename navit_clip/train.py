@@ -26,13 +26,13 @@ from tqdm import tqdm
 
 from navit_clip.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from navit_clip.config import Config, to_dict
-from navit_clip.data.demo import ZEROSHOT_TEMPLATES, ensure_demo_data
+from navit_clip.data.demo import TASKS, ensure_demo_data
 from navit_clip.data.pipeline import PackedImageText, make_loader
 from navit_clip.distributed import DistInfo, all_reduce_mean, init_distributed, parallelize, sum_counts
 from navit_clip.loss import ContrastiveLoss
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.packing import ResolutionPolicy
-from navit_clip.tokenizer import build_tokenizer
+from navit_clip.tokenizer import tokenizer_for
 from navit_clip.zeroshot import build_classifier, eval_data_config, evaluate_zeroshot, load_names
 
 log = logging.getLogger("navit_clip")
@@ -82,7 +82,7 @@ def prepare_demo(cfg: Config, info: DistInfo) -> None:
     cfg.eval.shards = cfg.eval.shards or paths["heldout"]
     cfg.eval.classnames = cfg.eval.classnames or paths["classnames"]
     if cfg.eval.templates == ["a photo of a {}."]:
-        cfg.eval.templates = list(ZEROSHOT_TEMPLATES)
+        cfg.eval.templates = list(TASKS["glyphs"].zeroshot_templates)
 
 
 def rng_state() -> dict:
@@ -207,14 +207,24 @@ class Window:
         )
 
 
-def build(cfg: Config, info: DistInfo) -> Run:
-    """Tokenizer, model, parallel wrapper, optimiser, schedule and loss; writes config.yaml."""
+def resolve(cfg: Config, info: DistInfo):
+    """The final config, validated before any work and not changed after: the demo's data paths and
+    the tokenizer's vocabulary size and pad id are filled in here, and nowhere else. Returns the
+    tokenizer. `config.yaml` records exactly this config."""
+    cfg.validate()  # before any work, the demo's data generation included
+    if cfg.demo:
+        prepare_demo(cfg, info)
+    tokenizer = tokenizer_for(cfg)
+    cfg.validate()
+    return tokenizer
+
+
+def build(cfg: Config, info: DistInfo, tokenizer) -> Run:
+    """Model, parallel wrapper, optimiser, schedule and loss for a resolved config; writes config.yaml."""
     tc = cfg.train
     out = Path(tc.output_dir)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     random.seed(tc.seed)
-    tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path, cfg.tokenizer.context_length)
-    cfg.model.text.vocab_size, cfg.model.text.pad_id = tokenizer.num_embeddings, tokenizer.pad_id
     resolved = to_dict(cfg)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -371,13 +381,11 @@ def evaluate(run: Run, metrics: MetricsLog, step: int) -> dict | None:
 
 def train(cfg: Config) -> dict:
     """Train as configured; returns the final metrics (losses, skipped steps, zero-shot results)."""
-    cfg.validate()  # before any work, the demo's data generation included
+    cfg.validate()  # a config error is reported before processes and devices are set up
     info = init_distributed(cfg.train.device)
-    if cfg.demo:
-        prepare_demo(cfg, info)
-        cfg.validate()
+    tokenizer = resolve(cfg, info)
     tc = cfg.train
-    run = build(cfg, info)
+    run = build(cfg, info, tokenizer)
     state, data_state = resume(run)
     dataset, batches, replayed = open_data(cfg, run.tokenizer, info, state.step, data_state)
     metrics = MetricsLog(run.out, info.is_main, state.step)

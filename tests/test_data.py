@@ -337,6 +337,44 @@ def test_demo_shapes_any_background_gets_a_contrasting_colour():
         assert name in caption and min(img.size) >= 16
 
 
+def test_a_cut_shard_is_one_corrupt_shard_wherever_it_is_cut(tmp_path):
+    """Cut inside a member's data, a tar raises twice (in the member, then in the tar); cut anywhere,
+    the sample being read is part of the broken shard: one corrupt_shard, no extra skip."""
+    write_corpus(tmp_path, n_shards=1)
+    shard = tmp_path / "shard-0000.tar"
+    intact = collect(PackedImageText(config(str(shard)), tokenizer=toy_tokenizer), workers=0)[1]
+    data = shard.read_bytes()
+    members = tarfile.open(shard).getmembers()
+    # inside members' data (a cut in or at a header reads as a clean end of archive to Python's tarfile:
+    # the samples before it are delivered, the cut one is one skip)
+    cuts = [m.offset_data + m.size // 2 for m in members[4::5] if m.size > 1]
+    assert len(cuts) >= 3
+    for cut in cuts:
+        shard.write_bytes(data[:cut])
+        keys, stats, _ = collect(PackedImageText(config(str(shard)), tokenizer=toy_tokenizer), workers=0)
+        assert stats.get("corrupt_shard") == 1, (cut, stats)
+        for reason in [k for k in stats if k.startswith("skip_")]:
+            assert stats[reason] <= intact.get(reason, 0), (cut, reason, stats)
+
+
+def test_skips_after_the_last_batch_are_not_lost(tmp_path, caplog):
+    """Finite data: counts read after a worker's last batch travel with that batch; a pass that made
+    no batch at all logs them."""
+    shards, _, bad_counts = write_corpus(tmp_path, n_shards=1, per_shard=12, bad_every=5)
+    with wds.TarWriter(str(tmp_path / "shard-0001.tar")) as sink:  # a tail of bad samples only
+        for i in range(7):
+            sink.write({"__key__": f"tail{i}", "jpg": good_image(random.Random(i)), "txt": " "})
+    _, stats, _ = collect(
+        PackedImageText(config(str(tmp_path / "shard-{0000..0001}.tar"), shuffle_buffer=0), toy_tokenizer),
+        workers=0,
+    )
+    assert stats.get("skip_no_caption", 0) == bad_counts["no_caption"] + 7
+    with caplog.at_level("WARNING"):
+        ds = PackedImageText(config(str(tmp_path / "shard-0001.tar")), toy_tokenizer)
+        batches = list(make_loader(ds, num_workers=0))
+    assert batches == [] and "made no batch; skipped: skip_no_caption 7" in caplog.text
+
+
 def _first_batch(cfg, workers):
     return next(iter(make_loader(PackedImageText(cfg, tokenizer=toy_tokenizer), num_workers=workers)))
 

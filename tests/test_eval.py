@@ -164,7 +164,7 @@ def test_retrieval_recall_on_a_hand_made_case():
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory):
     """A briefly trained demo-style model (the held-out demo classes are its eval set)."""
-    from navit_clip.data.demo import CLASSNAMES, ensure_demo_data
+    from navit_clip.data.demo import DIGITS, ensure_demo_data
     from navit_clip.train import train
 
     root = tmp_path_factory.mktemp("trained")
@@ -188,7 +188,7 @@ def trained_checkpoint(tmp_path_factory):
     ]
     result = train(load_config("configs/demo.yaml", overrides))
     # the evaluation inside training ran at step 20 and at the end
-    assert result["zeroshot"]["n"] == 96 and result["zeroshot"]["chance"] == 1 / len(CLASSNAMES)
+    assert result["zeroshot"]["n"] == 96 and result["zeroshot"]["chance"] == 1 / len(DIGITS)
     logged = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged if "zeroshot_top1" in m] == [20, 30]
     return root / "run" / "step_00000030.pt", paths

@@ -8,10 +8,11 @@ import textwrap
 
 import pytest
 import torch
+import yaml
 from dist_utils import run_world
 
 from navit_clip.checkpoint import atomic_save, latest_checkpoint, list_checkpoints
-from navit_clip.config import load_config
+from navit_clip.config import load_config, to_dict
 from navit_clip.distributed import DistInfo, wrap_model
 from navit_clip.loss import ContrastiveLoss
 from navit_clip.model.clip import ModelConfig, NaViTCLIP
@@ -167,7 +168,11 @@ def test_resume_continues_exactly(small_shards, tmp_path):
                 tiny_run(shards, tmp_path / "d", **{"train.resume": str(tmp_path / "nope.pt")}),
             )
         )
-    assert (tmp_path / "b" / "tensorboard").is_dir() and (tmp_path / "b" / "config.yaml").exists()
+    assert (tmp_path / "b" / "tensorboard").is_dir()
+    # config.yaml is the resolved config that ran (tokenizer fields filled in), and loads back to itself
+    saved = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    assert saved["model"]["text"]["vocab_size"] == 49408 and saved["data"]["shards"] == shards
+    assert yaml.safe_load(yaml.safe_dump(to_dict(load_config(str(tmp_path / "b" / "config.yaml"))))) == saved
 
 
 KILLER = textwrap.dedent("""

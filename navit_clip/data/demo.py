@@ -1,4 +1,4 @@
-"""The embedded demo dataset: shapes whose class only their *shape* decides.
+"""The embedded demo datasets: images whose class only their *shape* decides.
 
 Generated on first use into a git-ignored folder (default `demo_data/`), never committed:
     train-{0000..K}.tar   image-text pairs (img2dataset layout: KEY.jpg/png + KEY.txt + KEY.json)
@@ -6,11 +6,16 @@ Generated on first use into a git-ignored folder (default `demo_data/`), never c
     heldout/CLASS/*.png   the same held-out images as an image folder (ROOT/CLASS_NAME/IMAGE)
     classnames.txt        one class name per line ("circle", "star", ...)
 
-Each image shows one shape drawn in a random colour on a random, textured background of another
-colour; the image size (longer side 48..192 px), aspect ratio (1:2..2:1), the shape's size, position
+Two tasks, ten classes each (`TASKS`):
+    glyphs   the demo's: a digit (Pillow's bundled font, random weight, stretch and rotation) named
+             in words ("seven"), like scanned characters but in random colours;
+    shapes   the learning race's: circle, star, heart, ... (harder: thin differences such as ring
+             against circle, polarity and texture noise).
+Each image shows one glyph or shape in a random colour on a random, textured background of another
+colour; the image size (longer side 48..192 px), aspect ratio (1:2..2:1), the figure's size, position
 and a small rotation are random too. Colour, size and position therefore carry no information about
-the class: a model has to learn shapes. Captions name the shape and often its colours and size (as
-web captions would), so a model can also learn colour words, but zero-shot prompts name the shape
+the class: a model has to learn shapes. Captions name the class and often its colours and size (as
+web captions would), so a model can also learn colour words, but zero-shot prompts name the class
 only. Writing goes through webdataset's ShardWriter.
 """
 
@@ -22,9 +27,14 @@ import json
 import math
 import os
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+Draw = Callable[[random.Random, str], tuple[Image.Image, str]]
 
 SHAPES = ("circle", "square", "triangle", "star", "plus", "cross", "ring", "crescent", "arrow", "heart")
 CLASSNAMES = sorted(SHAPES)  # sorted: the order an image folder (ROOT/CLASS/IMAGE) labels them in
@@ -51,16 +61,31 @@ TEMPLATES = (
 )
 CONTRAST = 0.45  # least lightness difference between a shape and its background
 ZEROSHOT_TEMPLATES = ("a {}.", "a photo of a {}.", "a drawing of a {}.")
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+GLYPH_TEMPLATES = (  # most name the digit only, a few its colours too (a model learns colour words first)
+    "the digit {name}",
+    "the number {name}",
+    "{name}",
+    "a picture of the number {name}.",
+    "a sign showing the digit {name}",
+    "a {size} {name}",
+    "a {fg} {name} on a {bg} background",
+    "{name}, written in {fg}",
+)
+GLYPH_ZEROSHOT_TEMPLATES = ("the digit {}.", "the number {}.", "a picture of the number {}.")
 DONE = "DONE"
 
 
 def _color(
-    rng: random.Random, avoid_lightness: float | None = None
+    rng: random.Random, avoid_lightness: float | None = None, span: tuple[float, float] | None = None
 ) -> tuple[tuple[int, int, int], str, float]:
     """A random colour, its caption name and its lightness. With `avoid_lightness`, the lightness is
-    drawn from [0.02, 0.98] at least CONTRAST away from it (sampled directly, never by rejection)."""
+    drawn from [0.02, 0.98] at least CONTRAST away from it (sampled directly, never by rejection);
+    with `span`, from that range."""
     hue, saturation = rng.uniform(0, 360), rng.uniform(0.0, 1.0)
-    if avoid_lightness is None:
+    if span is not None:
+        lightness = rng.uniform(*span)
+    elif avoid_lightness is None:
         lightness = rng.uniform(0.1, 0.9)
     else:
         below = (0.02, avoid_lightness - CONTRAST)
@@ -134,17 +159,34 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[list[tuple[floa
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def draw_shape(rng: random.Random, shape: str) -> tuple[Image.Image, str]:
-    """One image of `shape` (random size, aspect, colours, position, rotation) and a caption for it."""
+def _canvas(rng: random.Random, ink: bool = False) -> tuple[Image.Image, tuple, tuple, str, str]:
+    """A textured background of random size (longer side 48..192 px, aspect 1:2..2:1) and colour,
+    and a figure colour at least CONTRAST lighter or darker (`ink`: always darker, like ink on paper):
+    (image, figure and background rgb, their colour names)."""
     long_side = int(math.exp(rng.uniform(math.log(48), math.log(192))))
     aspect = math.exp(rng.uniform(-math.log(2), math.log(2)))
     W, H = (long_side, round(long_side / aspect)) if aspect >= 1 else (round(long_side * aspect), long_side)
     W, H = max(16, W), max(16, H)
-    bg, bg_name, bg_light = _color(rng)
-    fg, fg_name, _ = _color(rng, avoid_lightness=bg_light)
+    if ink:
+        bg, bg_name, bg_light = _color(rng, span=(0.55, 0.98))
+        fg, fg_name, _ = _color(rng, span=(0.02, bg_light - CONTRAST))
+    else:
+        bg, bg_name, bg_light = _color(rng)
+        fg, fg_name, _ = _color(rng, avoid_lightness=bg_light)
     # texture from the seeded rng (PIL's effect_noise has its own unseeded generator: not reproducible)
     img = Image.frombytes("L", (W, H), rng.randbytes(W * H)).convert("RGB")
     img = Image.blend(Image.new("RGB", (W, H), bg), img, rng.uniform(0.0, 0.15))
+    return img, fg, bg, fg_name, bg_name
+
+
+def _maybe_blur(img: Image.Image, rng: random.Random) -> Image.Image:
+    return img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0))) if rng.random() < 0.3 else img
+
+
+def draw_shape(rng: random.Random, shape: str) -> tuple[Image.Image, str]:
+    """One image of `shape` (random size, aspect, colours, position, rotation) and a caption for it."""
+    img, fg, bg, fg_name, bg_name = _canvas(rng)
+    W, H = img.size
     short = min(W, H)
     frac = rng.uniform(0.6, 0.95)
     r = short * frac / 2
@@ -159,11 +201,50 @@ def draw_shape(rng: random.Random, shape: str) -> tuple[Image.Image, str]:
         d.polygon(
             _rotate(_outline("circle", cx + 0.45 * r, cy - 0.2 * r, 0.8 * r)[0], cx, cy, angle), fill=bg
         )
-    if rng.random() < 0.3:
-        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
+    img = _maybe_blur(img, rng)  # before the caption: the rng order of shapes-v4
     size = "small" if frac < 0.75 else "large"
-    caption = rng.choice(TEMPLATES).format(shape=shape, fg=fg_name, bg=bg_name, size=size)
-    return img, caption
+    return img, rng.choice(TEMPLATES).format(shape=shape, fg=fg_name, bg=bg_name, size=size)
+
+
+@lru_cache(maxsize=128)
+def _glyph_mask(char: str, weight: int) -> Image.Image:
+    """`char` in Pillow's bundled font (always there, no system fonts needed) at 96 px, as a mask."""
+    font = ImageFont.load_default(size=96)
+    left, top, right, bottom = font.getbbox(char, stroke_width=weight)
+    mask = Image.new("L", (right - left + 8, bottom - top + 8), 0)
+    ImageDraw.Draw(mask).text(
+        (4 - left, 4 - top), char, fill=255, font=font, stroke_width=weight, stroke_fill=255
+    )
+    return mask
+
+
+def draw_glyph(rng: random.Random, name: str) -> tuple[Image.Image, str]:
+    """One image of the digit `name` ("seven": random weight, stretch, size, position, rotation and
+    colours) and a caption for it."""
+    img, fg, _, fg_name, bg_name = _canvas(rng, ink=True)
+    W, H = img.size
+    mask = _glyph_mask(str(DIGITS.index(name)), rng.randrange(0, 7))
+    mask = mask.rotate(rng.uniform(-15, 15), resample=Image.BICUBIC, expand=True)
+    mask = mask.crop(mask.getbbox())
+    frac = rng.uniform(0.6, 0.95)
+    h = frac * H
+    w = h * mask.width / mask.height * math.exp(rng.uniform(-0.4, 0.4))
+    if w > 0.95 * W:
+        h, w = h * 0.95 * W / w, 0.95 * W
+    w, h = max(2, round(w)), max(2, round(h))
+    x, y = rng.randrange(0, W - w + 1), rng.randrange(0, H - h + 1)
+    img.paste(Image.new("RGB", (w, h), fg), (x, y), mask.resize((w, h), Image.BICUBIC))
+    img = _maybe_blur(img, rng)
+    size = "small" if frac < 0.75 else "large"
+    return img, rng.choice(GLYPH_TEMPLATES).format(name=name, fg=fg_name, bg=bg_name, size=size)
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str  # recorded in the DONE marker: a change of generator regenerates the data
+    classnames: tuple[str, ...]  # sorted: the order an image folder (ROOT/CLASS/IMAGE) labels them in
+    draw: Draw
+    zeroshot_templates: tuple[str, ...]
 
 
 def _encode(img: Image.Image, rng: random.Random) -> tuple[str, bytes]:
@@ -176,51 +257,58 @@ def _encode(img: Image.Image, rng: random.Random) -> tuple[str, bytes]:
 
 
 def _write_split(
-    root: Path, prefix: str, n: int, per_shard: int, seed: int, with_label: bool, folder: Path | None = None
+    root: Path,
+    prefix: str,
+    n: int,
+    per_shard: int,
+    seed: int,
+    draw: Draw,
+    classnames: list[str],
+    with_label: bool,
+    folder: Path | None = None,
 ) -> None:
     import webdataset as wds
 
     rng = random.Random(seed)
     with wds.ShardWriter(str(root / f"{prefix}-%04d.tar"), maxcount=per_shard, verbose=0) as sink:
         for i in range(n):
-            cls = rng.randrange(len(CLASSNAMES))
-            img, caption = draw_shape(rng, CLASSNAMES[cls])
+            cls = rng.randrange(len(classnames))
+            img, caption = draw(rng, classnames[cls])
             ext, data = _encode(img, rng)
             sample = {
                 "__key__": f"{prefix}{i:06d}",
                 ext: data,
                 "txt": caption,
-                "json": json.dumps({"width": img.width, "height": img.height, "class": CLASSNAMES[cls]}),
+                "json": json.dumps({"width": img.width, "height": img.height, "class": classnames[cls]}),
             }
             if with_label:
                 sample["cls"] = str(cls)
             sink.write(sample)
             if folder is not None:
-                (folder / CLASSNAMES[cls]).mkdir(parents=True, exist_ok=True)
-                (folder / CLASSNAMES[cls] / f"{prefix}{i:06d}.{ext}").write_bytes(data)
+                (folder / classnames[cls]).mkdir(parents=True, exist_ok=True)
+                (folder / classnames[cls] / f"{prefix}{i:06d}.{ext}").write_bytes(data)
 
 
-def ensure_demo_data(
-    root: str | os.PathLike = "demo_data",
-    n_train: int = 8000,
-    n_heldout: int = 500,
+def ensure_dataset(
+    root: str | os.PathLike,
+    spec: dict,
+    classnames: list[str],
+    draw_train: Draw,
+    draw_heldout: Draw,
+    n_train: int,
+    n_heldout: int,
     per_shard: int = 1000,
     seed: int = 0,
 ) -> dict[str, str]:
-    """Generate the shape-only dataset into `root` unless a complete set is already there.
+    """Write a generated image-text dataset into `root` unless the same one (`spec`) is already there.
 
+    `draw_*(rng, classname) -> (image, caption)` make the training pairs and the held-out images.
     Returns {"train": brace pattern, "heldout": shard, "heldout_folder": image folder, "classnames":
     path}. A DONE marker is written last, so an interrupted generation is redone rather than half-used.
     """
     root = Path(root)
     n_shards = math.ceil(n_train / per_shard)
-    spec = {
-        "kind": "shapes-v4",
-        "n_train": n_train,
-        "n_heldout": n_heldout,
-        "per_shard": per_shard,
-        "seed": seed,
-    }
+    spec = {**spec, "n_train": n_train, "n_heldout": n_heldout, "per_shard": per_shard, "seed": seed}
     marker = root / DONE
     folder = root / "heldout"
     if not (marker.exists() and json.loads(marker.read_text()) == spec):
@@ -231,9 +319,9 @@ def ensure_demo_data(
         for old in root.glob("*.tar"):
             old.unlink()
         shutil.rmtree(folder, ignore_errors=True)
-        _write_split(root, "train", n_train, per_shard, seed, with_label=False)
-        _write_split(root, "heldout", n_heldout, n_heldout, seed + 1, with_label=True, folder=folder)
-        (root / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
+        _write_split(root, "train", n_train, per_shard, seed, draw_train, classnames, with_label=False)
+        _write_split(root, "heldout", n_heldout, n_heldout, seed + 1, draw_heldout, classnames, True, folder)
+        (root / "classnames.txt").write_text("\n".join(classnames) + "\n")
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps(spec))
         tmp.replace(marker)
@@ -243,3 +331,25 @@ def ensure_demo_data(
         "heldout_folder": str(folder),
         "classnames": str(root / "classnames.txt"),
     }
+
+
+TASKS = {
+    "glyphs": Task("glyphs-v3", tuple(sorted(DIGITS)), draw_glyph, GLYPH_ZEROSHOT_TEMPLATES),
+    "shapes": Task("shapes-v4", tuple(CLASSNAMES), draw_shape, ZEROSHOT_TEMPLATES),
+}
+
+
+def ensure_demo_data(
+    root: str | os.PathLike = "demo_data",
+    n_train: int = 8000,
+    n_heldout: int = 500,
+    per_shard: int = 1000,
+    seed: int = 0,
+    task: str = "glyphs",
+) -> dict[str, str]:
+    """Generate a demo task's dataset (`TASKS`) into `root` unless a complete set is already there
+    (paths as `ensure_dataset` returns them)."""
+    t = TASKS[task]
+    return ensure_dataset(
+        root, {"kind": t.kind}, list(t.classnames), t.draw, t.draw, n_train, n_heldout, per_shard, seed
+    )

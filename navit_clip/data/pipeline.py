@@ -272,11 +272,6 @@ class PackedImageText(IterableDataset):
         return self._shard_samples(seed, stats)
 
     def _shard_samples(self, seed: int, stats: Counter) -> Iterator[dict]:
-        def shard_error(exn: Exception) -> bool:
-            stats["corrupt_shard"] += 1
-            log.warning("skipping the rest of a corrupt or unreadable shard: %s", exn)
-            return True
-
         pipelines = []
         weights = []
         n_urls = sum(len(urls) for urls, _ in self.cfg.sources())
@@ -289,7 +284,11 @@ class PackedImageText(IterableDataset):
                 if not mine:  # fewer shards than ranks: this rank reads none of this source
                     continue
                 stages = [wds.SimpleShardList(mine), wds.split_by_worker]
-            stages += [guard.count_shards, wds.tarfile_to_samples(handler=shard_error), guard.saw_sample]
+            stages += [
+                guard.count_shards,
+                wds.tarfile_to_samples(handler=guard.shard_error),
+                guard.saw_sample,
+            ]
             if self.cfg.shuffle_buffer > 1:
                 stages.append(
                     wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer // 2, seed=seed)
@@ -374,7 +373,9 @@ class PackedImageText(IterableDataset):
         info = get_worker_info()
         worker, W = (info.id, info.num_workers) if info else (0, 1)
         if not cfg.resampled:
-            yield from self._stream(hash((cfg.seed, self.epoch, self.rank, worker)), worker, W, 0, None)
+            stats: Counter = Counter()
+            seed = hash((cfg.seed, self.epoch, self.rank, worker))
+            yield from self._with_trailing_counts(self._stream(seed, worker, W, 0, None, stats), stats)
             return
         size = self.chunk_batches(W if info else 0)
         chunk, emitted = (self.first_batch - self.origin) // size, 0
@@ -386,12 +387,33 @@ class PackedImageText(IterableDataset):
                 yield batch
             chunk += 1
 
-    def _stream(self, seed: int, worker: int, W: int, emitted: int, limit: int | None):
-        """Batches from one seeded sample stream: up to `limit` of them (all, for finite data)."""
+    def _with_trailing_counts(self, batches: Iterator[ImageTextBatch], stats: Counter):
+        """A finite stream's batches, the last held back until the stream ends, so that skips counted
+        after it (bad samples and shards at the end of the data) travel with it instead of being lost.
+        A stream that made no batch at all logs its counts (the run's own check then stops it)."""
+        held = None
+        for batch in batches:
+            if held is not None:
+                yield held
+            held = batch
+        trailing = {k: v for k, v in stats.items() if k != "step" and v}
+        if held is not None:
+            for k, v in trailing.items():
+                held.stats[k] = held.stats.get(k, 0) + v
+            yield held
+        elif trailing:
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(trailing.items()))
+            log.warning("rank %d: a pass over data.shards made no batch; skipped: %s", self.rank, counts)
+
+    def _stream(
+        self, seed: int, worker: int, W: int, emitted: int, limit: int | None, stats: Counter | None = None
+    ):
+        """Batches from one seeded sample stream: up to `limit` of them (all, for finite data). Skip
+        counts go into `stats` and out with each batch."""
         cfg = self.cfg
         seed &= 0x7FFFFFFF
         rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
-        stats: Counter = Counter()
+        stats = Counter() if stats is None else stats
         buffer: list[Example] = []
         buffered_tokens, made = 0, 0
         threshold = cfg.pack_factor * cfg.batch_seqs * cfg.seq_len
@@ -451,24 +473,43 @@ class NoUsableData(RuntimeError):
 
 
 class _NoSampleGuard:
-    """Two webdataset stages around `tarfile_to_samples`: one counts the shards opened, the other
-    resets the count when a sample comes out. Resampled shards never end, so without this, shards that
-    are empty, unreadable or hold no image-text sample would be opened forever."""
+    """Two webdataset stages around `tarfile_to_samples` and its error handler.
+
+    `count_shards` counts the shards opened and `saw_sample` resets the count when a sample comes out:
+    resampled shards never end, so without this, shards that are empty, unreadable or hold no
+    image-text sample would be opened forever. `shard_error` counts a corrupt shard once, however many
+    errors its reading raises (a member cut short raises once in the member, again in the tar), and
+    the sample being assembled when it broke is dropped with it rather than counted again as a
+    sample with a missing part."""
 
     def __init__(self, limit: int, shards, stats: Counter):
         self.limit, self.shards, self.stats, self.in_a_row = limit, shards, stats, 0
+        self.opened, self.error_at, self.url, self.broken_url = 0, -1, None, None
 
     def count_shards(self, src):
         for item in src:
             self.in_a_row += 1
+            self.opened += 1
+            self.url = item.get("url") if isinstance(item, dict) else None
             if self.in_a_row > self.limit:
                 raise NoUsableData(
                     f"{self.in_a_row - 1} shards opened in a row without a sample", self.shards, self.stats
                 )
             yield item
 
+    def shard_error(self, exn: Exception) -> bool:
+        self.broken_url = self.url
+        if self.error_at != self.opened:  # the first error of this shard
+            self.error_at = self.opened
+            self.stats["corrupt_shard"] += 1
+            log.warning("skipping the rest of a corrupt or unreadable shard: %s", exn)
+        return True
+
     def saw_sample(self, src):
         for sample in src:
+            if self.broken_url is not None and sample.get("__url__") == self.broken_url:
+                self.broken_url = None  # the half-read sample of the corrupt shard
+                continue
             self.in_a_row = 0
             yield sample
 
