@@ -176,6 +176,31 @@ def test_posemb_variants_on_unseen_grids(posemb):
     assert out.shape == (3, 32) and torch.isfinite(out).all()
 
 
+def _axis_rows(pe, side: int):
+    """phi_y of positions 0..side-1 of a grid `side` patches tall: [side, D]."""
+    with torch.no_grad():
+        return pe._axis(torch.arange(side)[None], torch.full((1, side), side), "y")[0]
+
+
+def test_position_embeddings_have_their_properties():
+    from navit_clip.model.posemb import FactorizedPosEmb
+
+    torch.manual_seed(0)
+    T = 8
+    learned, fractional = FactorizedPosEmb("learned", 16, max_grid=T), FactorizedPosEmb("fractional", 16, T)
+    # learned: a grid that fits reads the table's rows exactly (no interpolation error)
+    assert torch.equal(_axis_rows(learned, 5), learned.table_y[:5].detach())
+    # past the table it is stretched onto it, never clamped: ends map to the ends, rows stay distinct
+    long = _axis_rows(learned, 3 * T)
+    assert rel(long[0], learned.table_y[0]) < 1e-6 and rel(long[-1], learned.table_y[-1]) < 1e-6
+    assert len({tuple(r.tolist()) for r in long}) == 3 * T
+    # fractional: the same relative position gets the same embedding whatever the grid size
+    for small, big in ((4, 8), (3, 12), (5, 20)):
+        a, b = _axis_rows(fractional, small), _axis_rows(fractional, big)
+        for i in range(small):
+            assert rel(a[i], b[i * big // small]) < 1e-6
+
+
 def test_encode_images_keeps_input_order_and_raises_seq_len_for_big_images():
     model = tiny(seq_len=16)
     imgs = images()

@@ -3,8 +3,10 @@
 Shape legend: B sequences, L tokens, D width.
 
 Variants:
-    learned     absolute patch index into a learned table per axis (the paper's best). Indices past
-                the table (max_grid) are clamped to its last row.
+    learned     absolute patch index into a learned table per axis (the paper's best). A grid longer
+                than the table (max_grid) is read from it stretched (index * (max_grid - 1) / (side - 1),
+                interpolated), as ViTs resize their tables for larger inputs; grids that fit read
+                their rows exactly.
     fractional  coordinate / grid side in [0, 1), read from a learned table by linear interpolation;
                 any grid size maps onto the same table.
     sinusoidal  fixed sin/cos of the absolute index, as in the original Transformer.
@@ -67,7 +69,10 @@ class FactorizedPosEmb(nn.Module):
     def _axis(self, pos_BL: torch.Tensor, side_BL: torch.Tensor, axis: str) -> torch.Tensor:
         if self.kind == "learned":
             table = self.table_y if axis == "y" else self.table_x
-            return table[pos_BL.clamp(max=self.max_grid - 1)]
+            T = self.max_grid
+            side_BL = side_BL.to(torch.float32)
+            stretch_BL = torch.where(side_BL > T, (T - 1) / (side_BL - 1).clamp(min=1), 1.0)
+            return _interpolate_rows(table, pos_BL.to(torch.float32) * stretch_BL)
         if self.kind == "fractional":
             table = self.table_y if axis == "y" else self.table_x
             frac_BL = pos_BL.float() / side_BL.clamp(min=1).float()
