@@ -56,6 +56,7 @@ class EvalConfig:
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     label_key: str = "cls"
     every: int = 0  # evaluate every K training steps (0: only at the end)
+    final: bool = True  # evaluate when training ends (false: no evaluation at the end)
     max_side: int = 512  # native resolution, longer side capped
     seq_len: int = 0  # 0: the model's vision seq_len
     batch_seqs: int = 8

@@ -417,7 +417,7 @@ def train(cfg: Config) -> dict:
     if end < tc.steps:
         if info.is_main:
             print(f"stopped at step {end} of {tc.steps}; continue with --resume latest")
-    elif result := evaluate(run, metrics, tc.steps):
+    elif cfg.eval.final and (result := evaluate(run, metrics, tc.steps)):
         final["zeroshot"] = result
         if info.is_main:
             print(

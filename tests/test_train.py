@@ -268,6 +268,24 @@ def test_non_finite_loss_skips_the_update(small_shards, tmp_path, monkeypatch):
     assert logged[-1]["skipped_steps"] == 1
 
 
+def test_final_evaluation_can_be_switched_off(small_shards, tmp_path):
+    from navit_clip.train import train
+
+    held = {
+        "train.steps": 2,
+        "eval.shards": small_shards["heldout"],
+        "eval.classnames": small_shards["classnames"],
+    }
+    on = train(load_config("configs/demo.yaml", tiny_run(small_shards["train"], tmp_path / "on", **held)))
+    off = train(
+        load_config(
+            "configs/demo.yaml",
+            tiny_run(small_shards["train"], tmp_path / "off", **held, **{"eval.final": False}),
+        )
+    )
+    assert on["zeroshot"]["n"] == 48 and "zeroshot" not in off
+
+
 def test_training_options_run_bf16_checkpointing_accumulation_sigmoid(small_shards, tmp_path):
     from navit_clip.train import train
 
