@@ -17,6 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 BENCHES = [
     "learning_race",
+    "learning_race_digits",
     "demo",
     "packing",
     "vision_tower",
@@ -27,7 +28,10 @@ BENCHES = [
     "profile_step",
     "resume",
 ]
-COMMANDS = {"train_throughput_e2e": ["train_throughput.py", "--e2e"]}  # sections run with arguments
+COMMANDS = {  # sections run with arguments
+    "train_throughput_e2e": ["train_throughput.py", "--e2e"],
+    "learning_race_digits": ["learning_race.py", "--task", "digits"],
+}
 NOTES = (ROOT / "bench" / "NOTES.md").read_text() if (ROOT / "bench" / "NOTES.md").exists() else ""
 
 

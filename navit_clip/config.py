@@ -19,6 +19,7 @@ import yaml
 
 from navit_clip.data.pipeline import DataConfig
 from navit_clip.model.clip import ModelConfig
+from navit_clip.packing import ResolutionPolicy
 
 
 @dataclass
@@ -58,6 +59,7 @@ class EvalConfig:
     every: int = 0  # evaluate every K training steps (0: only at the end)
     final: bool = True  # evaluate when training ends (false: no evaluation at the end)
     max_side: int = 512  # native resolution, longer side capped
+    tokens: int = 0  # 0: native; N: each image scaled (aspect kept) to the largest size within N patches
     seq_len: int = 0  # 0: the model's vision seq_len
     batch_seqs: int = 8
 
@@ -65,6 +67,7 @@ class EvalConfig:
         for name, ok in {
             "every": self.every >= 0,
             "max_side": self.max_side >= 1,
+            "tokens": self.tokens >= 0,
             "seq_len": self.seq_len >= 0,
             "batch_seqs": self.batch_seqs >= 1,
         }.items():
@@ -73,6 +76,12 @@ class EvalConfig:
         for t in self.templates:
             if "{}" not in t:
                 raise ValueError(f"eval.templates entry {t!r} has no '{{}}' for the class name")
+
+    def policy(self) -> ResolutionPolicy:
+        """How evaluation sizes each image (`tokens`, else native up to `max_side`)."""
+        if self.tokens:
+            return ResolutionPolicy("budget", tokens=self.tokens)
+        return ResolutionPolicy("native", max_side=self.max_side)
 
 
 @dataclass

@@ -31,7 +31,6 @@ from navit_clip.data.pipeline import PackedImageText, make_loader
 from navit_clip.distributed import DistInfo, all_reduce_mean, init_distributed, parallelize, sum_counts
 from navit_clip.loss import ContrastiveLoss
 from navit_clip.model.clip import NaViTCLIP
-from navit_clip.packing import ResolutionPolicy
 from navit_clip.tokenizer import tokenizer_for
 from navit_clip.zeroshot import build_classifier, eval_data_config, evaluate_zeroshot, load_names
 
@@ -145,9 +144,13 @@ def zero_shot(model, tokenizer, cfg: Config, info: DistInfo) -> dict | None:
     classnames = load_names(cfg.eval.classnames, "classnames")
     model.eval()
     classifier = build_classifier(model, tokenizer, classnames, cfg.eval.templates, info.device)
-    policy = ResolutionPolicy("native", max_side=cfg.eval.max_side)
     data_cfg = eval_data_config(
-        cfg.data, cfg.eval.shards, cfg.eval.label_key, policy, cfg.eval.seq_len, cfg.eval.batch_seqs
+        cfg.data,
+        cfg.eval.shards,
+        cfg.eval.label_key,
+        cfg.eval.policy(),
+        cfg.eval.seq_len,
+        cfg.eval.batch_seqs,
     )
     result = evaluate_zeroshot(model, classifier, data_cfg, info.device, info.rank, info.world_size)
     model.train()
