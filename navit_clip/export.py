@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from navit_clip.data.pipeline import CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD
+from navit_clip.data.pipeline import NORMALIZE
 from navit_clip.factory import config_of, create_model
 from navit_clip.model.vision import VisionConfig
 
@@ -68,7 +68,7 @@ def export_encoder(
     state["image_proj.weight"] = model.image_proj.weight.detach()
     save_file({k: t.contiguous() for k, t in state.items()}, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    mean, std = (CLIP_MEAN, CLIP_STD) if cfg.data.normalize == "clip" else (HALF_MEAN, HALF_STD)
+    mean, std = NORMALIZE[cfg.data.normalize]
     (out / "preprocessor_config.json").write_text(
         json.dumps(
             {

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+NORMALIZE = {"clip": (CLIP_MEAN, CLIP_STD), "half": (HALF_MEAN, HALF_STD)}  # data.normalize -> (mean, std)
 
 
 @dataclass
@@ -83,8 +84,8 @@ class DataConfig:
             raise ValueError(
                 "data.shards is empty: give a shard pattern such as 'data/shards-{0000..0009}.tar'"
             )
-        if self.normalize not in ("clip", "half"):
-            raise ValueError(f"data.normalize={self.normalize!r} must be 'clip' or 'half'")
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"data.normalize={self.normalize!r} must be one of {tuple(NORMALIZE)}")
         if self.pack_factor < 1:
             raise ValueError(f"data.pack_factor={self.pack_factor} must be at least 1")
         for name in (
@@ -238,7 +239,7 @@ class PackedImageText(IterableDataset):
         # chunk start (exact resume), and finite ones begin at their origin.
         self.accum, self.first_batch, self.origin = accum, first_batch, first_batch
         self.epoch = 0
-        self.mean, self.std = (CLIP_MEAN, CLIP_STD) if cfg.normalize == "clip" else (HALF_MEAN, HALF_STD)
+        self.mean, self.std = NORMALIZE[cfg.normalize]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -544,7 +545,7 @@ def make_preprocess(
     The same sizing as the pipeline (aspect kept, sides multiples of the patch size); the result
     goes straight to `encode_image`.
     """
-    mean, std = (CLIP_MEAN, CLIP_STD) if normalize == "clip" else (HALF_MEAN, HALF_STD)
+    mean, std = NORMALIZE[normalize]
     rng = random.Random(seed)
 
     def preprocess(img: Image.Image) -> torch.Tensor:
