@@ -134,51 +134,69 @@ def _acc(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(dtype) for t in tensors]
 
 
+def _fold(m_b: torch.Tensor, S_b: torch.Tensor, z_tt: torch.Tensor, dim: int) -> None:
+    """Online softmax statistics along `dim`: fold a tile into the running max m and the sum
+    S = sum exp(z - m), in place. Kept apart rather than as one log-sum-exp m + log S: near
+    late-training logits (~90) a float32 LSE carries only ~8e-6 of absolute precision, which would
+    scale every probability of the row by (1 +- 8e-6) and bias the temperature's gradient."""
+    m_new = torch.maximum(m_b, z_tt.amax(dim))
+    shift = torch.where(torch.isinf(m_new), 0.0, m_new)  # rows of padding only: everything -inf
+    S_b.mul_(torch.exp(m_b - shift)).add_(torch.exp(z_tt - shift.unsqueeze(dim)).sum(dim))
+    m_b.copy_(m_new)
+
+
+def _probs(z_tt: torch.Tensor, m: torch.Tensor, log_S: torch.Tensor) -> torch.Tensor:
+    """exp(z - m - log S), with z - m exact (close float32 numbers) and log S small."""
+    return torch.exp((z_tt - m) - log_S)
+
+
 class _SoftmaxRing(torch.autograd.Function):
     @staticmethod
     def forward(ctx, img_bD, txt_bD, valid_b, scale, ring: _Ring, tile: int, n_global: int):
         I_bD, T_bD, s = _acc(img_bD, txt_bD, scale)
-        row_lse_b = torch.full((I_bD.shape[0],), NEG_INF, dtype=I_bD.dtype, device=I_bD.device)
+        row_m_b = torch.full((I_bD.shape[0],), NEG_INF, dtype=I_bD.dtype, device=I_bD.device)
+        row_S_b = torch.zeros_like(row_m_b)
         bias_b = _masked_bias(valid_b, I_bD.dtype)
         Is_bD = I_bD * s
 
-        diag_b = torch.zeros_like(row_lse_b)
+        diag_b = torch.zeros_like(row_m_b)
 
         def visit(step, chunk, carry):
             Tc_bD, bias_c_b = chunk
-            (col_lse_b,) = carry
+            col_m_b, col_S_b = carry
             for rows in _tiles(Is_bD.shape[0], tile):
                 for cols in _tiles(Tc_bD.shape[0], tile):
                     z_tt = Is_bD[rows] @ Tc_bD[cols].T
-                    if step == 0:  # own chunk: the positives z_ii, read from the same matmul as the LSEs
+                    if step == 0:  # own chunk: the positives z_ii, read from the same matmul as the stats
                         for i, r, c in _diagonal(rows, cols, z_tt.device):
                             diag_b[i] = z_tt[r, c]
                     z_tt += bias_b[rows, None]
                     z_tt += bias_c_b[None, cols]
-                    row_lse_b[rows] = torch.logaddexp(row_lse_b[rows], z_tt.logsumexp(1))
-                    col_lse_b[cols] = torch.logaddexp(col_lse_b[cols], z_tt.logsumexp(0))
+                    _fold(row_m_b[rows], row_S_b[rows], z_tt, 1)
+                    _fold(col_m_b[cols], col_S_b[cols], z_tt, 0)
 
-        (col_lse_b,) = _ring_pass(ring, [T_bD, bias_b], [torch.full_like(row_lse_b, NEG_INF)], visit)
-        # Per-slot differences first (small numbers), summed in float64: summing the LSEs (30-100
-        # each at late-training temperatures) and the positives separately loses ~1e-5 of the loss.
-        per_slot_b = ((row_lse_b - diag_b) + (col_lse_b - diag_b))[valid_b]
+        start = [torch.full_like(row_m_b, NEG_INF), torch.zeros_like(row_S_b)]
+        col_m_b, col_S_b = _ring_pass(ring, [T_bD, bias_b], start, visit)
+        # Per slot, LSE - positive = (m - z_ii) + log S: small numbers, summed in float64 (summing the
+        # LSEs, 30-100 each at late-training temperatures, and the positives separately loses ~1e-5).
+        row_log_S, col_log_S = row_S_b.log(), col_S_b.log()
+        per_slot_b = ((row_m_b - diag_b) + row_log_S + (col_m_b - diag_b) + col_log_S)[valid_b]
         local = (per_slot_b.double().sum() / (2 * n_global)).to(I_bD.dtype)
         loss = ring.all_reduce_sum(local.detach().clone())
-        # Padding slots: finite placeholders, so exp(-inf - lse) is 0 instead of NaN in backward.
+        # Padding slots: finite placeholders, so exp(-inf - m) is 0 instead of NaN in backward.
         ctx.save_for_backward(
             img_bD,
             txt_bD,
             valid_b,
             scale,
-            row_lse_b.masked_fill(~valid_b, 0),
-            col_lse_b.masked_fill(~valid_b, 0),
+            *(x.masked_fill(~valid_b, 0) for x in (row_m_b, row_log_S, col_m_b, col_log_S)),
         )
         ctx.ring, ctx.tile, ctx.n_global = ring, tile, n_global
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        img_bD, txt_bD, valid_b, scale, row_lse_b, col_lse_b = ctx.saved_tensors
+        img_bD, txt_bD, valid_b, scale, row_m_b, row_log_S, col_m_b, col_log_S = ctx.saved_tensors
         ring, tile, n = ctx.ring, ctx.tile, ctx.n_global
         I_bD, T_bD, s = _acc(img_bD, txt_bD, scale)
         bias_b = _masked_bias(valid_b, I_bD.dtype)
@@ -186,26 +204,34 @@ class _SoftmaxRing(torch.autograd.Function):
 
         Is_bD = I_bD * s  # the logits exactly as the forward computed them (same products, same tiles)
         own_b = valid_b.to(I_bD.dtype) / n
+        sz = torch.zeros((), dtype=torch.float64, device=I_bD.device)  # sum_ij G_ij z_ij, for dL/ds
 
         def visit(step, chunk, carry):
-            Tc_bD, bias_c_b, col_lse_c_b = chunk
+            nonlocal sz
+            Tc_bD, bias_c_b, col_m_c_b, col_log_S_c_b = chunk
             (dTc_bD,) = carry
             for rows in _tiles(I_bD.shape[0], tile):
                 for cols in _tiles(Tc_bD.shape[0], tile):
-                    z_tt = Is_bD[rows] @ Tc_bD[cols].T + bias_b[rows, None] + bias_c_b[None, cols]
+                    logits_tt = Is_bD[rows] @ Tc_bD[cols].T
+                    z_tt = logits_tt + bias_b[rows, None] + bias_c_b[None, cols]
                     G_tt = (
-                        torch.exp(z_tt - row_lse_b[rows, None]) + torch.exp(z_tt - col_lse_c_b[None, cols])
+                        _probs(z_tt, row_m_b[rows, None], row_log_S[rows, None])
+                        + _probs(z_tt, col_m_c_b[None, cols], col_log_S_c_b[None, cols])
                     ) / (2 * n)
                     if step == 0:  # the -2 delta_ij / (2N) of the positives, inside G: no cancellation later
                         for i, r, c in _diagonal(rows, cols, G_tt.device):
                             G_tt[r, c] -= own_b[i]
                     dI_bD[rows] += G_tt @ Tc_bD[cols]
                     dTc_bD[cols] += G_tt.T @ I_bD[rows]
+                    # padding pairs have G = 0 and finite logits (the -inf is in the bias only)
+                    sz += (G_tt * logits_tt).sum(dtype=torch.float64)
 
-        (dT_bD,) = _ring_pass(ring, [T_bD, bias_b, col_lse_b], [torch.zeros_like(T_bD)], visit)
-        # dL/ds = sum_ij G_ij <I_i, T_j> = sum_i <(G T)_i, I_i>: read off dI (every column has visited
-        # this rank's rows), a small difference of large terms summed once, in float64
-        ds = (dI_bD * I_bD).sum(dtype=torch.float64)
+        chunk = [T_bD, bias_b, col_m_b, col_log_S]
+        (dT_bD,) = _ring_pass(ring, chunk, [torch.zeros_like(T_bD)], visit)
+        # dL/ds = sum_ij G_ij <I_i, T_j> = (sum_ij G_ij z_ij) / s: a small difference of large terms,
+        # summed tile by tile in float64 from the products themselves (reading it off the float32 dI,
+        # as before, left 2-7e-5 of error at late-training temperatures; now ~ the direct path's 4e-6)
+        ds = sz / s.double()
         # DDP/FSDP average gradients over ranks; scaling by W makes the average the global gradient.
         g = grad_loss.to(I_bD.dtype) * ring.world
         dI_bD, dT_bD, ds = dI_bD * (s * g), dT_bD * (s * g), ds.to(I_bD.dtype) * g

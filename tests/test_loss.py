@@ -229,7 +229,8 @@ def test_readme_loss_example_runs_and_the_open_clip_convention_cannot_be_confuse
 def test_tiled_loss_keeps_float32_accuracy_at_late_training_temperatures(tile):
     """Normalised, correlated embeddings at scale 95 (logits 30-90, loss ~0.3): the tiled path's loss
     was 1e-5 off a float64 reference (LSEs and positives summed separately, in float32). Per-slot
-    differences first, positives from the same matmul, the -delta inside G: now like the direct path."""
+    differences first, positives from the same matmul, the -delta inside G, row and column statistics
+    as (max, sum) pairs, dL/ds summed per tile in float64: now like the direct path."""
     import math
 
     g = torch.Generator().manual_seed(0)
@@ -247,7 +248,7 @@ def test_tiled_loss_keeps_float32_accuracy_at_late_training_temperatures(tile):
         I, T, t = (x.clone().requires_grad_() for x in (I, T, t))
         loss = fn(I, T, t)
         loss.backward()
-        return loss.detach(), I.grad, T.grad
+        return loss.detach(), I.grad, T.grad, t.grad
 
     def naive(I, T, t):
         z = t.exp() * I[valid] @ T[valid].T
@@ -262,4 +263,7 @@ def test_tiled_loss_keeps_float32_accuracy_at_late_training_temperatures(tile):
         t64.float(),
     )
     rel = [float((a.double() - b).norm() / b.norm()) for a, b in zip(got, ref)]
-    assert rel[0] < 2e-6 and rel[1] < 4e-6 and rel[2] < 4e-6, rel
+    # float32 itself: the direct path (full matrix, autograd) is at 2e-7 / 1.8e-6 / 1.8e-6 / 4.3e-6 here.
+    # The temperature's gradient was 2.5-6.8e-5 off while the softmax statistics were one float32
+    # log-sum-exp per row (~8e-6 absolute at logits ~90); kept as max and sum apart: 5-8e-6.
+    assert rel[0] < 1e-6 and rel[1] < 2.5e-6 and rel[2] < 2.5e-6 and rel[3] < 1e-5, rel
