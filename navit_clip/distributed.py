@@ -58,12 +58,16 @@ def parallelize(model: nn.Module, tc, info: DistInfo) -> nn.Module:
        packing plan changes every batch and would recompile);
     3. DDP or FSDP2 (`wrap_model`), under torchrun.
     Returns the module to call for training (the model itself in one process)."""
-    blocks = [block for tower in (model.visual, model.text) for block in tower.blocks]
-    for block in blocks:
+    for block in transformer_blocks(model):
         block.checkpointing = tc.activation_checkpointing
         if tc.compile:
             block.mlp.compile(dynamic=True)
     return wrap_model(model, info, tc.parallel)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every transformer block of both towers: the unit of activation checkpointing, compile and FSDP."""
+    return [block for tower in (model.visual, model.text) for block in tower.blocks]
 
 
 def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Module:
@@ -81,9 +85,8 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Mo
         return DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    for tower in (model.visual, model.text):
-        for block in tower.blocks:
-            fully_shard(block)
+    for block in transformer_blocks(model):
+        fully_shard(block)
     fully_shard(model)
     # evaluation calls these, not forward: FSDP must gather the root's parameters for them too
     for method in ("encode_packed", "encode_image", "encode_text"):
