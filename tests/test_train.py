@@ -268,6 +268,36 @@ def test_non_finite_loss_skips_the_update(small_shards, tmp_path, monkeypatch):
     assert logged[-1]["skipped_steps"] == 1
 
 
+def test_accumulation_is_the_mean_of_the_micro_batch_gradients(small_shards, tmp_path):
+    """One optimiser step over train.accum = 3 micro-batches: its gradient is, by definition, the mean
+    of the three micro-batch losses' gradients (each micro-batch its own contrastive problem)."""
+    import copy
+
+    from navit_clip.data.pipeline import PackedImageText, make_loader
+    from navit_clip.train import TrainState, Window, build, resolve, train_step
+
+    cfg = load_config(
+        "configs/demo.yaml",
+        tiny_run(small_shards["train"], tmp_path, **{"train.accum": 3, "train.grad_clip": 0}),
+    )
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    run = build(cfg, info, resolve(cfg, info))
+    micro = [
+        b for b, _ in zip(make_loader(PackedImageText(cfg.data, run.tokenizer), num_workers=0), range(3))
+    ]
+    ref = copy.deepcopy(run.model)
+    for batch in copy.deepcopy(micro):
+        batch = batch.to(info.device)
+        out = ref(batch.images, batch.text)
+        loss = run.loss_fn(out["image_emb"], out["text_emb"], out["valid"], out["logit_scale"])
+        (loss / 3).backward()
+    train_step(run, iter(micro), TrainState(), Window())
+    grads = {n: p.grad for n, p in run.model.named_parameters()}
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert any(float((a - b).abs().max()) > 0 for a, b in zip(run.model.parameters(), ref.parameters()))
+
+
 def test_final_evaluation_can_be_switched_off(small_shards, tmp_path):
     from navit_clip.train import train
 
