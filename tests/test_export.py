@@ -23,7 +23,9 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.fixture(scope="module", params=[("learned", "map", True), ("fractional", "mean", False)])
+@pytest.fixture(
+    scope="module", params=[("learned", "map", True), ("fractional", "mean", False), ("rope2d", "map", False)]
+)
 def exported(request, tmp_path_factory):
     """Both export forms: with the text tower, and the default (`navit-clip export CKPT OUT`)."""
     posemb, pool, with_text = request.param

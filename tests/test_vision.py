@@ -33,9 +33,9 @@ def alone(model, img):
 
 
 @pytest.mark.parametrize("backend", ["dense", "grouped", "flex"])
-@pytest.mark.parametrize("pool", ["map", "mean"])
-def test_packing_invariance(backend, pool):
-    model = tiny(attn_backend=backend, pool=pool)
+@pytest.mark.parametrize("pool, posemb", [("map", "learned"), ("mean", "learned"), ("map", "rope2d")])
+def test_packing_invariance(backend, pool, posemb):
+    model = tiny(attn_backend=backend, pool=pool, posemb=posemb)
     imgs = images()
     with torch.no_grad():
         ref = torch.stack([alone(model, im) for im in imgs])
@@ -166,7 +166,7 @@ def test_unavailable_backend_falls_back_with_one_notice(caplog):
         AttentionPlan.build(seg, "magic")
 
 
-@pytest.mark.parametrize("posemb", ["learned", "fractional", "sinusoidal", "fourier"])
+@pytest.mark.parametrize("posemb", ["learned", "fractional", "sinusoidal", "fourier", "rope2d"])
 def test_posemb_variants_on_unseen_grids(posemb):
     # max_grid=16 is the "training" table: 1 x 40 and 37 x 3 go past it.
     model = tiny(posemb=posemb, max_grid=16, seq_len=128)
@@ -199,6 +199,28 @@ def test_position_embeddings_have_their_properties():
         a, b = _axis_rows(fractional, small), _axis_rows(fractional, big)
         for i in range(small):
             assert rel(a[i], b[i * big // small]) < 1e-6
+
+
+def test_rope2d_attention_depends_on_relative_position_only():
+    """Rotated queries and keys: the score of a (query, key) pair is unchanged when both tokens move
+    by the same (row, col) offset, and differs when only one moves."""
+    from navit_clip.model.posemb import with_rope2d
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 2, 8, generator=g), torch.randn(1, 2, 2, 8, generator=g)
+
+    def scores(coords):
+        seen = {}
+        with_rope2d(lambda q_, k_, v_: seen.setdefault("s", (q_[0, 0] * k_[0, 1]).sum(-1)), coords, 8)(
+            q, k, q
+        )
+        return seen["s"]
+
+    base = scores(torch.tensor([[[0, 0], [2, 3]]]))
+    assert rel(scores(torch.tensor([[[40, 7], [42, 10]]])), base) < 1e-5  # both moved by (40, 7)
+    assert rel(scores(torch.tensor([[[0, 0], [3, 2]]])), base) > 1e-2
+    with pytest.raises(ValueError, match="divisible by 4"):
+        NaViT(VisionConfig(width=24, heads=4, posemb="rope2d"))
 
 
 def test_encode_images_keeps_input_order_and_raises_seq_len_for_big_images():

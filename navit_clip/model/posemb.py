@@ -12,6 +12,10 @@ Variants:
     sinusoidal  fixed sin/cos of the absolute index, as in the original Transformer.
     fourier     learned Fourier features of the absolute index: cos/sin of learned frequencies,
                 then a linear map to D.
+    rope2d      no additive embedding: queries and keys of every attention layer are rotated by
+                their token's row (first half of each head's pairs) and column (second half), as in
+                Qwen2-VL's vision tower (`with_rope2d`). Attention then depends on relative offsets
+                only; no table, so no grid size is out of range.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import math
 import torch
 from torch import nn
 
-POSEMB_KINDS = ("learned", "fractional", "sinusoidal", "fourier")
+POSEMB_KINDS = ("learned", "fractional", "sinusoidal", "fourier", "rope2d")
+ROPE_THETA = 10000.0
 
 
 def _interpolate_rows(table_TD: torch.Tensor, pos_BL: torch.Tensor) -> torch.Tensor:
@@ -85,6 +90,38 @@ class FactorizedPosEmb(nn.Module):
         return proj(torch.cat([angle_BLF.cos(), angle_BLF.sin()], dim=-1))
 
     def forward(self, coords_BL2: torch.Tensor, grid_BL2: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rope2d":  # positions enter inside attention (with_rope2d)
+            return torch.zeros((), device=coords_BL2.device)
         return self._axis(coords_BL2[..., 0], grid_BL2[..., 0], "y") + self._axis(
             coords_BL2[..., 1], grid_BL2[..., 1], "x"
         )
+
+
+def rope2d_rotation(coords_BL2: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, L, 1, d] of each token's 2D rotary angles: d/4 frequencies on its row, d/4 on
+    its column, each pair (i, i + d/2) rotated by one angle (rotate-half layout)."""
+    if head_dim % 4:
+        raise ValueError(f"posemb=rope2d needs a head width divisible by 4, got {head_dim}")
+    n = head_dim // 4
+    freq_n = ROPE_THETA ** (-torch.arange(n, dtype=torch.float32, device=coords_BL2.device) / n)
+    pos_BL2 = coords_BL2.to(torch.float32)
+    angle_BLh = torch.cat([pos_BL2[..., :1] * freq_n, pos_BL2[..., 1:] * freq_n], dim=-1)
+    angle_BL1d = torch.cat([angle_BLh, angle_BLh], dim=-1).unsqueeze(-2)
+    return angle_BL1d.cos(), angle_BL1d.sin()
+
+
+def _rotate(x_BLHd: torch.Tensor, cos_BL1d: torch.Tensor, sin_BL1d: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BLHd.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x_BLHd.float() * cos_BL1d + rotated * sin_BL1d).to(x_BLHd.dtype)
+
+
+def with_rope2d(attend, coords_BL2: torch.Tensor, head_dim: int):
+    """`attend(q, k, v)` with q and k rotated by each token's (row, col) first: any attention
+    backend, packed or not, since each token's rotation depends on its own position only."""
+    cos_BL1d, sin_BL1d = rope2d_rotation(coords_BL2, head_dim)
+
+    def attend_rotated(q_BLHd, k_BLHd, v_BLHd):
+        return attend(_rotate(q_BLHd, cos_BL1d, sin_BL1d), _rotate(k_BLHd, cos_BL1d, sin_BL1d), v_BLHd)
+
+    return attend_rotated

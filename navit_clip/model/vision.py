@@ -16,7 +16,7 @@ from torch import nn
 
 from navit_clip.model.attention import AttentionPlan, block_attention
 from navit_clip.model.layers import build_tower, embed_tokens, init_weights, mean_pool, slot_index
-from navit_clip.model.posemb import FactorizedPosEmb
+from navit_clip.model.posemb import FactorizedPosEmb, with_rope2d
 from navit_clip.packing import PackedBatch, grid_size, pack_images, unpack_slots
 
 
@@ -29,7 +29,7 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     qk_norm: bool = True
     bias: bool = False  # the paper drops biases from dense layers
-    posemb: str = "learned"  # learned | fractional | sinusoidal | fourier
+    posemb: str = "learned"  # learned | fractional | sinusoidal | fourier | rope2d (see model/posemb.py)
     max_grid: int = 64  # rows of the learned position tables (patches per side)
     pool: str = "map"  # map | mean
     attn_backend: str = "auto"  # dense | grouped | flex | varlen | auto
@@ -46,6 +46,11 @@ class VisionConfig:
             raise ValueError(f"vision.width={self.width} is not divisible by vision.heads={self.heads}")
         if self.pool not in ("map", "mean"):
             raise ValueError(f"vision.pool={self.pool!r} must be 'map' or 'mean'")
+        if self.posemb == "rope2d" and (self.width // self.heads) % 4:
+            raise ValueError(
+                f"vision.posemb=rope2d needs a head width (width / heads = {self.width // self.heads}) "
+                "divisible by 4"
+            )
 
 
 @dataclass
@@ -78,6 +83,8 @@ class NaViT(nn.Module):
             patches, coords, grid = plan.to_flat(patches), plan.to_flat(coords), plan.to_flat(grid)
         x = embed_tokens(self, patches, coords, grid)
         attend = partial(block_attention, plan=plan)
+        if self.cfg.posemb == "rope2d":
+            attend = with_rope2d(attend, coords, self.cfg.width // self.cfg.heads)
         for block in self.blocks:
             x = block(x, attend)
         x = self.norm(x)
