@@ -29,7 +29,7 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     qk_norm: bool = True
     bias: bool = False  # the paper drops biases from dense layers
-    posemb: str = "learned"  # learned | fractional | sinusoidal | fourier | rope2d (see model/posemb.py)
+    posemb: str = "rope2d"  # rope2d | learned | fractional | sinusoidal | fourier (see model/posemb.py)
     max_grid: int = 64  # rows of the learned position tables (patches per side)
     pool: str = "map"  # map | mean
     attn_backend: str = "auto"  # dense | grouped | flex | varlen | auto
