@@ -111,9 +111,9 @@ def rope2d_rotation(coords_BL2: torch.Tensor, head_dim: int) -> tuple[torch.Tens
 
 
 def _rotate(x_BLHd: torch.Tensor, cos_BL1d: torch.Tensor, sin_BL1d: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x_BLHd.float().chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x_BLHd.float() * cos_BL1d + rotated * sin_BL1d).to(x_BLHd.dtype)
+    x = x_BLHd.float()
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos_BL1d + torch.cat([-x2, x1], dim=-1) * sin_BL1d).to(x_BLHd.dtype)
 
 
 def with_rope2d(attend, coords_BL2: torch.Tensor, head_dim: int):
