@@ -8,6 +8,7 @@ the wrong type are ValueErrors that name the field.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -277,6 +278,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if name not in given:
             setattr(cfg.data, name, getattr(cfg.model.vision, name))
     return cfg
+
+
+# Fields added with a default that changes behaviour: the value a config saved before the field existed
+# stands for, so an old checkpoint keeps computing what it computed.
+SAVED_BEFORE = {("model", "vision", "rope_span"): 0.0}
+
+
+def saved_config(tree: dict) -> Config:
+    """The Config of a checkpoint or a run's config.yaml, read with SAVED_BEFORE for missing fields."""
+    tree = copy.deepcopy(tree)
+    for path, value in SAVED_BEFORE.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node.setdefault(path[-1], value)
+    return _build(Config, tree)
 
 
 def to_dict(cfg: Any) -> dict:

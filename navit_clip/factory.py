@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from navit_clip.config import Config, _build, load_config
+from navit_clip.config import Config, load_config, saved_config
 from navit_clip.data.pipeline import make_preprocess
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.packing import ResolutionPolicy
@@ -30,11 +30,11 @@ def config_of(source: str | Path | Config) -> Config:
         raise ValueError(f"{path} is neither a config file nor a checkpoint")
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if "config" in state:
-        return _build(Config, state["config"])
+        return saved_config(state["config"])
     run_cfg = path.parent / "config.yaml"
     if not run_cfg.exists():
         raise ValueError(f"checkpoint {path} carries no config and there is no {run_cfg}")
-    return _build(Config, yaml.safe_load(run_cfg.read_text()))
+    return saved_config(yaml.safe_load(run_cfg.read_text()))
 
 
 def get_tokenizer(source: str | Path | Config):

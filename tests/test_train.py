@@ -234,6 +234,21 @@ def test_config_overrides_and_errors():
         load_config(f"configs/{name}.yaml").validate()
 
 
+def test_a_checkpoint_saved_before_a_default_changed_keeps_its_meaning(tmp_path):
+    """rope_span's default became 16 (fractional rotary positions); a checkpoint whose config predates
+    the field was trained with patch-index positions and must be rebuilt with them."""
+    from navit_clip.factory import config_of
+
+    assert load_config().model.vision.rope_span == 16.0
+    tree = to_dict(load_config())
+    del tree["model"]["vision"]["rope_span"]
+    torch.save({"config": tree}, tmp_path / "step_00000001.pt")
+    assert config_of(tmp_path / "step_00000001.pt").model.vision.rope_span == 0.0
+    tree["model"]["vision"]["rope_span"] = 4.0
+    torch.save({"config": tree}, tmp_path / "step_00000002.pt")
+    assert config_of(tmp_path / "step_00000002.pt").model.vision.rope_span == 4.0
+
+
 def poison_loss(monkeypatch, train_module, poisoned) -> dict:
     """Make the trainer's loss NaN on the calls n (1-based) where poisoned(n); returns the call count."""
     calls = {"n": 0}

@@ -223,6 +223,27 @@ def test_rope2d_attention_depends_on_relative_position_only():
         NaViT(VisionConfig(width=24, heads=4, posemb="rope2d"))
 
 
+def test_rope2d_fractional_positions_do_not_depend_on_resolution():
+    """rope_span > 0: an image's longer side spans `span` units at every resolution (aspect kept), so a
+    region of a larger rendering sits where the same region of a smaller one does; span 0: patch
+    indices, unbounded."""
+    from navit_clip.model.posemb import rope2d_positions
+
+    def positions(h, w, span):
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        coords = torch.stack([rows.flatten(), cols.flatten()], -1)[None]
+        return rope2d_positions(coords, torch.tensor([h, w]).expand_as(coords), span)[0].view(h, w, 2)
+
+    small, big = positions(3, 5, 16.0), positions(6, 10, 16.0)  # the same image at twice the resolution
+    pooled = big.view(3, 2, 5, 2, 2).mean((1, 3))  # each 2 x 2 block of the big grid: one small patch
+    assert rel(pooled, small) < 1e-6
+    assert rel(small[..., 1].max() + small[..., 1].min(), torch.tensor(16.0)) < 1e-6  # the width spans 16
+    assert rel(small[..., 0].max() + small[..., 0].min(), torch.tensor(16.0 * 3 / 5)) < 1e-6  # aspect kept
+    assert torch.equal(positions(6, 10, 0.0)[5, 9], torch.tensor([5.0, 9.0]))
+    with pytest.raises(ValueError, match="rope_span"):
+        NaViT(VisionConfig(width=32, heads=4, depth=1, rope_span=-1.0))
+
+
 def test_encode_images_keeps_input_order_and_raises_seq_len_for_big_images():
     model = tiny(seq_len=16)
     imgs = images()

@@ -26,6 +26,7 @@ class NaViTConfig(PretrainedConfig):
         bias=False,
         posemb="learned",
         max_grid=64,
+        rope_span=0.0,
         pool="map",
         ln_eps=1e-6,
         embed_dim=512,
@@ -34,6 +35,7 @@ class NaViTConfig(PretrainedConfig):
         self.patch_size, self.width, self.depth, self.heads = patch_size, width, depth, heads
         self.mlp_ratio, self.qk_norm, self.bias, self.posemb = mlp_ratio, qk_norm, bias, posemb
         self.max_grid, self.pool, self.ln_eps, self.embed_dim = max_grid, pool, ln_eps, embed_dim
+        self.rope_span = rope_span
         super().__init__(**kwargs)
 
 

@@ -35,10 +35,10 @@ from torch import nn
 
 try:  # inside a package (Hugging Face remote code) or as plain modules next to each other
     from .navit_layers import build_tower, embed_tokens, mean_pool
-    from .navit_posemb import FactorizedPosEmb, with_rope2d
+    from .navit_posemb import FactorizedPosEmb, rope2d_positions, with_rope2d
 except ImportError:
     from navit_layers import build_tower, embed_tokens, mean_pool
-    from navit_posemb import FactorizedPosEmb, with_rope2d
+    from navit_posemb import FactorizedPosEmb, rope2d_positions, with_rope2d
 
 CONFIG_KEYS = (
     "patch_size",
@@ -50,6 +50,7 @@ CONFIG_KEYS = (
     "bias",
     "posemb",
     "max_grid",
+    "rope_span",
     "pool",
     "ln_eps",
     "ln_pre",
@@ -126,9 +127,8 @@ class NaViTEncoderMixin:
             return o.transpose(1, 2)
 
         if self.navit_config["posemb"] == "rope2d":
-            attend = with_rope2d(
-                attend, coords[None], self.navit_config["width"] // self.navit_config["heads"]
-            )
+            pos_T2 = rope2d_positions(coords, token_grid, self.navit_config.get("rope_span", 0.0))
+            attend = with_rope2d(attend, pos_T2[None], self.navit_config["width"] // self.navit_config["heads"])
         for block in self.blocks:
             x_1TD = block(x_1TD, attend)
         x_1TD = self.norm(x_1TD)

@@ -97,14 +97,25 @@ class FactorizedPosEmb(nn.Module):
         )
 
 
-def rope2d_rotation(coords_BL2: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rope2d_positions(coords_BL2: torch.Tensor, grid_BL2: torch.Tensor, span: float) -> torch.Tensor:
+    """Each token's rotary (row, col) position: its patch index (span 0), or, with span > 0, its
+    patch centre scaled so that its image's longer side covers `span` units whatever the resolution
+    (fractional positions: an image larger than any trained one still falls inside the trained range)."""
+    pos_BL2 = coords_BL2.to(torch.float32)
+    if span <= 0:
+        return pos_BL2
+    longer_BL1 = grid_BL2.to(torch.float32).amax(dim=-1, keepdim=True).clamp_min(1.0)
+    return (pos_BL2 + 0.5) * (span / longer_BL1)
+
+
+def rope2d_rotation(pos_BL2: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [B, L, 1, d] of each token's 2D rotary angles: d/4 frequencies on its row, d/4 on
     its column, each pair (i, i + d/2) rotated by one angle (rotate-half layout)."""
     if head_dim % 4:
         raise ValueError(f"posemb=rope2d needs a head width divisible by 4, got {head_dim}")
     n = head_dim // 4
-    freq_n = ROPE_THETA ** (-torch.arange(n, dtype=torch.float32, device=coords_BL2.device) / n)
-    pos_BL2 = coords_BL2.to(torch.float32)
+    freq_n = ROPE_THETA ** (-torch.arange(n, dtype=torch.float32, device=pos_BL2.device) / n)
+    pos_BL2 = pos_BL2.to(torch.float32)
     angle_BLh = torch.cat([pos_BL2[..., :1] * freq_n, pos_BL2[..., 1:] * freq_n], dim=-1)
     angle_BL1d = torch.cat([angle_BLh, angle_BLh], dim=-1).unsqueeze(-2)
     return angle_BL1d.cos(), angle_BL1d.sin()
@@ -116,10 +127,11 @@ def _rotate(x_BLHd: torch.Tensor, cos_BL1d: torch.Tensor, sin_BL1d: torch.Tensor
     return (x * cos_BL1d + torch.cat([-x2, x1], dim=-1) * sin_BL1d).to(x_BLHd.dtype)
 
 
-def with_rope2d(attend, coords_BL2: torch.Tensor, head_dim: int):
-    """`attend(q, k, v)` with q and k rotated by each token's (row, col) first: any attention
-    backend, packed or not, since each token's rotation depends on its own position only."""
-    cos_BL1d, sin_BL1d = rope2d_rotation(coords_BL2, head_dim)
+def with_rope2d(attend, pos_BL2: torch.Tensor, head_dim: int):
+    """`attend(q, k, v)` with q and k rotated by each token's (row, col) position first
+    (`rope2d_positions`): any attention backend, packed or not, since each token's rotation depends on
+    its own position only."""
+    cos_BL1d, sin_BL1d = rope2d_rotation(pos_BL2, head_dim)
 
     def attend_rotated(q_BLHd, k_BLHd, v_BLHd):
         return attend(_rotate(q_BLHd, cos_BL1d, sin_BL1d), _rotate(k_BLHd, cos_BL1d, sin_BL1d), v_BLHd)

@@ -16,7 +16,7 @@ from torch import nn
 
 from navit_clip.model.attention import AttentionPlan, block_attention
 from navit_clip.model.layers import build_tower, embed_tokens, init_weights, mean_pool, slot_index
-from navit_clip.model.posemb import FactorizedPosEmb, with_rope2d
+from navit_clip.model.posemb import FactorizedPosEmb, rope2d_positions, with_rope2d
 from navit_clip.packing import PackedBatch, grid_size, pack_images, unpack_slots
 
 
@@ -31,6 +31,7 @@ class VisionConfig:
     bias: bool = False  # the paper drops biases from dense layers
     posemb: str = "rope2d"  # rope2d | learned | fractional | sinusoidal | fourier (see model/posemb.py)
     max_grid: int = 64  # rows of the learned position tables (patches per side)
+    rope_span: float = 16.0  # rope2d: each image's longer side spans this many position units; 0: patches
     pool: str = "map"  # map | mean
     attn_backend: str = "auto"  # dense | grouped | flex | varlen | auto
     seq_len: int = 256  # L, tokens per packed sequence
@@ -46,6 +47,8 @@ class VisionConfig:
             raise ValueError(f"vision.width={self.width} is not divisible by vision.heads={self.heads}")
         if self.pool not in ("map", "mean"):
             raise ValueError(f"vision.pool={self.pool!r} must be 'map' or 'mean'")
+        if self.rope_span < 0:
+            raise ValueError(f"model.vision.rope_span={self.rope_span} must be >= 0 (0: positions in patches)")
         if self.posemb == "rope2d" and (self.width // self.heads) % 4:
             raise ValueError(
                 f"vision.posemb=rope2d needs a head width (width / heads = {self.width // self.heads}) "
@@ -84,7 +87,8 @@ class NaViT(nn.Module):
         x = embed_tokens(self, patches, coords, grid)
         attend = partial(block_attention, plan=plan)
         if self.cfg.posemb == "rope2d":
-            attend = with_rope2d(attend, coords, self.cfg.width // self.cfg.heads)
+            pos = rope2d_positions(coords, grid, self.cfg.rope_span)
+            attend = with_rope2d(attend, pos, self.cfg.width // self.cfg.heads)
         for block in self.blocks:
             x = block(x, attend)
         x = self.norm(x)
