@@ -37,7 +37,7 @@ import webdataset as wds
 from common import save_results
 from open_clip.loss import ClipLoss
 
-from navit_clip.config import load_config
+from navit_clip.config import load_config, to_dict
 from navit_clip.data.demo import TASKS, ensure_demo_data
 from navit_clip.data.pipeline import PackedImageText, folder_samples, make_loader
 from navit_clip.loss import ContrastiveLoss
@@ -121,7 +121,9 @@ def race(name: str, step_fn, eval_fn, budgets: list[float], log_every: int = 20)
     return out
 
 
-def run_navit(data: dict, budgets: list[float], overrides: list[str], device: torch.device) -> dict:
+def run_navit(
+    data: dict, budgets: list[float], overrides: list[str], device: torch.device, save: str | None = None
+) -> dict:
     cfg = load_config(
         str(ROOT / "configs" / "demo.yaml"), NAVIT + [f"data.shards={data['train']}"] + overrides
     )
@@ -175,7 +177,11 @@ def run_navit(data: dict, budgets: list[float], overrides: list[str], device: to
         model.train()
         return acc
 
-    return race("navit", step_fn, eval_fn, budgets)
+    result = race("navit", step_fn, eval_fn, budgets)
+    if save:  # a checkpoint `navit-clip eval` reads, for looking at the raced model afterwards
+        torch.save({"model": model.state_dict(), "config": to_dict(cfg)}, save)
+        print(f"saved navit-clip's final weights to {save}")
+    return result
 
 
 def run_openclip(data: dict, budgets: list[float], grad_clip: float, device: torch.device) -> dict:
@@ -289,6 +295,7 @@ def main() -> None:
         "--data", help="where the task's data is generated (default bench/results/race_data[_digits])"
     )
     ap.add_argument("--name", help="results file name (default learning_race[_digits])")
+    ap.add_argument("--save", help="write navit-clip's final weights here (a checkpoint for navit-clip eval)")
     ap.add_argument("overrides", nargs="*", help="navit-clip config overrides (section.key=value)")
     args = ap.parse_args()
     random.seed(0)
@@ -306,7 +313,7 @@ def main() -> None:
         "navit_overrides": args.overrides,
     }
     if args.only != "openclip":
-        nav = run_navit(data, budgets, args.overrides, device)
+        nav = run_navit(data, budgets, args.overrides, device, args.save)
         results.update({f"navit_{k}": v for k, v in nav.items()})
     if args.only != "navit":
         oc = run_openclip(data, budgets, SHARED["grad_clip"], device)

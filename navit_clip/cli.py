@@ -111,73 +111,79 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
-    import json
-
+def _eval_classnames(args: argparse.Namespace) -> list[str]:
+    """The class names of `--data`: folders matched to `--classnames` by name, or the file for shards."""
     from navit_clip.data.pipeline import folder_classes
-    from navit_clip.distributed import init_distributed
-    from navit_clip.factory import config_of, create_model, get_tokenizer
+    from navit_clip.zeroshot import folder_classnames, load_names
+
+    given = load_names(args.classnames, "classnames") if args.classnames else None
+    if Path(args.data).is_dir():
+        return folder_classnames(folder_classes(args.data), given)
+    if not given:
+        raise ValueError("--classnames is needed for shards (a file, or 'imagenet')")
+    return given
+
+
+def _eval_zeroshot(args, cfg, model, tokenizer, info, budgets: list[str]) -> tuple[list[str], list[dict]]:
+    """Zero-shot top-1/top-5 of `--data` at each budget ('native' or tokens per image)."""
     from navit_clip.packing import ResolutionPolicy
     from navit_clip.zeroshot import (
         cached_classifier,
         eval_data_config,
-        evaluate_retrieval,
         evaluate_zeroshot,
-        folder_classnames,
-        format_table,
         label_map,
         load_names,
-        plot_budgets,
     )
 
+    classnames = _eval_classnames(args)
+    if info.is_main:
+        source = "sorted class folders" if Path(args.data).is_dir() else args.label_key
+        print(f"labels ({source}): {label_map(classnames)}")
+    ckpt = Path(args.checkpoint)
+    classifier = cached_classifier(
+        model,
+        tokenizer,
+        classnames,
+        load_names(args.templates, "templates"),
+        info.device,
+        ckpt.parent / "zeroshot_cache",
+        str(ckpt.resolve()),
+    )
+    rows = []
+    for b in budgets:
+        policy = (
+            ResolutionPolicy("native", max_side=args.max_side)
+            if b == "native"
+            else ResolutionPolicy("budget", tokens=int(b))
+        )
+        data_cfg = eval_data_config(cfg.data, args.data, args.label_key, policy, 0, args.batch_seqs)
+        r = evaluate_zeroshot(model, classifier, data_cfg, info.device, info.rank, info.world_size)
+        rows.append({**r, "budget": b})
+    return classnames, rows
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from navit_clip.distributed import init_distributed
+    from navit_clip.factory import config_of, create_model, get_tokenizer
+    from navit_clip.packing import ResolutionPolicy
+    from navit_clip.zeroshot import eval_data_config, evaluate_retrieval, format_table, plot_budgets
+
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    for b in budgets:
+        if b != "native" and not b.isdigit():
+            raise ValueError(f"--budgets entry {b!r} must be 'native' or a token count")
     info = init_distributed(args.device)
     cfg = config_of(args.checkpoint)
     model = create_model(args.checkpoint, info.device)
     tokenizer = get_tokenizer(args.checkpoint)
     out = Path(args.out or Path(args.checkpoint).parent / "eval")
     results: dict = {"checkpoint": str(args.checkpoint)}
-    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
-    for b in budgets:
-        if b != "native" and not b.isdigit():
-            raise ValueError(f"--budgets entry {b!r} must be 'native' or a token count")
     if args.data:
-        is_folder = Path(args.data).is_dir()
-        given = load_names(args.classnames, "classnames") if args.classnames else None
-        if is_folder:
-            classnames = folder_classnames(folder_classes(args.data), given)
-        elif given:
-            classnames = given
-        else:
-            raise ValueError("--classnames is needed for shards (a file, or 'imagenet')")
-        results["labels"] = classnames
+        results["labels"], results["zeroshot"] = _eval_zeroshot(args, cfg, model, tokenizer, info, budgets)
         if info.is_main:
-            print(
-                f"labels ({'sorted class folders' if is_folder else args.label_key}): {label_map(classnames)}"
-            )
-        templates = load_names(args.templates, "templates")
-        classifier = cached_classifier(
-            model,
-            tokenizer,
-            classnames,
-            templates,
-            info.device,
-            Path(args.checkpoint).parent / "zeroshot_cache",
-            str(Path(args.checkpoint).resolve()),
-        )
-        rows = []
-        for b in budgets:
-            policy = (
-                ResolutionPolicy("native", max_side=args.max_side)
-                if b == "native"
-                else ResolutionPolicy("budget", tokens=int(b))
-            )
-            data_cfg = eval_data_config(cfg.data, args.data, args.label_key, policy, 0, args.batch_seqs)
-            r = evaluate_zeroshot(model, classifier, data_cfg, info.device, info.rank, info.world_size)
-            r["budget"] = b
-            rows.append(r)
-        results["zeroshot"] = rows
-        if info.is_main:
-            print(format_table(rows))
+            print(format_table(results["zeroshot"]))
     if args.retrieval:
         policy = ResolutionPolicy("native", max_side=args.max_side)
         data_cfg = eval_data_config(cfg.data, args.retrieval, "", policy, 0, args.batch_seqs)
@@ -188,12 +194,11 @@ def _eval(args: argparse.Namespace) -> int:
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))
+        written = [out / "results.json"]
         if results.get("zeroshot"):
             plot_budgets(results["zeroshot"], out / "accuracy_vs_tokens.png")
-        print(
-            f"wrote {out / 'results.json'}"
-            + (f" and {out / 'accuracy_vs_tokens.png'}" if results.get("zeroshot") else "")
-        )
+            written.append(out / "accuracy_vs_tokens.png")
+        print("wrote " + " and ".join(map(str, written)))
     return 0
 
 

@@ -225,45 +225,83 @@ def test_readme_loss_example_runs_and_the_open_clip_convention_cannot_be_confuse
         fresh(scope["image_emb"], scope["text_emb"], scope["valid"], scope["logit_scale"], scale=14.0)
 
 
-@pytest.mark.parametrize("tile", [128, 600])
-def test_tiled_loss_keeps_float32_accuracy_at_late_training_temperatures(tile):
-    """Normalised, correlated embeddings at scale 95 (logits 30-90, loss ~0.3): the tiled path's loss
-    was 1e-5 off a float64 reference (LSEs and positives summed separately, in float32). Per-slot
-    differences first, positives from the same matmul, the -delta inside G, row and column statistics
-    as (max, sum) pairs, dL/ds summed per tile in float64: now like the direct path."""
+def late_training_problem(n: int = 600, dim: int = 256):
+    """Normalised, correlated float64 embeddings at scale 95 (logits 30-90, loss ~0.3), every 7th slot
+    padding: what the loss sees late in training."""
     import math
 
     g = torch.Generator().manual_seed(0)
-    n, D = 600, 256
-    base = F.normalize(torch.randn(n, D, generator=g, dtype=torch.float64), dim=-1)
+    base = F.normalize(torch.randn(n, dim, generator=g, dtype=torch.float64), dim=-1)
     I64, T64 = (
-        F.normalize(base + 1.6 * torch.randn(n, D, generator=g, dtype=torch.float64) / D**0.5, dim=-1)
+        F.normalize(base + 1.6 * torch.randn(n, dim, generator=g, dtype=torch.float64) / dim**0.5, dim=-1)
         for _ in range(2)
     )
     valid = torch.ones(n, dtype=torch.bool)
     valid[::7] = False
-    t64 = torch.tensor(math.log(95.0), dtype=torch.float64)
+    return I64, T64, valid, torch.tensor(math.log(95.0), dtype=torch.float64)
 
-    def grads(fn, I, T, t):
-        I, T, t = (x.clone().requires_grad_() for x in (I, T, t))
-        loss = fn(I, T, t)
-        loss.backward()
-        return loss.detach(), I.grad, T.grad, t.grad
+
+def loss_and_grads(fn, I, T, t):
+    I, T, t = (x.clone().requires_grad_() for x in (I, T, t))
+    loss = fn(I, T, t)
+    loss.backward()
+    return loss.detach(), I.grad, T.grad, t.grad
+
+
+def late_training_reference():
+    I64, T64, valid, t64 = late_training_problem()
 
     def naive(I, T, t):
         z = t.exp() * I[valid] @ T[valid].T
         labels = torch.arange(z.shape[0])
         return (F.cross_entropy(z, labels) + F.cross_entropy(z.T, labels)) / 2
 
-    ref = grads(naive, I64, T64, t64)
-    got = grads(
+    return loss_and_grads(naive, I64, T64, t64)
+
+
+# float32 itself: the direct path (full matrix, autograd) is at 2e-7 / 1.8e-6 / 1.8e-6 / 4.3e-6 here.
+# The temperature's gradient was 2.5-6.8e-5 off while the softmax statistics were one float32
+# log-sum-exp per row (~8e-6 absolute at logits ~90); kept as max and sum apart: 5-8e-6.
+LATE_TOL = (1e-6, 2.5e-6, 2.5e-6, 1e-5)
+
+
+@pytest.mark.parametrize("tile", [128, 600])
+def test_tiled_loss_keeps_float32_accuracy_at_late_training_temperatures(tile):
+    """The tiled path's loss was 1e-5 off a float64 reference (LSEs and positives summed separately,
+    in float32). Per-slot differences first, positives from the same matmul, the -delta inside G, row
+    and column statistics as (max, sum) pairs, dL/ds summed per tile in float64: now like the direct
+    path."""
+    I64, T64, valid, t64 = late_training_problem()
+    ref = late_training_reference()
+    got = loss_and_grads(
         lambda I, T, t: clip_loss(I, T, valid, t, tile_size=tile, direct_max_slots=0),
         I64.float(),
         T64.float(),
         t64.float(),
     )
-    rel = [float((a.double() - b).norm() / b.norm()) for a, b in zip(got, ref)]
-    # float32 itself: the direct path (full matrix, autograd) is at 2e-7 / 1.8e-6 / 1.8e-6 / 4.3e-6 here.
-    # The temperature's gradient was 2.5-6.8e-5 off while the softmax statistics were one float32
-    # log-sum-exp per row (~8e-6 absolute at logits ~90); kept as max and sum apart: 5-8e-6.
-    assert rel[0] < 1e-6 and rel[1] < 2.5e-6 and rel[2] < 2.5e-6 and rel[3] < 1e-5, rel
+    rel_ = [float((a.double() - b).norm() / b.norm()) for a, b in zip(got, ref)]
+    assert all(r < tol for r, tol in zip(rel_, LATE_TOL)), rel_
+
+
+def _late_training_on_ranks(rank, world):
+    I64, T64, valid, t64 = late_training_problem()
+    ref = late_training_reference()
+    sl = slice(rank * len(valid) // world, (rank + 1) * len(valid) // world)
+    loss, dI, dT, dt = loss_and_grads(
+        lambda I, T, t: clip_loss(I, T, valid[sl], t, tile_size=128, direct_max_slots=0),
+        I64[sl].float(),
+        T64[sl].float(),
+        t64.float(),
+    )
+    dist.all_reduce(dt)  # what DDP does to a replicated parameter: the mean over ranks
+    got = (loss, dI / world, dT / world, dt / world)
+    want = (ref[0], ref[1][sl], ref[2][sl], ref[3])
+    rel_ = [float((a.double() - b).norm() / b.norm()) for a, b in zip(got, want)]
+    assert all(r < tol for r, tol in zip(rel_, LATE_TOL)), (rank, world, rel_)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ring_loss_keeps_float32_accuracy_at_late_training_temperatures(world):
+    """The same late-training problem split over 2-4 gloo ranks (150-300 slots each, tiles of 128
+    straddling the rank boundaries, padding on every rank): the ring is as accurate as one process."""
+    run_world(world, _late_training_on_ranks)

@@ -33,7 +33,9 @@ def alone(model, img):
 
 
 @pytest.mark.parametrize("backend", ["dense", "grouped", "flex"])
-@pytest.mark.parametrize("pool, posemb", [("map", "learned"), ("mean", "learned"), ("map", "rope2d")])
+@pytest.mark.parametrize(
+    "pool, posemb", [("map", "learned"), ("mean", "learned"), ("map", "rope2d"), ("mean", "rope2d+fractional")]
+)
 def test_packing_invariance(backend, pool, posemb):
     model = tiny(attn_backend=backend, pool=pool, posemb=posemb)
     imgs = images()
@@ -166,7 +168,9 @@ def test_unavailable_backend_falls_back_with_one_notice(caplog):
         AttentionPlan.build(seg, "magic")
 
 
-@pytest.mark.parametrize("posemb", ["learned", "fractional", "sinusoidal", "fourier", "rope2d"])
+@pytest.mark.parametrize(
+    "posemb", ["learned", "fractional", "sinusoidal", "fourier", "rope2d", "rope2d+learned", "rope2d+fractional"]
+)
 def test_posemb_variants_on_unseen_grids(posemb):
     # max_grid=16 is the "training" table: 1 x 40 and 37 x 3 go past it.
     model = tiny(posemb=posemb, max_grid=16, seq_len=128)

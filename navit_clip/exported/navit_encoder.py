@@ -126,9 +126,11 @@ class NaViTEncoderMixin:
             )
             return o.transpose(1, 2)
 
-        if self.navit_config["posemb"] == "rope2d":
+        if self.posemb.rope:
             pos_T2 = rope2d_positions(coords, token_grid, self.navit_config.get("rope_span", 0.0))
-            attend = with_rope2d(attend, pos_T2[None], self.navit_config["width"] // self.navit_config["heads"])
+            attend = with_rope2d(
+                attend, pos_T2[None], self.navit_config["width"] // self.navit_config["heads"]
+            )
         for block in self.blocks:
             x_1TD = block(x_1TD, attend)
         x_1TD = self.norm(x_1TD)

@@ -15,7 +15,11 @@ Variants:
     rope2d      no additive embedding: queries and keys of every attention layer are rotated by
                 their token's row (first half of each head's pairs) and column (second half), as in
                 Qwen2-VL's vision tower (`with_rope2d`). Attention then depends on relative offsets
-                only; no table, so no grid size is out of range.
+                only; no table, so no grid size is out of range. Positions are patch indices, or
+                with `rope_span` > 0 fractional: each image's longer side spans `rope_span` units
+                (`rope2d_positions`), so a larger image than any trained falls inside the trained range.
+    rope2d+T    rope2d and the additive table T (one of the four above) together, e.g.
+                rope2d+fractional: relative offsets inside attention, absolute place in the input.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import math
 import torch
 from torch import nn
 
-POSEMB_KINDS = ("learned", "fractional", "sinusoidal", "fourier", "rope2d")
+TABLE_KINDS = ("learned", "fractional", "sinusoidal", "fourier")
+POSEMB_KINDS = (*TABLE_KINDS, "rope2d", *(f"rope2d+{t}" for t in TABLE_KINDS))
 ROPE_THETA = 10000.0
 
 
@@ -51,7 +56,8 @@ def _sinusoid(pos_BL: torch.Tensor, dim: int) -> torch.Tensor:
 class FactorizedPosEmb(nn.Module):
     """phi_y(row) + phi_x(col) for every token of a packed batch.
 
-    forward(coords [B, L, 2] (row, col), grid [B, L, 2] (h, w)) -> [B, L, D] float32.
+    forward(coords [B, L, 2] (row, col), grid [B, L, 2] (h, w)) -> [B, L, D] float32 (a zero for
+    plain rope2d). `rope`: whether attention rotates queries and keys too (kinds rope2d, rope2d+T).
     """
 
     def __init__(self, kind: str, dim: int, max_grid: int = 64, fourier_features: int = 64):
@@ -60,6 +66,8 @@ class FactorizedPosEmb(nn.Module):
             raise ValueError(f"posemb={kind!r} is not one of {POSEMB_KINDS}")
         if dim % 2:
             raise ValueError(f"width {dim} must be even for factorized position embeddings")
+        self.rope = kind.startswith("rope2d")
+        kind = kind.removeprefix("rope2d").removeprefix("+") or "none"  # the additive table's kind
         self.kind, self.dim, self.max_grid = kind, dim, max_grid
         if kind in ("learned", "fractional"):
             self.table_y = nn.Parameter(torch.randn(max_grid, dim) * 0.02)
@@ -90,7 +98,7 @@ class FactorizedPosEmb(nn.Module):
         return proj(torch.cat([angle_BLF.cos(), angle_BLF.sin()], dim=-1))
 
     def forward(self, coords_BL2: torch.Tensor, grid_BL2: torch.Tensor) -> torch.Tensor:
-        if self.kind == "rope2d":  # positions enter inside attention (with_rope2d)
+        if self.kind == "none":  # plain rope2d: positions enter inside attention only (with_rope2d)
             return torch.zeros((), device=coords_BL2.device)
         return self._axis(coords_BL2[..., 0], grid_BL2[..., 0], "y") + self._axis(
             coords_BL2[..., 1], grid_BL2[..., 1], "x"

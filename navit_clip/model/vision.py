@@ -16,7 +16,7 @@ from torch import nn
 
 from navit_clip.model.attention import AttentionPlan, block_attention
 from navit_clip.model.layers import build_tower, embed_tokens, init_weights, mean_pool, slot_index
-from navit_clip.model.posemb import FactorizedPosEmb, rope2d_positions, with_rope2d
+from navit_clip.model.posemb import POSEMB_KINDS, FactorizedPosEmb, rope2d_positions, with_rope2d
 from navit_clip.packing import PackedBatch, grid_size, pack_images, unpack_slots
 
 
@@ -29,7 +29,7 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     qk_norm: bool = True
     bias: bool = False  # the paper drops biases from dense layers
-    posemb: str = "rope2d"  # rope2d | learned | fractional | sinusoidal | fourier (see model/posemb.py)
+    posemb: str = "rope2d"  # rope2d | learned | fractional | sinusoidal | fourier | rope2d+TABLE (model/posemb.py)
     max_grid: int = 64  # rows of the learned position tables (patches per side)
     rope_span: float = 16.0  # rope2d: each image's longer side spans this many position units; 0: patches
     pool: str = "map"  # map | mean
@@ -48,8 +48,12 @@ class VisionConfig:
         if self.pool not in ("map", "mean"):
             raise ValueError(f"vision.pool={self.pool!r} must be 'map' or 'mean'")
         if self.rope_span < 0:
-            raise ValueError(f"model.vision.rope_span={self.rope_span} must be >= 0 (0: positions in patches)")
-        if self.posemb == "rope2d" and (self.width // self.heads) % 4:
+            raise ValueError(
+                f"model.vision.rope_span={self.rope_span} must be >= 0 (0: positions in patches)"
+            )
+        if self.posemb not in POSEMB_KINDS:
+            raise ValueError(f"model.vision.posemb={self.posemb!r} is not one of {POSEMB_KINDS}")
+        if self.posemb.startswith("rope2d") and (self.width // self.heads) % 4:
             raise ValueError(
                 f"vision.posemb=rope2d needs a head width (width / heads = {self.width // self.heads}) "
                 "divisible by 4"
@@ -86,7 +90,7 @@ class NaViT(nn.Module):
             patches, coords, grid = plan.to_flat(patches), plan.to_flat(coords), plan.to_flat(grid)
         x = embed_tokens(self, patches, coords, grid)
         attend = partial(block_attention, plan=plan)
-        if self.cfg.posemb == "rope2d":
+        if self.posemb.rope:
             pos = rope2d_positions(coords, grid, self.cfg.rope_span)
             attend = with_rope2d(attend, pos, self.cfg.width // self.cfg.heads)
         for block in self.blocks:
