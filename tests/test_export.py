@@ -24,7 +24,8 @@ def rel(a, b):
 
 
 @pytest.fixture(
-    scope="module", params=[("learned", "map", True), ("rope2d+fractional", "mean", False), ("rope2d", "map", False)]
+    scope="module",
+    params=[("learned", "map", True), ("rope2d+fractional", "mean", False), ("rope2d", "map", False)],
 )
 def exported(request, tmp_path_factory):
     """Both export forms: with the text tower, and the default (`navit-clip export CKPT OUT`)."""

@@ -5,7 +5,7 @@ import torch
 
 from navit_clip.model import NaViT, VisionConfig
 from navit_clip.model.attention import AttentionPlan, block_attention
-from navit_clip.packing import build_packed_batch, first_fit, patchify
+from navit_clip.packing import build_packed_batch, first_fit, pack_images, patchify
 
 P = 4
 
@@ -34,7 +34,8 @@ def alone(model, img):
 
 @pytest.mark.parametrize("backend", ["dense", "grouped", "flex"])
 @pytest.mark.parametrize(
-    "pool, posemb", [("map", "learned"), ("mean", "learned"), ("map", "rope2d"), ("mean", "rope2d+fractional")]
+    "pool, posemb",
+    [("map", "learned"), ("mean", "learned"), ("map", "rope2d"), ("mean", "rope2d+fractional")],
 )
 def test_packing_invariance(backend, pool, posemb):
     model = tiny(attn_backend=backend, pool=pool, posemb=posemb)
@@ -47,6 +48,25 @@ def test_packing_invariance(backend, pool, posemb):
         # reversed order puts every image at another position and in other company
         got = model.encode_images(imgs[::-1], seq_len=64, max_images=4).flip(0)
         assert rel(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["dense", "grouped", "flex"])
+def test_garbage_in_padding_never_reaches_real_tokens(backend):
+    """A user-built batch need not zero-fill its padding: NaN and inf there (0 x NaN inside a masked
+    attention) must leave every image's tokens and pooled embedding as with zero padding."""
+    model = tiny(attn_backend=backend, seq_len=64)
+    imgs = images()
+    batch = pack_images(imgs, P, 64, 4)
+    pad = batch.segment_ids == 0
+    assert pad.any()
+    with torch.no_grad():
+        ref = model(batch)
+        for garbage in (float("nan"), float("inf"), -float("inf"), 1e30):
+            batch.patches[pad] = garbage
+            out = model(batch)
+            real = ~pad
+            assert torch.isfinite(out.tokens[real]).all() and torch.isfinite(out.pooled).all(), garbage
+            assert rel(out.tokens[real], ref.tokens[real]) < 1e-6 and rel(out.pooled, ref.pooled) < 1e-6
 
 
 @pytest.mark.parametrize("backend", ["dense", "grouped", "flex"])
@@ -169,7 +189,8 @@ def test_unavailable_backend_falls_back_with_one_notice(caplog):
 
 
 @pytest.mark.parametrize(
-    "posemb", ["learned", "fractional", "sinusoidal", "fourier", "rope2d", "rope2d+learned", "rope2d+fractional"]
+    "posemb",
+    ["learned", "fractional", "sinusoidal", "fourier", "rope2d", "rope2d+learned", "rope2d+fractional"],
 )
 def test_posemb_variants_on_unseen_grids(posemb):
     # max_grid=16 is the "training" table: 1 x 40 and 37 x 3 go past it.

@@ -29,7 +29,9 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     qk_norm: bool = True
     bias: bool = False  # the paper drops biases from dense layers
-    posemb: str = "rope2d"  # rope2d | learned | fractional | sinusoidal | fourier | rope2d+TABLE (model/posemb.py)
+    posemb: str = (
+        "rope2d"  # rope2d | learned | fractional | sinusoidal | fourier | rope2d+TABLE (model/posemb.py)
+    )
     max_grid: int = 64  # rows of the learned position tables (patches per side)
     rope_span: float = 16.0  # rope2d: each image's longer side spans this many position units; 0: patches
     pool: str = "map"  # map | mean
@@ -88,6 +90,8 @@ class NaViT(nn.Module):
         patches, coords, grid = batch.patches, batch.coords, batch.grid
         if plan.flat:  # the backend runs on real tokens only: padding costs no compute at all
             patches, coords, grid = plan.to_flat(patches), plan.to_flat(coords), plan.to_flat(grid)
+        else:  # padding patches are zeroed: NaN there would reach real tokens as 0 x NaN in attention
+            patches = torch.where(seg_BL.unsqueeze(-1) > 0, patches, torch.zeros((), dtype=patches.dtype))
         x = embed_tokens(self, patches, coords, grid)
         attend = partial(block_attention, plan=plan)
         if self.posemb.rope:
