@@ -91,7 +91,7 @@ class NaViT(nn.Module):
         if plan.flat:  # the backend runs on real tokens only: padding costs no compute at all
             patches, coords, grid = plan.to_flat(patches), plan.to_flat(coords), plan.to_flat(grid)
         else:  # padding patches are zeroed: NaN there would reach real tokens as 0 x NaN in attention
-            patches = torch.where(seg_BL.unsqueeze(-1) > 0, patches, torch.zeros((), dtype=patches.dtype))
+            patches = patches.masked_fill(seg_BL.unsqueeze(-1) == 0, 0.0)
         x = embed_tokens(self, patches, coords, grid)
         attend = partial(block_attention, plan=plan)
         if self.posemb.rope:
