@@ -12,6 +12,8 @@ Math (softmax), with s = exp(logit_scale) clamped to max_scale:
     L = 1/(2N) [sum_i (a_i - z_ii) + sum_j (c_j - z_jj)]
     G_ij = (exp(z_ij - a_i) + exp(z_ij - c_j) - 2 delta_ij) / (2N)
     dL/dI_i = s sum_j G_ij T_j,  dL/dT_j = s sum_i G_ij I_i,  dL/ds = sum_ij G_ij <I_i, T_j>
+In float32 every softmax runs over logits centred on its positive (z_ij - z_ii for row i, z_ij - z_jj
+for column j; the same probabilities), which turns a_i - z_ii and dL/ds into sums of small terms.
 The loss imports no model code: it sees embeddings, a validity mask and the temperature.
 """
 
@@ -150,37 +152,51 @@ def _probs(z_tt: torch.Tensor, m: torch.Tensor, log_S: torch.Tensor) -> torch.Te
     return torch.exp((z_tt - m) - log_S)
 
 
+def _positives(I_bD: torch.Tensor, T_bD: torch.Tensor) -> torch.Tensor:
+    """<I_i, T_i>, summed in float64 and rounded once: every logit is taken relative to these."""
+    return (I_bD.double() * T_bD.double()).sum(1).to(I_bD.dtype)
+
+
+def _dots(I_bD, Tc_bD, rows: slice, cols: slice, pos_b: torch.Tensor | None) -> torch.Tensor:
+    """One tile of <I_i, T_j>; on this rank's own chunk (`pos_b` given) the diagonal entries are the
+    positives themselves, so a positive's centred logit is exactly 0."""
+    dot_tt = I_bD[rows] @ Tc_bD[cols].T
+    if pos_b is not None:
+        for i, r, c in _diagonal(rows, cols, dot_tt.device):
+            dot_tt[r, c] = pos_b[i]
+    return dot_tt
+
+
 class _SoftmaxRing(torch.autograd.Function):
+    """Logits are centred on the positives before the temperature multiplies them: row i's softmax
+    runs over s (<I_i, T_j> - <I_i, T_i>), column j's over s (<I_i, T_j> - <I_j, T_j>). The softmax
+    is unchanged, the loss per slot is directly m + log S (no large LSE minus a large positive),
+    and dL/ds = sum_ij P_ij (<I_i, T_j> - <I_i, T_i>) + (the columns' term) / 2N has no cancellation:
+    the positive's own term is exactly 0 and the dominant near-positives are small differences."""
+
     @staticmethod
     def forward(ctx, img_bD, txt_bD, valid_b, scale, ring: _Ring, tile: int, n_global: int):
         I_bD, T_bD, s = _acc(img_bD, txt_bD, scale)
         row_m_b = torch.full((I_bD.shape[0],), NEG_INF, dtype=I_bD.dtype, device=I_bD.device)
         row_S_b = torch.zeros_like(row_m_b)
         bias_b = _masked_bias(valid_b, I_bD.dtype)
-        Is_bD = I_bD * s
-
-        diag_b = torch.zeros_like(row_m_b)
+        pos_b = _positives(I_bD, T_bD)
 
         def visit(step, chunk, carry):
-            Tc_bD, bias_c_b = chunk
+            Tc_bD, bias_c_b, pos_c_b = chunk
             col_m_b, col_S_b = carry
-            for rows in _tiles(Is_bD.shape[0], tile):
+            for rows in _tiles(I_bD.shape[0], tile):
                 for cols in _tiles(Tc_bD.shape[0], tile):
-                    z_tt = Is_bD[rows] @ Tc_bD[cols].T
-                    if step == 0:  # own chunk: the positives z_ii, read from the same matmul as the stats
-                        for i, r, c in _diagonal(rows, cols, z_tt.device):
-                            diag_b[i] = z_tt[r, c]
-                    z_tt += bias_b[rows, None]
-                    z_tt += bias_c_b[None, cols]
-                    _fold(row_m_b[rows], row_S_b[rows], z_tt, 1)
-                    _fold(col_m_b[cols], col_S_b[cols], z_tt, 0)
+                    dot_tt = _dots(I_bD, Tc_bD, rows, cols, pos_b if step == 0 else None)
+                    mask_tt = bias_b[rows, None] + bias_c_b[None, cols]
+                    _fold(row_m_b[rows], row_S_b[rows], s * (dot_tt - pos_b[rows, None]) + mask_tt, 1)
+                    _fold(col_m_b[cols], col_S_b[cols], s * (dot_tt - pos_c_b[None, cols]) + mask_tt, 0)
 
         start = [torch.full_like(row_m_b, NEG_INF), torch.zeros_like(row_S_b)]
-        col_m_b, col_S_b = _ring_pass(ring, [T_bD, bias_b], start, visit)
-        # Per slot, LSE - positive = (m - z_ii) + log S: small numbers, summed in float64 (summing the
-        # LSEs, 30-100 each at late-training temperatures, and the positives separately loses ~1e-5).
+        col_m_b, col_S_b = _ring_pass(ring, [T_bD, bias_b, pos_b], start, visit)
+        # Per slot, LSE - positive = m + log S of the centred logits: small numbers, summed in float64.
         row_log_S, col_log_S = row_S_b.log(), col_S_b.log()
-        per_slot_b = ((row_m_b - diag_b) + row_log_S + (col_m_b - diag_b) + col_log_S)[valid_b]
+        per_slot_b = (row_m_b + row_log_S + col_m_b + col_log_S)[valid_b]
         local = (per_slot_b.double().sum() / (2 * n_global)).to(I_bD.dtype)
         loss = ring.all_reduce_sum(local.detach().clone())
         # Padding slots: finite placeholders, so exp(-inf - m) is 0 instead of NaN in backward.
@@ -200,38 +216,37 @@ class _SoftmaxRing(torch.autograd.Function):
         ring, tile, n = ctx.ring, ctx.tile, ctx.n_global
         I_bD, T_bD, s = _acc(img_bD, txt_bD, scale)
         bias_b = _masked_bias(valid_b, I_bD.dtype)
+        pos_b = _positives(I_bD, T_bD)
         dI_bD = torch.zeros_like(I_bD)
-
-        Is_bD = I_bD * s  # the logits exactly as the forward computed them (same products, same tiles)
         own_b = valid_b.to(I_bD.dtype) / n
-        sz = torch.zeros((), dtype=torch.float64, device=I_bD.device)  # sum_ij G_ij z_ij, for dL/ds
+        pd = torch.zeros((), dtype=torch.float64, device=I_bD.device)  # sum_ij (P_ij Dr_ij + Q_ij Dc_ij)
 
         def visit(step, chunk, carry):
-            nonlocal sz
-            Tc_bD, bias_c_b, col_m_c_b, col_log_S_c_b = chunk
+            nonlocal pd
+            Tc_bD, bias_c_b, pos_c_b, col_m_c_b, col_log_S_c_b = chunk
             (dTc_bD,) = carry
             for rows in _tiles(I_bD.shape[0], tile):
                 for cols in _tiles(Tc_bD.shape[0], tile):
-                    logits_tt = Is_bD[rows] @ Tc_bD[cols].T
-                    z_tt = logits_tt + bias_b[rows, None] + bias_c_b[None, cols]
-                    G_tt = (
-                        _probs(z_tt, row_m_b[rows, None], row_log_S[rows, None])
-                        + _probs(z_tt, col_m_c_b[None, cols], col_log_S_c_b[None, cols])
-                    ) / (2 * n)
-                    if step == 0:  # the -2 delta_ij / (2N) of the positives, inside G: no cancellation later
+                    # the centred logits exactly as the forward computed them (same products, same tiles)
+                    dot_tt = _dots(I_bD, Tc_bD, rows, cols, pos_b if step == 0 else None)
+                    mask_tt = bias_b[rows, None] + bias_c_b[None, cols]
+                    dr_tt, dc_tt = dot_tt - pos_b[rows, None], dot_tt - pos_c_b[None, cols]
+                    P_tt = _probs(s * dr_tt + mask_tt, row_m_b[rows, None], row_log_S[rows, None])
+                    Q_tt = _probs(s * dc_tt + mask_tt, col_m_c_b[None, cols], col_log_S_c_b[None, cols])
+                    G_tt = (P_tt + Q_tt) / (2 * n)
+                    if step == 0:  # the -2 delta_ij / (2N) of the positives
                         for i, r, c in _diagonal(rows, cols, G_tt.device):
                             G_tt[r, c] -= own_b[i]
                     dI_bD[rows] += G_tt @ Tc_bD[cols]
                     dTc_bD[cols] += G_tt.T @ I_bD[rows]
-                    # padding pairs have G = 0 and finite logits (the -inf is in the bias only)
-                    sz += (G_tt * logits_tt).sum(dtype=torch.float64)
+                    # padding pairs have P = Q = 0 and finite differences (the -inf is in the mask only)
+                    pd += (P_tt * dr_tt).sum(dtype=torch.float64) + (Q_tt * dc_tt).sum(dtype=torch.float64)
 
-        chunk = [T_bD, bias_b, col_m_b, col_log_S]
+        chunk = [T_bD, bias_b, pos_b, col_m_b, col_log_S]
         (dT_bD,) = _ring_pass(ring, chunk, [torch.zeros_like(T_bD)], visit)
-        # dL/ds = sum_ij G_ij <I_i, T_j> = (sum_ij G_ij z_ij) / s: a small difference of large terms,
-        # summed tile by tile in float64 from the products themselves (reading it off the float32 dI,
-        # as before, left 2-7e-5 of error at late-training temperatures; now ~ the direct path's 4e-6)
-        ds = sz / s.double()
+        # dL/ds from the centred differences: no cancellation, ~1e-6 of a float64 reference at
+        # late-training temperatures (uncentred, summed from the logits: 4-8e-6).
+        ds = pd / (2 * n)
         # DDP/FSDP average gradients over ranks; scaling by W makes the average the global gradient.
         g = grad_loss.to(I_bD.dtype) * ring.world
         dI_bD, dT_bD, ds = dI_bD * (s * g), dT_bD * (s * g), ds.to(I_bD.dtype) * g
@@ -317,13 +332,20 @@ class _SigmoidRing(torch.autograd.Function):
 
 
 def _direct_clip_loss(img_bD, txt_bD, valid_b, scale) -> torch.Tensor:
-    """Single-process softmax loss with ordinary autograd (small batches: one matrix is cheap)."""
+    """Single-process softmax loss with ordinary autograd (small batches: one matrix is cheap).
+
+    Centred like the ring: logsumexp_j s (<I_i, T_j> - <I_i, T_i>), so autograd's dL/ds sums small
+    differences (cross_entropy over s <I_i, T_j> left 4-5e-6 of error on it at scale ~95)."""
     I_nD, T_nD = img_bD[valid_b].float(), txt_bD[valid_b].float()
     if I_nD.shape[0] == 0:
         return (img_bD.sum() + txt_bD.sum() + scale).float() * 0
-    logits_nn = scale.float() * I_nD @ T_nD.T
-    labels = torch.arange(I_nD.shape[0], device=I_nD.device)
-    return (F.cross_entropy(logits_nn, labels) + F.cross_entropy(logits_nn.T, labels)) / 2
+    dot_nn = I_nD @ T_nD.T
+    pos_n = _positives(I_nD, T_nD)
+    dot_nn.diagonal().copy_(pos_n)  # the positives rounded once, as the ring takes them
+    s = scale.float()
+    rows_n = torch.logsumexp(s * (dot_nn - pos_n[:, None]), 1)
+    cols_n = torch.logsumexp(s * (dot_nn - pos_n[None, :]), 0)
+    return (rows_n.mean() + cols_n.mean()) / 2
 
 
 def _direct_sigmoid_loss(img_bD, txt_bD, valid_b, scale, logit_bias) -> torch.Tensor:
@@ -334,6 +356,13 @@ def _direct_sigmoid_loss(img_bD, txt_bD, valid_b, scale, logit_bias) -> torch.Te
     x_nn = scale.float() * I_nD @ T_nD.T + logit_bias.float()
     y_nn = 2 * torch.eye(n, device=x_nn.device) - 1
     return -F.logsigmoid(y_nn * x_nn).sum() / n
+
+
+def _no_autocast(x: torch.Tensor):
+    """The loss runs in float32 even inside a bf16 autocast region: at late-training scales (~100) a
+    bf16 logit is off by ~0.4, and the ring's backward (which autocast does not reach) recomputes the
+    logits it must agree with."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def _check_inputs(img_bD, txt_bD, valid_b) -> torch.Tensor:
@@ -383,10 +412,11 @@ def clip_loss(
     valid = _check_inputs(image_emb, text_emb, valid)
     ring = _Ring(group)
     scale = logit_scale.exp().clamp(max=max_scale).reshape(())  # open_clip-style 0-d or FSDP-style [1]
-    if ring.world == 1 and image_emb.shape[0] <= direct_max_slots:
-        return _direct_clip_loss(image_emb, text_emb, valid, scale)
-    n_global = max(ring.global_count(valid), 1)
-    return _SoftmaxRing.apply(image_emb, text_emb, valid, scale, ring, tile_size, n_global)
+    with _no_autocast(image_emb):
+        if ring.world == 1 and image_emb.shape[0] <= direct_max_slots:
+            return _direct_clip_loss(image_emb, text_emb, valid, scale)
+        n_global = max(ring.global_count(valid), 1)
+        return _SoftmaxRing.apply(image_emb, text_emb, valid, scale, ring, tile_size, n_global)
 
 
 def sigmoid_loss(
@@ -408,12 +438,13 @@ def sigmoid_loss(
     valid = _check_inputs(image_emb, text_emb, valid)
     ring = _Ring(group)
     scale = logit_scale.exp().clamp(max=max_scale).reshape(())  # open_clip-style 0-d or FSDP-style [1]
-    if ring.world == 1 and image_emb.shape[0] <= direct_max_slots:
-        return _direct_sigmoid_loss(image_emb, text_emb, valid, scale, logit_bias.reshape(()))
-    n_global = max(ring.global_count(valid), 1)
-    return _SigmoidRing.apply(
-        image_emb, text_emb, valid, scale, logit_bias.reshape(()), ring, tile_size, n_global
-    )
+    with _no_autocast(image_emb):
+        if ring.world == 1 and image_emb.shape[0] <= direct_max_slots:
+            return _direct_sigmoid_loss(image_emb, text_emb, valid, scale, logit_bias.reshape(()))
+        n_global = max(ring.global_count(valid), 1)
+        return _SigmoidRing.apply(
+            image_emb, text_emb, valid, scale, logit_bias.reshape(()), ring, tile_size, n_global
+        )
 
 
 class ContrastiveLoss(nn.Module):
