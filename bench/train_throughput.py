@@ -52,8 +52,8 @@ def our_setup(
         [
             "demo=false",
             f"data.shards={shards}",
-            f"model.vision.seq_len={seq_len}",
-            f"model.vision.max_images={max_images}",
+            f"data.seq_len={seq_len}",
+            f"data.max_images={max_images}",
             f"data.batch_seqs={num_seqs}",
         ],
     )

@@ -103,8 +103,6 @@ def main() -> None:
                 bias=True,
                 pool="map",
                 attn_backend=b,
-                seq_len=SEQ_LEN,
-                max_images=MAX_IMAGES,
             )
         ).to(device)
         for b in backends

@@ -25,6 +25,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from navit_clip.config import migrate
+
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"step_(\d+)\.pt$")
 
@@ -123,7 +125,7 @@ def load_checkpoint(
     model is a ValueError that names the differing fields, before any weight is touched.
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = state.get("config", {}).get("model")
+    saved = migrate(state["config"]).get("model") if "config" in state else None
     if model_config is not None and saved is not None:
         diff = config_differences(saved, model_config, "model")
         if diff:

@@ -61,7 +61,7 @@ class EvalConfig:
     final: bool = True  # evaluate when training ends (false: no evaluation at the end)
     max_side: int = 512  # native resolution, longer side capped
     tokens: int = 0  # 0: native; N: each image scaled (aspect kept) to the largest size within N patches
-    seq_len: int = 0  # 0: the model's vision seq_len
+    seq_len: int = 0  # 0: data.seq_len (raised to the largest image the policy allows)
     batch_seqs: int = 8
 
     def validate(self) -> None:
@@ -164,13 +164,11 @@ class Config:
         self.loss.validate()
         self.train.validate()
         self.eval.validate()
-        v = self.model.vision
-        for name in PACKING_FIELDS:
-            if getattr(self.data, name) != getattr(v, name):
-                raise ValueError(
-                    f"data.{name}={getattr(self.data, name)} differs from model.vision.{name}={getattr(v, name)}; "
-                    f"set it once, in model.vision"
-                )
+        if self.data.patch_size != self.model.vision.patch_size:
+            raise ValueError(
+                f"data.patch_size={self.data.patch_size} differs from model.vision.patch_size="
+                f"{self.model.vision.patch_size}; the patch size is the model's: set model.vision.patch_size"
+            )
         if self.model.text.context_length != self.tokenizer.context_length:
             raise ValueError(
                 f"model.text.context_length={self.model.text.context_length} differs from "
@@ -178,10 +176,6 @@ class Config:
             )
         if self.loss.kind == "sigmoid" and not self.model.logit_bias:
             raise ValueError("loss.kind='sigmoid' needs model.logit_bias=true")
-
-
-# The packed layout is the model's: data takes these from model.vision unless set (then equal).
-PACKING_FIELDS = ("patch_size", "seq_len", "max_images")
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -272,28 +266,59 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ValueError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), yaml.safe_load(raw))
-    cfg = _build(Config, tree)
-    given = tree.get("data", {}) or {}
-    for name in PACKING_FIELDS:
-        if name not in given:
-            setattr(cfg.data, name, getattr(cfg.model.vision, name))
+    for old, new in MOVED.items():
+        if _get(tree, old) is not None:
+            raise ValueError(f"{'.'.join(old)} is now {'.'.join(new)} ({MOVED_WHY}): rename it")
+    return _with_derived(_build(Config, tree), tree)
+
+
+def _with_derived(cfg: Config, tree: dict) -> Config:
+    """Fill the fields stated elsewhere: data.patch_size is the model's (a copy may be given: then equal)."""
+    if (tree.get("data") or {}).get("patch_size") is None:
+        cfg.data.patch_size = cfg.model.vision.patch_size
     return cfg
 
 
+# The packed layout (tokens per sequence, images per sequence) is the data's: the tower takes any.
+MOVED = {
+    ("model", "vision", "seq_len"): ("data", "seq_len"),
+    ("model", "vision", "max_images"): ("data", "max_images"),
+}
+MOVED_WHY = "the packed layout is the data pipeline's; the model takes any"
 # Fields added with a default that changes behaviour: the value a config saved before the field existed
 # stands for, so an old checkpoint keeps computing what it computed.
 SAVED_BEFORE = {("model", "vision", "rope_span"): 0.0}
 
 
-def saved_config(tree: dict) -> Config:
-    """The Config of a checkpoint or a run's config.yaml, read with SAVED_BEFORE for missing fields."""
+def _get(tree: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def migrate(tree: dict) -> dict:
+    """A checkpoint's or a run's saved config tree in today's fields: MOVED fields go to their new
+    place (where that is not set already), SAVED_BEFORE fills fields the tree predates."""
     tree = copy.deepcopy(tree)
+    for old, new in MOVED.items():
+        parent = _get(tree, old[:-1])
+        if isinstance(parent, dict) and old[-1] in parent:
+            value = parent.pop(old[-1])
+            tree.setdefault(new[0], {}).setdefault(new[1], value)
     for path, value in SAVED_BEFORE.items():
         node = tree
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node.setdefault(path[-1], value)
-    return _build(Config, tree)
+    return tree
+
+
+def saved_config(tree: dict) -> Config:
+    """The Config of a checkpoint or a run's config.yaml (see `migrate`)."""
+    tree = migrate(tree)
+    return _with_derived(_build(Config, tree), tree)
 
 
 def to_dict(cfg: Any) -> dict:

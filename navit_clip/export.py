@@ -28,10 +28,8 @@ MODULE_FILES = [
     (HERE / "model" / "layers.py", "navit_layers.py"),
     (HERE / "model" / "posemb.py", "navit_posemb.py"),
 ]
-# the architecture fields of VisionConfig (the rest say how training packs and attends)
-VISION_KEYS = tuple(
-    f.name for f in fields(VisionConfig) if f.name not in ("attn_backend", "seq_len", "max_images")
-)
+# the architecture fields of VisionConfig (attn_backend says how training attends)
+VISION_KEYS = tuple(f.name for f in fields(VisionConfig) if f.name != "attn_backend")
 
 
 def load_exported_module(folder: str | Path):

@@ -69,7 +69,7 @@ def create_model_and_transforms(
     cfg = config_of(source)
     model = create_model(cfg if isinstance(source, Config) else source, device)
     v = cfg.model.vision
-    train_tf = make_preprocess(cfg.data.resolution, v.patch_size, v.seq_len, cfg.data.normalize)
+    train_tf = make_preprocess(cfg.data.resolution, v.patch_size, cfg.data.seq_len, cfg.data.normalize)
     policy = (
         ResolutionPolicy("native", max_side=eval_max_side)
         if eval_max_side

@@ -43,7 +43,7 @@ def tiny_model():
     torch.manual_seed(0)
     tok = build_tokenizer("openclip", context_length=8)
     cfg = ModelConfig(
-        vision=VisionConfig(patch_size=8, width=32, depth=1, heads=2, seq_len=64, max_images=8),
+        vision=VisionConfig(patch_size=8, width=32, depth=1, heads=2),
         text=TextConfig(
             vocab_size=tok.num_embeddings, pad_id=tok.pad_id, context_length=8, width=32, depth=1, heads=2
         ),

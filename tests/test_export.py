@@ -33,16 +33,8 @@ def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"export_{posemb}")
     cfg = Config()
     v = cfg.model.vision
-    v.patch_size, v.width, v.depth, v.heads, v.posemb, v.pool, v.seq_len, v.max_images = (
-        P,
-        32,
-        2,
-        4,
-        posemb,
-        pool,
-        64,
-        4,
-    )
+    v.patch_size, v.width, v.depth, v.heads, v.posemb, v.pool = P, 32, 2, 4, posemb, pool
+    cfg.data.patch_size, cfg.data.seq_len, cfg.data.max_images = P, 64, 4
     cfg.model.text.width, cfg.model.text.depth, cfg.model.text.heads = 32, 1, 4
     cfg.model.embed_dim = 24
     torch.manual_seed(0)

@@ -57,7 +57,7 @@ def train_and_score(make_old: bool, seed: int = 0) -> float:
     train_x, train_y = shape_set(2000, seed=0)
     test_x, test_y = shape_set(300, seed=1)
     torch.manual_seed(seed)
-    cfg = VisionConfig(width=64, depth=2, heads=2, seq_len=128, max_images=8, attn_backend="dense")
+    cfg = VisionConfig(width=64, depth=2, heads=2, attn_backend="dense")
     if make_old:
         cfg.posemb = "learned"  # the tower before issue 11 also had learned position tables
     tower = NaViT(cfg)

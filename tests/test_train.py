@@ -26,9 +26,7 @@ P, K = 8, 6
 def tiny_model() -> NaViTCLIP:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vision=VisionConfig(
-            patch_size=P, width=32, depth=2, heads=4, seq_len=32, max_images=4, attn_backend="grouped"
-        ),
+        vision=VisionConfig(patch_size=P, width=32, depth=2, heads=4, attn_backend="grouped"),
         text=TextConfig(vocab_size=50, pad_id=0, context_length=K, width=32, depth=2, heads=4),
         embed_dim=16,
     )
@@ -215,7 +213,12 @@ def test_config_overrides_and_errors():
     cfg = demo_cfg("train.steps=7", "model.vision.width=64", "data.token_drop.rate=0.1")
     cfg.validate()
     assert cfg.train.steps == 7 and cfg.model.vision.width == 64 and cfg.data.token_drop.rate == 0.1
-    assert cfg.data.seq_len == cfg.model.vision.seq_len  # the packing layout comes from the model
+    # stated once: the packed layout in data, the patch size in the model (the pipeline reads it there)
+    assert (cfg.data.seq_len, cfg.data.max_images) == (256, 32) and cfg.data.patch_size == 16
+    assert demo_cfg("model.vision.patch_size=8").data.patch_size == 8
+    assert not hasattr(cfg.model.vision, "seq_len") and not hasattr(cfg.model.vision, "max_images")
+    with pytest.raises(ValueError, match="model.vision.seq_len is now data.seq_len"):
+        demo_cfg("model.vision.seq_len=128")
     with pytest.raises(ValueError, match="unknown config key.*train.stepz"):
         demo_cfg("train.stepz=3")
     assert demo_cfg("train.lr=2e-3").train.lr == 0.002  # YAML reads 2e-3 as a string
@@ -224,7 +227,7 @@ def test_config_overrides_and_errors():
     for override, message in [
         ("model.text.context_length=8", "context_length"),
         ("train.precision=fp8", "train.precision"),
-        ("data.seq_len=100", "data.seq_len=100 differs"),
+        ("data.patch_size=8", "data.patch_size=8 differs from model.vision.patch_size=16"),
         ("model.vision.heads=5", "not divisible"),
         ("loss.kind=sigmoid", "logit_bias"),
     ]:
@@ -247,6 +250,24 @@ def test_a_checkpoint_saved_before_a_default_changed_keeps_its_meaning(tmp_path)
     tree["model"]["vision"]["rope_span"] = 4.0
     torch.save({"config": tree}, tmp_path / "step_00000002.pt")
     assert config_of(tmp_path / "step_00000002.pt").model.vision.rope_span == 4.0
+
+
+def test_a_checkpoint_saved_with_the_layout_in_the_model_config_still_loads_and_resumes(tmp_path):
+    """seq_len and max_images moved from model.vision to data (the tower never read them). A checkpoint
+    saved before keeps loading: the layout goes to data, and resuming compares the model sections
+    without the moved keys (not 'saved with a different model config')."""
+    from navit_clip.checkpoint import load_checkpoint
+    from navit_clip.factory import config_of
+
+    model = tiny_model()
+    tree = {"model": to_dict(model.cfg), "data": {"shards": "x.tar"}}  # data took the layout from the model
+    tree["model"]["vision"].update(seq_len=512, max_images=12)
+    path = tmp_path / "step_00000003.pt"
+    torch.save({"config": tree, "model": model.state_dict()}, path)
+    old = config_of(path)
+    assert (old.data.seq_len, old.data.max_images, old.data.patch_size) == (512, 12, P)
+    assert old.model == model.cfg
+    load_checkpoint(path, model, model_config=to_dict(model.cfg))  # no "different model config"
 
 
 def poison_loss(monkeypatch, train_module, poisoned) -> dict:
@@ -498,7 +519,7 @@ def test_command_line_from_any_folder_with_overrides_around_resume_and_one_line_
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_clip.py")
     cases = {
         ("train.steps=5", "--resume", "latest", "train.eps=0"): "train.eps=0",
-        ("model.vision.seq_len=0",): "seq_len=0",
+        ("data.seq_len=0",): "data.seq_len=0",
         ("train.min_lr=1.0",): "train.min_lr=1.0",
         ("eval.every=-1",): "eval.every=-1",
     }

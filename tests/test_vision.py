@@ -12,7 +12,7 @@ P = 4
 
 def tiny(**kw) -> NaViT:
     torch.manual_seed(0)
-    cfg = dict(patch_size=P, width=32, depth=2, heads=4, seq_len=64, max_images=4, attn_backend="dense")
+    cfg = dict(patch_size=P, width=32, depth=2, heads=4, attn_backend="dense")
     cfg.update(kw)
     return NaViT(VisionConfig(**cfg)).eval()
 
@@ -54,7 +54,7 @@ def test_packing_invariance(backend, pool, posemb):
 def test_garbage_in_padding_never_reaches_real_tokens(backend):
     """A user-built batch need not zero-fill its padding: NaN and inf there (0 x NaN inside a masked
     attention) must leave every image's tokens and pooled embedding as with zero padding."""
-    model = tiny(attn_backend=backend, seq_len=64)
+    model = tiny(attn_backend=backend)
     imgs = images()
     batch = pack_images(imgs, P, 64, 4)
     pad = batch.segment_ids == 0
@@ -194,7 +194,7 @@ def test_unavailable_backend_falls_back_with_one_notice(caplog):
 )
 def test_posemb_variants_on_unseen_grids(posemb):
     # max_grid=16 is the "training" table: 1 x 40 and 37 x 3 go past it.
-    model = tiny(posemb=posemb, max_grid=16, seq_len=128)
+    model = tiny(posemb=posemb, max_grid=16)
     imgs = [torch.rand(3, P, 40 * P), torch.rand(3, 37 * P, 3 * P), torch.rand(3, P, P)]
     with torch.no_grad():
         out = model.encode_images(imgs)
@@ -270,10 +270,10 @@ def test_rope2d_fractional_positions_do_not_depend_on_resolution():
 
 
 def test_encode_images_keeps_input_order_and_raises_seq_len_for_big_images():
-    model = tiny(seq_len=16)
+    model = tiny()
     imgs = images()
     with torch.no_grad():
-        out = model.encode_images(imgs)  # the 16 x 24 image has 24 tokens > seq_len=16
+        out = model.encode_images(imgs, seq_len=16)  # the 16 x 24 image has 24 tokens > seq_len=16
         for i, im in enumerate(imgs):
             assert rel(out[i], alone(model, im)) < 1e-5
 
@@ -293,7 +293,7 @@ def test_slot_pooling_equals_per_image_attention_and_mean(qk_norm):
     from navit_clip.model.layers import MAPHead, mean_pool, slot_index
 
     torch.manual_seed(0)
-    cfg = VisionConfig(width=32, heads=4, qk_norm=qk_norm, max_images=3)
+    cfg = VisionConfig(width=32, heads=4, qk_norm=qk_norm)
     head = MAPHead(cfg).double()
     seg_BL = torch.tensor([[1, 1, 1, 2, 2, 0, 0], [1, 2, 2, 2, 2, 2, 3]])
     valid_BE = torch.tensor([[True, True, False], [True, True, True]])

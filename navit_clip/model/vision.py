@@ -36,13 +36,11 @@ class VisionConfig:
     rope_span: float = 16.0  # rope2d: each image's longer side spans this many position units; 0: patches
     pool: str = "map"  # map | mean
     attn_backend: str = "auto"  # dense | grouped | flex | varlen | auto
-    seq_len: int = 256  # L, tokens per packed sequence
-    max_images: int = 8  # E_max, image slots per sequence
     ln_eps: float = 1e-6
     ln_pre: bool = False  # LayerNorm on the input tokens, before the first block (open_clip's ln_pre)
 
     def validate(self) -> None:
-        for name in ("patch_size", "seq_len", "max_images", "width", "depth", "heads", "max_grid"):
+        for name in ("patch_size", "width", "depth", "heads", "max_grid"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.vision.{name}={getattr(self, name)} must be positive")
         if self.width % self.heads:
@@ -112,22 +110,19 @@ class NaViT(nn.Module):
         return VisionOutput(tokens=x_BLD, pooled=pooled_BED, slot_valid=batch.slot_valid)
 
     def encode_images(
-        self, images: Sequence[torch.Tensor], seq_len: int | None = None, max_images: int | None = None
+        self, images: Sequence[torch.Tensor], seq_len: int = 256, max_images: int = 8
     ) -> torch.Tensor:
         """Encode a list of [3, H, W] images of any sizes -> pooled embeddings [N, D] in input order.
 
         Images are patchified (sides rounded to the nearest patch multiple) and packed first-fit into
-        sequences of `seq_len` tokens (default: the config's, raised to the largest image if needed).
+        sequences of `seq_len` tokens (raised to the largest image if needed), at most `max_images` to
+        a sequence. The layout does not change the embeddings (packing invariance), only the cost.
         """
         P = self.cfg.patch_size
         device = next(self.parameters()).device
-        seq_len = seq_len or self.cfg.seq_len
         largest = max(h * w for h, w in (grid_size(im.shape[-2], im.shape[-1], P) for im in images))
-        batch = pack_images(
-            [im.to(torch.float32) for im in images],
-            P,
-            max(seq_len, largest),
-            max_images or self.cfg.max_images,
-        ).to(device)
+        batch = pack_images([im.to(torch.float32) for im in images], P, max(seq_len, largest), max_images).to(
+            device
+        )
         batch.patches = batch.patches.to(next(self.parameters()).dtype)
         return unpack_slots(self(batch).pooled, batch, len(images))
