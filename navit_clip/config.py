@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -273,10 +274,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def _with_derived(cfg: Config, tree: dict) -> Config:
-    """Fill the fields stated elsewhere: data.patch_size is the model's (a copy may be given: then equal)."""
-    if (tree.get("data") or {}).get("patch_size") is None:
+    """Fill the fields stated elsewhere, where the config does not give them: data.patch_size is the
+    model's (a copy may be given: then equal); with rope_mode=cap, model.vision.rope_span is the
+    longest image side the training data can have, in patches (`trained_side`)."""
+    if _get(tree, ("data", "patch_size")) is None:
         cfg.data.patch_size = cfg.model.vision.patch_size
+    v = cfg.model.vision
+    if v.rope_mode == "cap" and _get(tree, ("model", "vision", "rope_span")) is None:
+        v.rope_span = float(trained_side(cfg.data.resolution, v.patch_size))
     return cfg
+
+
+def trained_side(policy: ResolutionPolicy, patch_size: int) -> int:
+    """The longest side, in patches, of the images `policy` trains on: max_side / patch (side
+    sampling, native), or the side of a square at the token budget."""
+    if policy.kind == "budget":
+        return max(1, math.ceil(math.sqrt(policy.tokens)))
+    return max(1, math.ceil(policy.max_side / patch_size))
 
 
 # The packed layout (tokens per sequence, images per sequence) is the data's: the tower takes any.
@@ -287,7 +301,7 @@ MOVED = {
 MOVED_WHY = "the packed layout is the data pipeline's; the model takes any"
 # Fields added with a default that changes behaviour: the value a config saved before the field existed
 # stands for, so an old checkpoint keeps computing what it computed.
-SAVED_BEFORE = {("model", "vision", "rope_span"): 0.0}
+SAVED_BEFORE = {("model", "vision", "rope_span"): 0.0, ("model", "vision", "rope_mode"): "span"}
 
 
 def _get(tree: dict, path: tuple[str, ...]) -> Any:

@@ -238,18 +238,42 @@ def test_config_overrides_and_errors():
 
 
 def test_a_checkpoint_saved_before_a_default_changed_keeps_its_meaning(tmp_path):
-    """rope_span's default became 16 (fractional rotary positions); a checkpoint whose config predates
-    the field was trained with patch-index positions and must be rebuilt with them."""
+    """rope_span's default became 16 (fractional rotary positions), then rope_mode's cap; a checkpoint
+    whose config predates a field was trained without it and must be rebuilt as it was."""
     from navit_clip.factory import config_of
 
-    assert load_config().model.vision.rope_span == 16.0
     tree = to_dict(load_config())
-    del tree["model"]["vision"]["rope_span"]
+    del tree["model"]["vision"]["rope_span"], tree["model"]["vision"]["rope_mode"]
     torch.save({"config": tree}, tmp_path / "step_00000001.pt")
-    assert config_of(tmp_path / "step_00000001.pt").model.vision.rope_span == 0.0
+    v = config_of(tmp_path / "step_00000001.pt").model.vision
+    assert (v.rope_span, v.rope_mode) == (0.0, "span")  # patch indices
     tree["model"]["vision"]["rope_span"] = 4.0
     torch.save({"config": tree}, tmp_path / "step_00000002.pt")
-    assert config_of(tmp_path / "step_00000002.pt").model.vision.rope_span == 4.0
+    v = config_of(tmp_path / "step_00000002.pt").model.vision
+    assert (v.rope_span, v.rope_mode) == (4.0, "span")  # every image scaled to the span
+    tree["model"]["vision"]["rope_mode"] = "cap"
+    torch.save({"config": tree}, tmp_path / "step_00000003.pt")
+    assert config_of(tmp_path / "step_00000003.pt").model.vision.rope_mode == "cap"
+
+
+def test_capped_rope_span_is_derived_from_the_training_data_unless_given():
+    """rope_mode=cap: positions are patch steps up to the longest side the data trains on, so that
+    side is read from data.resolution (once, when the config is loaded, and saved as a number)."""
+    assert load_config().model.vision.rope_span == 32.0  # native, max_side 512, patch 16
+    demo = load_config("configs/demo.yaml")
+    assert (demo.model.vision.rope_mode, demo.model.vision.rope_span) == ("cap", 10.0)  # 160 px sides
+    assert load_config("configs/demo.yaml", ["data.resolution.max_side=96"]).model.vision.rope_span == 6.0
+    assert load_config("configs/demo.yaml", ["model.vision.patch_size=8"]).model.vision.rope_span == 20.0
+    budget = ["data.resolution.kind=budget", "data.resolution.tokens=100"]
+    assert load_config("configs/demo.yaml", budget).model.vision.rope_span == 10.0
+    assert load_config("configs/demo.yaml", ["model.vision.rope_span=7"]).model.vision.rope_span == 7.0
+    spanned = load_config("configs/demo.yaml", ["model.vision.rope_mode=span"]).model.vision
+    assert spanned.rope_span == 16.0  # span mode keeps the field's default
+    saved = to_dict(demo)
+    saved["data"]["resolution"]["max_side"] = 320  # a saved number is never re-derived
+    from navit_clip.config import saved_config
+
+    assert saved_config(saved).model.vision.rope_span == 10.0
 
 
 def test_a_checkpoint_saved_with_the_layout_in_the_model_config_still_loads_and_resumes(tmp_path):

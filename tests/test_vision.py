@@ -269,6 +269,27 @@ def test_rope2d_fractional_positions_do_not_depend_on_resolution():
         NaViT(VisionConfig(width=32, heads=4, depth=1, rope_span=-1.0))
 
 
+def test_rope2d_capped_positions_are_patch_steps_up_to_the_span_and_interpolated_past_it():
+    """rope_mode=cap: an image up to `span` patches long keeps one unit per patch (what it was trained
+    with); a longer one is shrunk to span `span` units, aspect kept (position interpolation)."""
+    from navit_clip.model.posemb import rope2d_positions
+
+    def positions(h, w, span, mode):
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        coords = torch.stack([rows.flatten(), cols.flatten()], -1)[None]
+        return rope2d_positions(coords, torch.tensor([h, w]).expand_as(coords), span, mode)[0].view(h, w, 2)
+
+    for h, w in [(3, 5), (8, 2), (8, 8)]:  # within the span: patch steps (offsets are what rope sees)
+        pos = positions(h, w, 8.0, "cap")
+        assert torch.equal(pos - pos[0, 0], positions(h, w, 0.0, "cap"))
+    big, small = positions(12, 16, 8.0, "cap"), positions(6, 8, 8.0, "cap")  # twice the largest trained
+    assert rel(big.view(6, 2, 8, 2, 2).mean((1, 3)), small) < 1e-6  # shrunk onto the trained span
+    assert rel(big[..., 1].max() + big[..., 1].min(), torch.tensor(8.0)) < 1e-6
+    assert rel(big, positions(12, 16, 8.0, "span")) < 1e-6  # past the span both modes agree
+    with pytest.raises(ValueError, match="rope_mode"):
+        NaViT(VisionConfig(width=32, heads=4, depth=1, rope_mode="clamp"))
+
+
 def test_encode_images_keeps_input_order_and_raises_seq_len_for_big_images():
     model = tiny()
     imgs = images()

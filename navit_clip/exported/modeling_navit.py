@@ -27,6 +27,7 @@ class NaViTConfig(PretrainedConfig):
         posemb="learned",
         max_grid=64,
         rope_span=0.0,
+        rope_mode="span",
         pool="map",
         ln_eps=1e-6,
         ln_pre=False,
@@ -36,7 +37,7 @@ class NaViTConfig(PretrainedConfig):
         self.patch_size, self.width, self.depth, self.heads = patch_size, width, depth, heads
         self.mlp_ratio, self.qk_norm, self.bias, self.posemb = mlp_ratio, qk_norm, bias, posemb
         self.max_grid, self.pool, self.ln_eps, self.embed_dim = max_grid, pool, ln_eps, embed_dim
-        self.rope_span, self.ln_pre = rope_span, ln_pre
+        self.rope_span, self.rope_mode, self.ln_pre = rope_span, rope_mode, ln_pre
         super().__init__(**kwargs)
 
 

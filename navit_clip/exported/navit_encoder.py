@@ -51,6 +51,7 @@ CONFIG_KEYS = (
     "posemb",
     "max_grid",
     "rope_span",
+    "rope_mode",
     "pool",
     "ln_eps",
     "ln_pre",
@@ -127,7 +128,10 @@ class NaViTEncoderMixin:
             return o.transpose(1, 2)
 
         if self.posemb.rope:
-            pos_T2 = rope2d_positions(coords, token_grid, self.navit_config.get("rope_span", 0.0))
+            cfg = self.navit_config
+            pos_T2 = rope2d_positions(
+                coords, token_grid, cfg.get("rope_span", 0.0), cfg.get("rope_mode", "span")
+            )
             attend = with_rope2d(
                 attend, pos_T2[None], self.navit_config["width"] // self.navit_config["heads"]
             )

@@ -17,7 +17,9 @@ Variants:
                 Qwen2-VL's vision tower (`with_rope2d`). Attention then depends on relative offsets
                 only; no table, so no grid size is out of range. Positions are patch indices, or
                 with `rope_span` > 0 fractional: each image's longer side spans `rope_span` units
-                (`rope2d_positions`), so a larger image than any trained falls inside the trained range.
+                (`rope2d_positions`), so a larger image than any trained falls inside the trained range;
+                with `rope_mode` cap, patch indices for images up to `rope_span` patches long and
+                only longer ones shrunk to span it (position interpolation).
     rope2d+T    rope2d and the additive table T (one of the four above) together, e.g.
                 rope2d+fractional: relative offsets inside attention, absolute place in the input.
 """
@@ -105,15 +107,25 @@ class FactorizedPosEmb(nn.Module):
         )
 
 
-def rope2d_positions(coords_BL2: torch.Tensor, grid_BL2: torch.Tensor, span: float) -> torch.Tensor:
+ROPE_MODES = ("span", "cap")
+
+
+def rope2d_positions(
+    coords_BL2: torch.Tensor, grid_BL2: torch.Tensor, span: float, mode: str = "span"
+) -> torch.Tensor:
     """Each token's rotary (row, col) position: its patch index (span 0), or, with span > 0, its
     patch centre scaled so that its image's longer side covers `span` units whatever the resolution
-    (fractional positions: an image larger than any trained one still falls inside the trained range)."""
+    (mode "span": fractional positions, an image larger than any trained one still falls inside the
+    trained range), or only shrunk when the longer side is over `span` patches (mode "cap": patch
+    steps for the sizes trained on, position interpolation past them)."""
     pos_BL2 = coords_BL2.to(torch.float32)
     if span <= 0:
         return pos_BL2
     longer_BL1 = grid_BL2.to(torch.float32).amax(dim=-1, keepdim=True).clamp_min(1.0)
-    return (pos_BL2 + 0.5) * (span / longer_BL1)
+    scale_BL1 = span / longer_BL1
+    if mode == "cap":
+        scale_BL1 = scale_BL1.clamp_max(1.0)
+    return (pos_BL2 + 0.5) * scale_BL1
 
 
 def rope2d_rotation(pos_BL2: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from navit_clip.model.attention import AttentionPlan, block_attention
 from navit_clip.model.layers import build_tower, embed_tokens, init_weights, mean_pool, slot_index
-from navit_clip.model.posemb import POSEMB_KINDS, FactorizedPosEmb, rope2d_positions, with_rope2d
+from navit_clip.model.posemb import POSEMB_KINDS, ROPE_MODES, FactorizedPosEmb, rope2d_positions, with_rope2d
 from navit_clip.packing import PackedBatch, grid_size, pack_images, unpack_slots
 
 
@@ -33,7 +33,11 @@ class VisionConfig:
         "rope2d"  # rope2d | learned | fractional | sinusoidal | fourier | rope2d+TABLE (model/posemb.py)
     )
     max_grid: int = 64  # rows of the learned position tables (patches per side)
-    rope_span: float = 16.0  # rope2d: each image's longer side spans this many position units; 0: patches
+    # rope2d positions (model/posemb.py:rope2d_positions). cap: patch steps for images up to rope_span
+    # patches long, longer ones shrunk to span it; span: every image's longer side spans rope_span.
+    # 0: patch indices. A training config that omits rope_span gets its data's longest side (config.py).
+    rope_span: float = 16.0
+    rope_mode: str = "cap"
     pool: str = "map"  # map | mean
     attn_backend: str = "auto"  # dense | grouped | flex | varlen | auto
     ln_eps: float = 1e-6
@@ -51,6 +55,8 @@ class VisionConfig:
             raise ValueError(
                 f"model.vision.rope_span={self.rope_span} must be >= 0 (0: positions in patches)"
             )
+        if self.rope_mode not in ROPE_MODES:
+            raise ValueError(f"model.vision.rope_mode={self.rope_mode!r} is not one of {ROPE_MODES}")
         if self.posemb not in POSEMB_KINDS:
             raise ValueError(f"model.vision.posemb={self.posemb!r} is not one of {POSEMB_KINDS}")
         if self.posemb.startswith("rope2d") and (self.width // self.heads) % 4:
@@ -93,7 +99,7 @@ class NaViT(nn.Module):
         x = embed_tokens(self, patches, coords, grid)
         attend = partial(block_attention, plan=plan)
         if self.posemb.rope:
-            pos = rope2d_positions(coords, grid, self.cfg.rope_span)
+            pos = rope2d_positions(coords, grid, self.cfg.rope_span, self.cfg.rope_mode)
             attend = with_rope2d(attend, pos, self.cfg.width // self.cfg.heads)
         for block in self.blocks:
             x = block(x, attend)
