@@ -129,22 +129,26 @@ def rope2d_positions(
 
 
 def rope2d_rotation(pos_BL2: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [B, L, 1, d] of each token's 2D rotary angles: d/4 frequencies on its row, d/4 on
-    its column, each pair (i, i + d/2) rotated by one angle (rotate-half layout)."""
+    """cos and signed sin [B, L, 1, d] of each token's 2D rotary angles: d/4 frequencies on its row,
+    d/4 on its column, each pair (i, i + d/2) rotated by one angle (rotate-half layout). The sin
+    carries the rotation's signs (-sin on the first half, +sin on the second), so a rotation is
+    x cos + swap_halves(x) sin: one copy of x and three elementwise kernels per tensor."""
     if head_dim % 4:
         raise ValueError(f"posemb=rope2d needs a head width divisible by 4, got {head_dim}")
     n = head_dim // 4
     freq_n = ROPE_THETA ** (-torch.arange(n, dtype=torch.float32, device=pos_BL2.device) / n)
     pos_BL2 = pos_BL2.to(torch.float32)
     angle_BLh = torch.cat([pos_BL2[..., :1] * freq_n, pos_BL2[..., 1:] * freq_n], dim=-1)
-    angle_BL1d = torch.cat([angle_BLh, angle_BLh], dim=-1).unsqueeze(-2)
-    return angle_BL1d.cos(), angle_BL1d.sin()
+    cos_BLh, sin_BLh = angle_BLh.cos(), angle_BLh.sin()
+    cos_BL1d = torch.cat([cos_BLh, cos_BLh], dim=-1).unsqueeze(-2)
+    return cos_BL1d, torch.cat([-sin_BLh, sin_BLh], dim=-1).unsqueeze(-2)
 
 
-def _rotate(x_BLHd: torch.Tensor, cos_BL1d: torch.Tensor, sin_BL1d: torch.Tensor) -> torch.Tensor:
+def _rotate(x_BLHd: torch.Tensor, cos_BL1d: torch.Tensor, ssin_BL1d: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) per pair, with the signs inside `ssin`."""
     x = x_BLHd.float()
     x1, x2 = x.chunk(2, dim=-1)
-    return (x * cos_BL1d + torch.cat([-x2, x1], dim=-1) * sin_BL1d).to(x_BLHd.dtype)
+    return torch.addcmul(x * cos_BL1d, torch.cat([x2, x1], dim=-1), ssin_BL1d).to(x_BLHd.dtype)
 
 
 def with_rope2d(attend, pos_BL2: torch.Tensor, head_dim: int):
