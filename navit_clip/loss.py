@@ -148,8 +148,17 @@ def _fold(m_b: torch.Tensor, S_b: torch.Tensor, z_tt: torch.Tensor, dim: int) ->
 
 
 def _probs(z_tt: torch.Tensor, m: torch.Tensor, log_S: torch.Tensor) -> torch.Tensor:
-    """exp(z - m - log S), with z - m exact (close float32 numbers) and log S small."""
-    return torch.exp((z_tt - m) - log_S)
+    """exp(z - m - log S), with z - m exact (close float32 numbers) and log S small; in place in z."""
+    return z_tt.sub_(m).sub_(log_S).exp_()
+
+
+def _centred(dot_tt, pos, s, biases, out: torch.Tensor | None = None) -> torch.Tensor:
+    """s (dot - positive) + the padding biases, into `out` (a new tile if None): the centred logits."""
+    z_tt = torch.sub(dot_tt, pos, out=out) if out is not None else dot_tt - pos
+    z_tt.mul_(s)
+    for bias in biases:
+        z_tt.add_(bias)
+    return z_tt
 
 
 def _positives(I_bD: torch.Tensor, T_bD: torch.Tensor) -> torch.Tensor:
@@ -188,9 +197,11 @@ class _SoftmaxRing(torch.autograd.Function):
             for rows in _tiles(I_bD.shape[0], tile):
                 for cols in _tiles(Tc_bD.shape[0], tile):
                     dot_tt = _dots(I_bD, Tc_bD, rows, cols, pos_b if step == 0 else None)
-                    mask_tt = bias_b[rows, None] + bias_c_b[None, cols]
-                    _fold(row_m_b[rows], row_S_b[rows], s * (dot_tt - pos_b[rows, None]) + mask_tt, 1)
-                    _fold(col_m_b[cols], col_S_b[cols], s * (dot_tt - pos_c_b[None, cols]) + mask_tt, 0)
+                    biases = (bias_b[rows, None], bias_c_b[None, cols])
+                    z_tt = _centred(dot_tt, pos_b[rows, None], s, biases)
+                    _fold(row_m_b[rows], row_S_b[rows], z_tt, 1)
+                    z_tt = _centred(dot_tt, pos_c_b[None, cols], s, biases, out=z_tt)
+                    _fold(col_m_b[cols], col_S_b[cols], z_tt, 0)
 
         start = [torch.full_like(row_m_b, NEG_INF), torch.zeros_like(row_S_b)]
         col_m_b, col_S_b = _ring_pass(ring, [T_bD, bias_b, pos_b], start, visit)
@@ -229,18 +240,32 @@ class _SoftmaxRing(torch.autograd.Function):
                 for cols in _tiles(Tc_bD.shape[0], tile):
                     # the centred logits exactly as the forward computed them (same products, same tiles)
                     dot_tt = _dots(I_bD, Tc_bD, rows, cols, pos_b if step == 0 else None)
-                    mask_tt = bias_b[rows, None] + bias_c_b[None, cols]
-                    dr_tt, dc_tt = dot_tt - pos_b[rows, None], dot_tt - pos_c_b[None, cols]
-                    P_tt = _probs(s * dr_tt + mask_tt, row_m_b[rows, None], row_log_S[rows, None])
-                    Q_tt = _probs(s * dc_tt + mask_tt, col_m_c_b[None, cols], col_log_S_c_b[None, cols])
-                    G_tt = (P_tt + Q_tt) / (2 * n)
+                    biases = (bias_b[rows, None], bias_c_b[None, cols])
+                    # P (rows' softmax) and Q (columns'), each from its centred logits; the products
+                    # P (dot - positive) for dL/ds are taken in place: four tiles alive at most.
+                    # Padding pairs have P = Q = 0 and finite differences (the -inf is in the biases only).
+                    diff_tt = dot_tt - pos_b[rows, None]
+                    P_tt = _probs(
+                        _centred(dot_tt, pos_b[rows, None], s, biases),
+                        row_m_b[rows, None],
+                        row_log_S[rows, None],
+                    )
+                    pd += diff_tt.mul_(P_tt).sum(dtype=torch.float64)
+                    torch.sub(dot_tt, pos_c_b[None, cols], out=diff_tt)
+                    Q_tt = _probs(
+                        _centred(dot_tt, pos_c_b[None, cols], s, biases),
+                        col_m_c_b[None, cols],
+                        col_log_S_c_b[None, cols],
+                    )
+                    pd += diff_tt.mul_(Q_tt).sum(dtype=torch.float64)
+                    del diff_tt
+                    G_tt = P_tt.add_(Q_tt).div_(2 * n)
+                    del Q_tt
                     if step == 0:  # the -2 delta_ij / (2N) of the positives
                         for i, r, c in _diagonal(rows, cols, G_tt.device):
                             G_tt[r, c] -= own_b[i]
                     dI_bD[rows] += G_tt @ Tc_bD[cols]
                     dTc_bD[cols] += G_tt.T @ I_bD[rows]
-                    # padding pairs have P = Q = 0 and finite differences (the -inf is in the mask only)
-                    pd += (P_tt * dr_tt).sum(dtype=torch.float64) + (Q_tt * dc_tt).sum(dtype=torch.float64)
 
         chunk = [T_bD, bias_b, pos_b, col_m_b, col_log_S]
         (dT_bD,) = _ring_pass(ring, chunk, [torch.zeros_like(T_bD)], visit)
