@@ -152,10 +152,10 @@ def _probs(z_tt: torch.Tensor, m: torch.Tensor, log_S: torch.Tensor) -> torch.Te
     return z_tt.sub_(m).sub_(log_S).exp_()
 
 
-def _centred(dot_tt, pos, s, biases, out: torch.Tensor | None = None) -> torch.Tensor:
-    """s (dot - positive) + the padding biases, into `out` (a new tile if None): the centred logits."""
-    z_tt = torch.sub(dot_tt, pos, out=out) if out is not None else dot_tt - pos
-    z_tt.mul_(s)
+def _centred(diff_tt, s, biases, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The centred logits s (dot - positive) + the padding biases, from the differences `diff_tt`,
+    into `out` (`diff_tt` itself to work in place; a new tile if None)."""
+    z_tt = torch.mul(diff_tt, s, out=out) if out is not None else diff_tt * s
     for bias in biases:
         z_tt.add_(bias)
     return z_tt
@@ -198,9 +198,9 @@ class _SoftmaxRing(torch.autograd.Function):
                 for cols in _tiles(Tc_bD.shape[0], tile):
                     dot_tt = _dots(I_bD, Tc_bD, rows, cols, pos_b if step == 0 else None)
                     biases = (bias_b[rows, None], bias_c_b[None, cols])
-                    z_tt = _centred(dot_tt, pos_b[rows, None], s, biases)
-                    _fold(row_m_b[rows], row_S_b[rows], z_tt, 1)
-                    z_tt = _centred(dot_tt, pos_c_b[None, cols], s, biases, out=z_tt)
+                    z_tt = dot_tt - pos_b[rows, None]
+                    _fold(row_m_b[rows], row_S_b[rows], _centred(z_tt, s, biases, out=z_tt), 1)
+                    z_tt = _centred(torch.sub(dot_tt, pos_c_b[None, cols], out=z_tt), s, biases, out=z_tt)
                     _fold(col_m_b[cols], col_S_b[cols], z_tt, 0)
 
         start = [torch.full_like(row_m_b, NEG_INF), torch.zeros_like(row_S_b)]
@@ -245,20 +245,14 @@ class _SoftmaxRing(torch.autograd.Function):
                     # P (dot - positive) for dL/ds are taken in place: four tiles alive at most.
                     # Padding pairs have P = Q = 0 and finite differences (the -inf is in the biases only).
                     diff_tt = dot_tt - pos_b[rows, None]
-                    P_tt = _probs(
-                        _centred(dot_tt, pos_b[rows, None], s, biases),
-                        row_m_b[rows, None],
-                        row_log_S[rows, None],
-                    )
+                    P_tt = _probs(_centred(diff_tt, s, biases), row_m_b[rows, None], row_log_S[rows, None])
                     pd += diff_tt.mul_(P_tt).sum(dtype=torch.float64)
                     torch.sub(dot_tt, pos_c_b[None, cols], out=diff_tt)
                     Q_tt = _probs(
-                        _centred(dot_tt, pos_c_b[None, cols], s, biases),
-                        col_m_c_b[None, cols],
-                        col_log_S_c_b[None, cols],
+                        _centred(diff_tt, s, biases), col_m_c_b[None, cols], col_log_S_c_b[None, cols]
                     )
                     pd += diff_tt.mul_(Q_tt).sum(dtype=torch.float64)
-                    del diff_tt
+                    del diff_tt, dot_tt
                     G_tt = P_tt.add_(Q_tt).div_(2 * n)
                     del Q_tt
                     if step == 0:  # the -2 delta_ij / (2N) of the positives
