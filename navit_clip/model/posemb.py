@@ -132,7 +132,7 @@ def rope2d_rotation(pos_BL2: torch.Tensor, head_dim: int) -> tuple[torch.Tensor,
     """cos and signed sin [B, L, 1, d] of each token's 2D rotary angles: d/4 frequencies on its row,
     d/4 on its column, each pair (i, i + d/2) rotated by one angle (rotate-half layout). The sin
     carries the rotation's signs (-sin on the first half, +sin on the second), so a rotation is
-    x cos + swap_halves(x) sin: one copy of x and three elementwise kernels per tensor."""
+    x cos + swap_halves(x) sin: one copy of x and two elementwise kernels (mul, addcmul) per tensor."""
     if head_dim % 4:
         raise ValueError(f"posemb=rope2d needs a head width divisible by 4, got {head_dim}")
     n = head_dim // 4
