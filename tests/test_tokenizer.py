@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from navit_clip.model.text import TextConfig, TextTransformer
+from navit_clip.model.text import TextConfig, TextTransformer, caption_lengths
 from navit_clip.tokenizer import build_tokenizer, train_sentencepiece, trim_padding
 
 CAPTIONS = [
@@ -85,3 +85,41 @@ def test_trimmed_captions_equal_padded_ones_with_gradients(pool):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("pool", ["eot", "map"])
+def test_packed_captions_equal_padded_ones_with_gradients(pool):
+    """The text tower computes only real tokens (captions concatenated, causal within each): its
+    pooled embeddings and every parameter's gradient equal the context-length-padded path (relative
+    norm of the difference: 1e-12 in float64, 1e-5 in float32), whatever the lengths and their order."""
+    tok = build_tokenizer("openclip", context_length=16)
+    captions = ["a red circle", "x", "", "a photo of a small green star on grey", "a red circle", "!$ deal"]
+    ids = tok(captions * 3)
+    torch.manual_seed(0)
+    cfg = TextConfig(
+        vocab_size=tok.num_embeddings, pad_id=0, context_length=16, width=32, depth=2, heads=4, pool=pool
+    )
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        model = TextTransformer(cfg).to(dtype)
+        if pool == "map":  # a probe at unit scale, so the pooling weights are far from uniform
+            torch.nn.init.normal_(model.probe)
+        w = torch.randn(len(ids), 32, dtype=dtype)
+        runs = []
+        for forward in (model.forward_padded, model):
+            model.zero_grad()
+            out = forward(ids)
+            (out * w).sum().backward()
+            runs.append([out.detach()] + [p.grad.clone() for p in model.parameters()])
+        for got, want in zip(runs[1], runs[0]):
+            assert ((got - want).norm() / want.norm()).item() < tol
+    assert model(ids[:0]).shape == (0, 32)  # a rank with no captions still runs the tower
+
+
+def test_captions_end_at_their_last_non_padding_token():
+    """open_clip's BPE pads with 0, which is also a real token ("!" before "$"): a caption's length
+    is where its last non-padding token sits, not how many tokens differ from the padding id."""
+    tok = build_tokenizer("openclip", context_length=8)
+    ids = tok(["!$", "a", ""])
+    assert ids[0, 1] == tok.pad_id  # the real "!" token
+    assert caption_lengths(ids, tok.pad_id).tolist() == [4, 3, 2]  # SOT ... EOT, inclusive
+    assert caption_lengths(torch.zeros(1, 5, dtype=torch.long), 0).tolist() == [1]  # all padding

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from navit_clip.model.layers import grouped_attention
+
 log = logging.getLogger(__name__)
 
 ATTN_BACKENDS = ("dense", "grouped", "flex", "varlen", "auto")
@@ -175,21 +177,9 @@ def block_attention(
             q_BLHd.transpose(1, 2), k_BLHd.transpose(1, 2), v_BLHd.transpose(1, 2), attn_mask=plan.mask_B1LL
         )
         return o_BHLd.transpose(1, 2)
-    if plan.backend == "grouped":
-        # Tokens are already flat, image by image with equal lengths adjacent: each run of equal-length
-        # images is a free view [k, n, H, d] and one unmasked SDPA call. split (not slicing) so that
-        # backward is one cat rather than a zero-filled buffer per group.
+    if plan.backend == "grouped":  # tokens already flat, image by image with equal lengths adjacent
         q, k, v = (t.reshape(-1, H, d) for t in (q_BLHd, k_BLHd, v_BLHd))
-        sizes = [count * n for count, n in plan.groups]
-        outs = []
-        for (count, n), q_, k_, v_ in zip(plan.groups, q.split(sizes), k.split(sizes), v.split(sizes)):
-            q_kHnd, k_kHnd, v_kHnd = (t.view(count, n, H, d).transpose(1, 2) for t in (q_, k_, v_))
-            outs.append(
-                F.scaled_dot_product_attention(q_kHnd, k_kHnd, v_kHnd)
-                .transpose(1, 2)
-                .reshape(count * n, H, d)
-            )
-        return torch.cat(outs).view(B, L, H, d)
+        return grouped_attention(q, k, v, plan.groups, causal=False).view(B, L, H, d)
     # The fused kernels take one dtype: under autocast, qk-norm (LayerNorm) returns float32 while v is
     # bf16, so all three go to the autocast dtype, as SDPA would do by itself.
     q_BLHd, k_BLHd, v_BLHd = _autocast_dtype(q_BLHd, k_BLHd, v_BLHd)

@@ -110,6 +110,24 @@ class MAPHead(nn.Module):
         return y_SD * valid_S[:, None]
 
 
+def grouped_attention(
+    q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor, groups: list[tuple[int, int]], causal: bool
+) -> torch.Tensor:
+    """Attention within each sequence of a flat layout [T, H, d]: sequences laid out one after the
+    other, those of equal length adjacent; `groups` lists (count, n) for each run of `count` sequences
+    of `n` tokens, and each run is one batched SDPA call [count, H, n, d] (no mask, no padding; causal
+    within each sequence when `causal`). split, not slicing: the backward is one cat, not a
+    zero-filled buffer per group."""
+    H, d = q_THd.shape[1:]
+    sizes = [count * n for count, n in groups]
+    outs = []
+    for (count, n), q, k, v in zip(groups, q_THd.split(sizes), k_THd.split(sizes), v_THd.split(sizes)):
+        q_kHnd, k_kHnd, v_kHnd = (t.view(count, n, H, d).transpose(1, 2) for t in (q, k, v))
+        o_kHnd = F.scaled_dot_product_attention(q_kHnd, k_kHnd, v_kHnd, is_causal=causal)
+        outs.append(o_kHnd.transpose(1, 2).reshape(count * n, H, d))
+    return torch.cat(outs) if outs else q_THd
+
+
 def slot_index(segment_ids_BL: torch.Tensor, E: int) -> torch.Tensor:
     """[B, L] segment ids (1..E image slots, 0 padding) -> each token's pooled row [B, L]:
     b * E + segment - 1 for image tokens, and B * E (one spare row, dropped) for padding."""

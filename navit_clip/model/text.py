@@ -2,24 +2,24 @@
 
 torch only: this file is also shipped inside an export folder (as navit_text.py).
 
-Shape legend: N texts, K context length, D width, H heads, d head width.
+Shape legend: N texts, K context length, T real tokens of all N texts, D width, H heads, d head width.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+# Shipped inside an export folder (navit-clip export --with-text), next to navit_layers.py.
 try:
-    from navit_clip.model.layers import Mlp
-except (
-    ImportError
-):  # shipped inside an export folder (navit-clip export --with-text), next to navit_layers.py
-    from navit_layers import Mlp
+    from navit_clip.model.layers import Attend, Mlp, grouped_attention, segment_softmax_pool
+except ImportError:
+    from navit_layers import Attend, Mlp, grouped_attention, segment_softmax_pool
 
 
 @dataclass
@@ -53,19 +53,35 @@ class CausalBlock(nn.Module):
 
     checkpointing = False  # recompute activations in backward (set by distributed.parallelize)
 
-    def forward(self, x_NKD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
         if self.checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._forward, x_NKD, use_reentrant=False)
-        return self._forward(x_NKD)
+            return checkpoint(self._forward, x, attend, use_reentrant=False)
+        return self._forward(x, attend)
 
-    def _forward(self, x_NKD: torch.Tensor) -> torch.Tensor:
-        N, K, D = x_NKD.shape
-        q, k, v = (
-            self.qkv(self.norm1(x_NKD)).view(N, K, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        )
-        o_NHKd = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x_NKD = x_NKD + self.proj(o_NHKd.transpose(1, 2).reshape(N, K, D))
-        return x_NKD + self.mlp(self.norm2(x_NKD))
+    def _forward(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """x: [..., D] tokens ([T, D] packed or [N, K, D] padded); `attend` is causal per caption."""
+        *lead, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(*lead, 3, self.heads, D // self.heads).unbind(-3)
+        x = x + self.proj(attend(q, k, v).reshape(*lead, D))
+        return x + self.mlp(self.norm2(x))
+
+
+def caption_lengths(ids_NK: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Tokens up to and including each caption's last non-padding one (at least 1) [N].
+
+    Not a count of non-padding ids: a real token may share the padding id (open_clip's BPE pads with
+    0, which is also the token for "!" before a symbol, as in "!$"), and right padding only ever ends
+    a caption. An all-padding row keeps its first token, as the padded path pools it.
+    """
+    position_K = torch.arange(1, ids_NK.shape[1] + 1, device=ids_NK.device)
+    return ((ids_NK != pad_id) * position_K).amax(1).clamp(min=1)
+
+
+def _causal_padded(q_NKHd: torch.Tensor, k_NKHd: torch.Tensor, v_NKHd: torch.Tensor) -> torch.Tensor:
+    o_NHKd = F.scaled_dot_product_attention(
+        q_NKHd.transpose(1, 2), k_NKHd.transpose(1, 2), v_NKHd.transpose(1, 2), is_causal=True
+    )
+    return o_NHKd.transpose(1, 2)
 
 
 class TextTransformer(nn.Module):
@@ -100,16 +116,43 @@ class TextTransformer(nn.Module):
                 nn.init.zeros_(layer.bias)
 
     def forward(self, ids_NK: torch.Tensor) -> torch.Tensor:
+        """Packed: only real tokens are computed. The captions' tokens are concatenated (shortest
+        captions first, equal lengths adjacent) and attend causally within their own caption, so the
+        cost follows the tokens, not N x K. Equal to `forward_padded` within float rounding."""
+        N, K = ids_NK.shape
+        len_N = caption_lengths(ids_NK, self.cfg.pad_id)
+        len_sorted, order_N = torch.sort(len_N, stable=True)
+        n_unique, counts = torch.unique_consecutive(len_sorted, return_counts=True)
+        groups = list(zip(counts.tolist(), n_unique.tolist()))  # one host sync per forward
+        # token j of the i-th caption in `order`: ids row order[i], column j
+        ends = torch.cumsum(len_sorted, 0)
+        T = sum(count * n for count, n in groups)
+        pos_T = torch.arange(T, device=ids_NK.device) - torch.repeat_interleave(ends - len_sorted, len_sorted)
+        flat_T = torch.repeat_interleave(order_N * K, len_sorted) + pos_T
+        x_TD = self.token_embed(ids_NK.flatten()[flat_T]) + self.pos_embed[pos_T]
+        attend = partial(grouped_attention, groups=groups, causal=True)
+        for block in self.blocks:
+            x_TD = block(x_TD, attend)
+        x_TD = self.norm(x_TD)
+        if self.probe is None:
+            pooled = x_TD[ends - 1]
+        else:  # single-head attention pooling over each caption's tokens
+            caption_T = torch.repeat_interleave(torch.arange(N, device=ids_NK.device), len_sorted)
+            scores_T1 = (x_TD @ self.probe)[:, None] / x_TD.shape[-1] ** 0.5
+            pooled = segment_softmax_pool(scores_T1, x_TD[:, None], caption_T, N)[:, 0]
+        return pooled[torch.argsort(order_N)]
+
+    def forward_padded(self, ids_NK: torch.Tensor) -> torch.Tensor:
+        """Every caption computed at the full K tokens (static shapes, no host sync: for tracing and
+        as the reference the packed `forward` is tested against)."""
         N, K = ids_NK.shape
         x_NKD = self.token_embed(ids_NK) + self.pos_embed[:K]
         for block in self.blocks:
-            x_NKD = block(x_NKD)
+            x_NKD = block(x_NKD, _causal_padded)
         x_NKD = self.norm(x_NKD)
-        real_NK = ids_NK != self.cfg.pad_id
+        len_N = caption_lengths(ids_NK, self.cfg.pad_id)
         if self.probe is None:
-            last_N = (real_NK.sum(1) - 1).clamp(min=0)
-            return x_NKD[torch.arange(N, device=ids_NK.device), last_N]
-        # single-head attention pooling over the real tokens
+            return x_NKD[torch.arange(N, device=ids_NK.device), len_N - 1]
+        real_NK = torch.arange(K, device=ids_NK.device) < len_N[:, None]
         scores_NK = (x_NKD @ self.probe).masked_fill(~real_NK, float("-inf")) / x_NKD.shape[-1] ** 0.5
-        weights_NK = torch.softmax(scores_NK, dim=-1).nan_to_num(0.0)
-        return torch.einsum("nk,nkd->nd", weights_NK, x_NKD)
+        return torch.einsum("nk,nkd->nd", torch.softmax(scores_NK, dim=-1), x_NKD)
