@@ -19,6 +19,7 @@ resolution and, at the last budget, at several token budgets.
 
     python bench/learning_race.py                          -> bench/results/learning_race.json
     python bench/learning_race.py --budgets 60,120 --only navit model.vision.pool=mean   (an ablation)
+    python bench/learning_race.py --seeds 0,1,2              (three races; means and spread)
     python bench/learning_race.py --device cuda
     python bench/learning_race.py --task digits            (real scans: bench/digits.py, needs scikit-learn)
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -122,10 +124,16 @@ def race(name: str, step_fn, eval_fn, budgets: list[float], log_every: int = 20)
 
 
 def run_navit(
-    data: dict, budgets: list[float], overrides: list[str], device: torch.device, save: str | None = None
+    data: dict,
+    budgets: list[float],
+    overrides: list[str],
+    device: torch.device,
+    save: str | None = None,
+    seed: int = 0,
 ) -> dict:
+    seeded = [f"train.seed={seed}", f"data.seed={seed}"]  # before the user's overrides, which win
     cfg = load_config(
-        str(ROOT / "configs" / "demo.yaml"), NAVIT + [f"data.shards={data['train']}"] + overrides
+        str(ROOT / "configs" / "demo.yaml"), NAVIT + [f"data.shards={data['train']}"] + seeded + overrides
     )
     tok = tokenizer_for(cfg)
     cfg.validate()
@@ -184,8 +192,10 @@ def run_navit(
     return result
 
 
-def run_openclip(data: dict, budgets: list[float], grad_clip: float, device: torch.device) -> dict:
-    torch.manual_seed(0)
+def run_openclip(
+    data: dict, budgets: list[float], grad_clip: float, device: torch.device, seed: int = 0
+) -> dict:
+    torch.manual_seed(seed)
     model = open_clip.CLIP(
         embed_dim=256,
         vision_cfg={
@@ -215,9 +225,9 @@ def run_openclip(data: dict, budgets: list[float], grad_clip: float, device: tor
     sched = Schedule(opt, SHARED["warmup"], budgets[-1])
     loss_fn = ClipLoss()
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(data["train"], seed=0, deterministic=True),
+        wds.ResampledShards(data["train"], seed=seed, deterministic=True),
         wds.tarfile_to_samples(),
-        wds.shuffle(500, initial=250, seed=0),
+        wds.shuffle(500, initial=250, seed=seed),
         wds.decode("pil"),
         wds.to_tuple("jpg;png", "txt"),
         wds.map_tuple(train_tf, lambda t: tok([t])[0]),
@@ -285,6 +295,48 @@ def race_data(task: str, root: str | None) -> dict:
     }
 
 
+def _spread(xs: list[float]) -> str:
+    """mean ± sample standard deviation (and the range) of top-1 fractions, in percent."""
+    mean = statistics.fmean(xs)
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{100 * mean:.1f} ± {100 * sd:.1f} % ({100 * min(xs):.1f}..{100 * max(xs):.1f})"
+
+
+def summarise(runs: list[dict], budgets: list[float]) -> dict:
+    """The headline table: navit-clip at 36 tokens per image (open_clip's 96 x 96 / 16^2: equal
+    inference compute) and native, against open_clip, per budget; with several seeds, the means and
+    their spread, and the ratio of the means."""
+    out = {}
+    print(
+        f"\n{'budget':>8} {'navit@36':>9} {'navit native':>13} {'open_clip':>10} {'ratio@36':>9} {'ratio native':>13}"
+    )
+    for b in budgets:
+        key = f"at_{b:.0f}s"
+        ours = [r[f"navit_{key}"]["top1_36"] for r in runs]
+        native = [r[f"navit_{key}"]["top1_native"] for r in runs]
+        peer = [max(r[f"openclip_{key}"]["top1_96px"], 1e-9) for r in runs]
+        m_ours, m_native, m_peer = (statistics.fmean(x) for x in (ours, native, peer))
+        out[f"ratio_top1_navit_over_openclip_{b:.0f}s"] = round(m_ours / m_peer, 3)
+        out[f"ratio_top1_native_navit_over_openclip_{b:.0f}s"] = round(m_native / m_peer, 3)
+        print(
+            f"{b:7.0f}s {100 * m_ours:8.1f}% {100 * m_native:12.1f}% {100 * m_peer:9.1f}% "
+            f"{m_ours / m_peer:9.2f} {m_native / m_peer:13.2f}"
+        )
+        if len(runs) > 1:
+            out[f"navit_top1_36_{key}"] = ours
+            out[f"openclip_top1_96px_{key}"] = peer
+            print(f"{'':9}navit@36 {_spread(ours)}; open_clip {_spread(peer)}; {len(runs)} seeds")
+    last = [r[f"navit_at_{budgets[-1]:.0f}s"] for r in runs]
+    keys = [k for k in last[0] if k.startswith("top1_")]
+    print(
+        "navit-clip top-1 by tokens per image at the last budget"
+        + (f" (mean of {len(runs)} seeds)" if len(runs) > 1 else "")
+        + ": "
+        + ", ".join(f"{k[5:]} {100 * statistics.fmean(r[k] for r in last):.1f}%" for k in keys)
+    )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", default="90,180", help="training seconds at which both are evaluated")
@@ -295,6 +347,12 @@ def main() -> None:
         "--data", help="where the task's data is generated (default bench/results/race_data[_digits])"
     )
     ap.add_argument("--name", help="results file name (default learning_race[_digits])")
+    ap.add_argument(
+        "--seeds",
+        default="0",
+        help="comma-separated seeds: each is a full race (model init and data order on both sides); "
+        "with several, the table gives means, their spread, and the ratio of the means",
+    )
     ap.add_argument("--save", help="write navit-clip's final weights here (a checkpoint for navit-clip eval)")
     ap.add_argument("overrides", nargs="*", help="navit-clip config overrides (section.key=value)")
     args = ap.parse_args()
@@ -306,39 +364,35 @@ def main() -> None:
     print(
         f"{args.task} data in {data['root']} ({time.perf_counter() - t0:.0f}s); budgets {budgets} s on {device}"
     )
+    seeds = [int(x) for x in args.seeds.split(",")]
     results: dict = {
         "task": args.task,
         "budgets_s": budgets,
         "device": str(device),
         "navit_overrides": args.overrides,
+        "seeds": seeds,
     }
-    if args.only != "openclip":
-        nav = run_navit(data, budgets, args.overrides, device, args.save)
-        results.update({f"navit_{k}": v for k, v in nav.items()})
-    if args.only != "navit":
-        oc = run_openclip(data, budgets, SHARED["grad_clip"], device)
-        results.update({f"openclip_{k}": v for k, v in oc.items()})
+    runs = []
+    for seed in seeds:
+        if len(seeds) > 1:
+            print(f"\n=== seed {seed} ===")
+        run = {}
+        if args.only != "openclip":
+            nav = run_navit(data, budgets, args.overrides, device, args.save, seed)
+            run.update({f"navit_{k}": v for k, v in nav.items()})
+        if args.only != "navit":
+            oc = run_openclip(data, budgets, SHARED["grad_clip"], device, seed)
+            run.update({f"openclip_{k}": v for k, v in oc.items()})
+        runs.append(run)
+    results.update(runs[0] if len(runs) == 1 else {"runs": runs})
     if args.only is None:
-        # Headline at equal tokens per image (36, open_clip's 96 x 96 / 16^2): equal inference compute.
-        # Native (each image at its own size, small images get few tokens) is printed beside it.
-        print(
-            f"\n{'budget':>8} {'navit@36':>9} {'navit native':>13} {'open_clip':>10} {'ratio@36':>9} {'ratio native':>13}"
-        )
+        results.update(summarise(runs, budgets))
+    elif len(runs) > 1:
+        side = "navit" if args.only == "navit" else "openclip"
+        metric = "top1_36" if side == "navit" else "top1_96px"
         for b in budgets:
-            key = f"at_{b:.0f}s"
-            ours, native = results[f"navit_{key}"]["top1_36"], results[f"navit_{key}"]["top1_native"]
-            peer = max(results[f"openclip_{key}"]["top1_96px"], 1e-9)
-            results[f"ratio_top1_navit_over_openclip_{b:.0f}s"] = round(ours / peer, 3)
-            results[f"ratio_top1_native_navit_over_openclip_{b:.0f}s"] = round(native / peer, 3)
-            print(
-                f"{b:7.0f}s {100 * ours:8.1f}% {100 * native:12.1f}% {100 * peer:9.1f}% "
-                f"{ours / peer:9.2f} {native / peer:13.2f}"
-            )
-        last = results[f"navit_at_{budgets[-1]:.0f}s"]
-        print(
-            "navit-clip top-1 by tokens per image at the last budget: "
-            + ", ".join(f"{k[5:]} {100 * v:.1f}%" for k, v in last.items() if k.startswith("top1_"))
-        )
+            xs = [r[f"{side}_at_{b:.0f}s"][metric] for r in runs]
+            print(f"{side} at {b:.0f}s, {metric}: {_spread(xs)} over seeds {seeds}")
     save_results(
         args.name or ("learning_race" if args.task == "shapes" else f"learning_race_{args.task}"), results
     )

@@ -14,14 +14,18 @@ starts, so this times the training step alone (bench/loader.py times the data si
 
 `--e2e` times what a user runs instead: each side's own loader (one worker, as the demo) feeding its
 training step, over the demo's shards, the clock running over loading and stepping together.
-Both modes print the step's FLOP/s (counted by torch.utils.flop_counter) against this machine's fp32
-matmul peak, measured in the same run.
+Both modes print the step's FLOP/s against this machine's fp32 matmul peak, measured in the same run:
+FLOPs per image token counted by torch.utils.flop_counter over every preloaded batch (forward,
+backward, optimiser), times the measured tokens/s. Each side steps with its own trainer's optimiser:
+ours the fused AdamW of `navit_clip.train.make_optimizer`, open_clip's the plain `torch.optim.AdamW`
+that open_clip_train builds.
 
     python bench/train_throughput.py         -> bench/results/train_throughput.json
     python bench/train_throughput.py --e2e   -> bench/results/train_throughput_e2e.json
 """
 
 import argparse
+import statistics
 import time
 
 import open_clip
@@ -38,10 +42,11 @@ from navit_clip.loss import ContrastiveLoss
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.packing import ResolutionPolicy, TokenDropConfig
 from navit_clip.tokenizer import build_tokenizer
+from navit_clip.train import make_optimizer
 
 SEQ_LEN, NUM_SEQS, MAX_IMAGES, MAX_SIDE = 256, 16, 32, 256
 MATCHED = dict(seq_len=1024, num_seqs=4, max_images=64, max_side=496)  # about 224 x 224 pixels per image
-BATCHES, WARMUP, REPEATS = 4, 2, 8
+BATCHES, WARMUP, REPEATS = 4, 2, 16
 
 
 def our_setup(
@@ -66,7 +71,7 @@ def our_setup(
     model = NaViTCLIP(cfg.model)
     stream = iter(PackedImageText(cfg.data, tok))
     batches = [next(stream).to("cpu") for _ in range(BATCHES)]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer(model, cfg.train)  # what train_clip.py steps with
     loss_fn = ContrastiveLoss("softmax")
 
     def step(batch):
@@ -130,13 +135,16 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def step_flops(step, batch) -> float:
-    """FLOPs per image of one training step (forward, backward, optimiser), as torch counts them."""
+def flops_per_token(step, batches) -> float:
+    """FLOPs per image token of a training step (forward, backward, optimiser), as torch counts them,
+    over all `batches` (per token, not per image: packed batches differ in images per step)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    tokens = 0
     with FlopCounterMode(display=False) as counter:
-        images = step(batch)[0]
-    return counter.get_total_flops() / images
+        for batch in batches:
+            tokens += step(batch)[1]
+    return counter.get_total_flops() / tokens
 
 
 def measure_e2e(setups: dict, steps: int = 12, warmup: int = 3) -> dict:
@@ -158,25 +166,26 @@ def measure_e2e(setups: dict, steps: int = 12, warmup: int = 3) -> dict:
 
 
 def measure(setups: dict) -> dict:
-    done = {k: [0, 0, 0, 0.0] for k in setups}  # images, tokens, pixels, seconds
+    """Steps of the setups interleaved (so a slower stretch of the machine hits every side alike);
+    per side the median over its steps of images/s and tokens/s, robust to the odd slow step."""
+    rates = {k: [] for k in setups}  # (images/s, tokens/s, images, pixels) per step
     for i in range(WARMUP + REPEATS):
         for k, (_, batches, step, _) in setups.items():
             t0 = time.perf_counter()
-            counts = step(batches[i % len(batches)])
+            images, tokens, pixels = step(batches[i % len(batches)])
             dt = time.perf_counter() - t0
             if i >= WARMUP:
-                for j, c in enumerate(counts):
-                    done[k][j] += c
-                done[k][3] += dt
-    return {
-        k: {
-            "images_per_s": v[0] / v[3],
-            "tokens_per_s": v[1] / v[3],
-            "images_per_step": v[0] / REPEATS,
-            "pixels_per_image": v[2] / v[0],
+                rates[k].append((images / dt, tokens / dt, images, pixels))
+    out = {}
+    for k, v in rates.items():
+        images, pixels = sum(r[2] for r in v), sum(r[3] for r in v)
+        out[k] = {
+            "images_per_s": statistics.median(r[0] for r in v),
+            "tokens_per_s": statistics.median(r[1] for r in v),
+            "images_per_step": images / len(v),
+            "pixels_per_image": pixels / images,
         }
-        for k, v in done.items()
-    }
+    return out
 
 
 def main() -> None:
@@ -192,7 +201,7 @@ def main() -> None:
     peer_images = round(NUM_SEQS * SEQ_LEN / 197)  # the same tokens per step as a packed batch
     setups["open_clip"] = peer_setup(shards, peer_images)
     peak = matmul_peak()
-    flops = {k: step_flops(step, batches[0]) for k, (_, batches, step, _) in setups.items()}
+    flops = {k: flops_per_token(step, batches) for k, (_, batches, step, _) in setups.items()}
     r = measure_e2e(setups) if args.e2e else measure(setups)
     results = {
         "mode": "e2e (loader + step)" if args.e2e else "step",
@@ -206,8 +215,7 @@ def main() -> None:
     }
     print(f"fp32 matmul peak on this machine: {peak / 1e9:.0f} GFLOP/s")
     for k, v in r.items():
-        # FLOP/s: FLOPs per image of the first batch times the measured images/s
-        v["gflops"] = flops[k] / 1e9 * v["images_per_s"]
+        v["gflops"] = flops[k] / 1e9 * v["tokens_per_s"]
         v["fraction_of_peak"] = v["gflops"] * 1e9 / peak
         for m, x in v.items():
             results[f"{m}_{k}"] = x
