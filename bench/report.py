@@ -30,7 +30,9 @@ BENCHES = [
 ]
 COMMANDS = {  # sections run with arguments
     "train_throughput_e2e": ["train_throughput.py", "--e2e"],
-    "learning_race_digits": ["learning_race.py", "--task", "digits"],
+    # three seeds a race (~20 min each on 2 cores): one run's 90 s figure spreads by 15 points
+    "learning_race": ["learning_race.py", "--seeds", "0,1,2"],
+    "learning_race_digits": ["learning_race.py", "--task", "digits", "--seeds", "0,1,2"],
 }
 NOTES = (ROOT / "bench" / "NOTES.md").read_text() if (ROOT / "bench" / "NOTES.md").exists() else ""
 

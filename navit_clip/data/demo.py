@@ -16,7 +16,7 @@ colour; the image size (longer side 48..192 px), aspect ratio (1:2..2:1), the fi
 and a small rotation are random too. Colour, size and position therefore carry no information about
 the class: a model has to learn shapes. Captions name the class and often its colours and size (as
 web captions would), so a model can also learn colour words, but zero-shot prompts name the class
-only. Writing goes through webdataset's ShardWriter.
+only. Writing goes through webdataset's ShardWriter (`shards.shard_writer`).
 """
 
 from __future__ import annotations
@@ -267,10 +267,10 @@ def _write_split(
     with_label: bool,
     folder: Path | None = None,
 ) -> None:
-    import webdataset as wds
+    from navit_clip.data.shards import shard_writer
 
     rng = random.Random(seed)
-    with wds.ShardWriter(str(root / f"{prefix}-%04d.tar"), maxcount=per_shard, verbose=0) as sink:
+    with shard_writer(str(root / f"{prefix}-%04d.tar"), per_shard) as sink:
         for i in range(n):
             cls = rng.randrange(len(classnames))
             img, caption = draw(rng, classnames[cls])
