@@ -9,8 +9,9 @@ at the demo model's sequence length L = 256 (as the paper's B/16): 16 packed seq
 average (pixels per image are printed): the `nodrop` ratio shows what resolution sampling alone
 gives, `recipe` adds dropping. `recipe_matched_pixels` keeps the per-image pixel count of the peer
 instead: L = 1024, longer side ~ U(64, 496), Beta dropping 0.5; there big images cost more
-attention per token (it grows with tokens per image). Both read the demo shards; batches are loaded before the clock
-starts, so this times the training step alone (bench/loader.py times the data side).
+attention per token (it grows with tokens per image). Both read the demo shards; batches are loaded
+before the clock starts, so this times the training step alone (bench/loader.py times the data side):
+16 steps a side, interleaved, and the median of the per-step rates.
 
 `--e2e` times what a user runs instead: each side's own loader (one worker, as the demo) feeding its
 training step, over the demo's shards, the clock running over loading and stepping together.
