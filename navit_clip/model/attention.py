@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from navit_clip.model.layers import grouped_attention
+from navit_clip.model.layers import by_length, grouped_attention
 
 log = logging.getLogger(__name__)
 
@@ -127,16 +127,8 @@ class AttentionPlan:
         if backend == "dense":
             plan.mask_B1LL = (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :])[:, None]
         elif backend == "grouped":
-            starts, lengths = _runs(segment_ids_BL, include_padding=False)
-            lengths, order = torch.sort(lengths, stable=True)
-            starts = starts[order]
-            # token j of image i sits at starts[i] + j: one gather index for every real token
-            offsets = torch.arange(int(lengths.sum()), device=starts.device) - torch.repeat_interleave(
-                torch.cumsum(lengths, 0) - lengths, lengths
-            )
-            plan.perm = torch.repeat_interleave(starts, lengths) + offsets
-            n_unique, counts = torch.unique_consecutive(lengths, return_counts=True)
-            plan.groups = list(zip(counts.tolist(), n_unique.tolist()))
+            images = by_length(*_runs(segment_ids_BL, include_padding=False))
+            plan.perm, plan.groups = images.index, images.groups
         elif backend == "flex":
             from torch.nn.attention.flex_attention import create_block_mask
 

@@ -11,6 +11,7 @@ Shape legend: B sequences, L tokens, E slots, D width, H heads, d head width.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,29 @@ class MAPHead(nn.Module):
         y_SD = self.proj(o_SHd.reshape(-1, D))
         y_SD = y_SD + self.mlp(self.norm(y_SD))
         return y_SD * valid_S[:, None]
+
+
+class LengthGroups(NamedTuple):
+    """Sequences of a flat buffer reordered shortest first, equal lengths adjacent (see `by_length`)."""
+
+    order: torch.Tensor  # [S] the sequences in that order
+    lengths: torch.Tensor  # [S] their lengths, ascending
+    index: torch.Tensor  # [T] every token's offset in the buffer, sequence by sequence in `order`
+    position: torch.Tensor  # [T] each token's position within its sequence
+    groups: list[tuple[int, int]]  # (count, n) per run of equal lengths: `grouped_attention`'s groups
+
+
+def by_length(starts_S: torch.Tensor, lengths_S: torch.Tensor) -> LengthGroups:
+    """Sequences starting at `starts_S` with `lengths_S` tokens -> one gather index that lays their
+    tokens out shortest sequence first (token j of a sequence at start + j). One host sync (groups)."""
+    lengths, order = torch.sort(lengths_S, stable=True)
+    n_unique, counts = torch.unique_consecutive(lengths, return_counts=True)
+    groups = list(zip(counts.tolist(), n_unique.tolist()))
+    T = sum(count * n for count, n in groups)
+    first_S = torch.cumsum(lengths, 0) - lengths
+    position = torch.arange(T, device=lengths.device) - torch.repeat_interleave(first_S, lengths)
+    index = torch.repeat_interleave(starts_S[order], lengths) + position
+    return LengthGroups(order, lengths, index, position, groups)
 
 
 def grouped_attention(

@@ -17,9 +17,9 @@ from torch.utils.checkpoint import checkpoint
 
 # Shipped inside an export folder (navit-clip export --with-text), next to navit_layers.py.
 try:
-    from navit_clip.model.layers import Attend, Mlp, grouped_attention, segment_softmax_pool
+    from navit_clip.model.layers import Attend, Mlp, by_length, grouped_attention, segment_softmax_pool
 except ImportError:
-    from navit_layers import Attend, Mlp, grouped_attention, segment_softmax_pool
+    from navit_layers import Attend, Mlp, by_length, grouped_attention, segment_softmax_pool
 
 
 @dataclass
@@ -120,27 +120,20 @@ class TextTransformer(nn.Module):
         captions first, equal lengths adjacent) and attend causally within their own caption, so the
         cost follows the tokens, not N x K. Equal to `forward_padded` within float rounding."""
         N, K = ids_NK.shape
-        len_N = caption_lengths(ids_NK, self.cfg.pad_id)
-        len_sorted, order_N = torch.sort(len_N, stable=True)
-        n_unique, counts = torch.unique_consecutive(len_sorted, return_counts=True)
-        groups = list(zip(counts.tolist(), n_unique.tolist()))  # one host sync per forward
-        # token j of the i-th caption in `order`: ids row order[i], column j
-        ends = torch.cumsum(len_sorted, 0)
-        T = sum(count * n for count, n in groups)
-        pos_T = torch.arange(T, device=ids_NK.device) - torch.repeat_interleave(ends - len_sorted, len_sorted)
-        flat_T = torch.repeat_interleave(order_N * K, len_sorted) + pos_T
-        x_TD = self.token_embed(ids_NK.flatten()[flat_T]) + self.pos_embed[pos_T]
-        attend = partial(grouped_attention, groups=groups, causal=True)
+        starts_N = torch.arange(N, device=ids_NK.device) * K
+        captions = by_length(starts_N, caption_lengths(ids_NK, self.cfg.pad_id))
+        x_TD = self.token_embed(ids_NK.flatten()[captions.index]) + self.pos_embed[captions.position]
+        attend = partial(grouped_attention, groups=captions.groups, causal=True)
         for block in self.blocks:
             x_TD = block(x_TD, attend)
         x_TD = self.norm(x_TD)
         if self.probe is None:
-            pooled = x_TD[ends - 1]
+            pooled = x_TD[torch.cumsum(captions.lengths, 0) - 1]
         else:  # single-head attention pooling over each caption's tokens
-            caption_T = torch.repeat_interleave(torch.arange(N, device=ids_NK.device), len_sorted)
+            caption_T = torch.repeat_interleave(torch.arange(N, device=ids_NK.device), captions.lengths)
             scores_T1 = (x_TD @ self.probe)[:, None] / x_TD.shape[-1] ** 0.5
             pooled = segment_softmax_pool(scores_T1, x_TD[:, None], caption_T, N)[:, 0]
-        return pooled[torch.argsort(order_N)]
+        return pooled[torch.argsort(captions.order)]
 
     def forward_padded(self, ids_NK: torch.Tensor) -> torch.Tensor:
         """Every caption computed at the full K tokens (static shapes, no host sync: for tracing and
