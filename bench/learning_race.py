@@ -46,7 +46,7 @@ from navit_clip.loss import ContrastiveLoss
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.packing import ResolutionPolicy
 from navit_clip.tokenizer import tokenizer_for
-from navit_clip.train import MAX_LOGIT_SCALE, make_optimizer
+from navit_clip.train import MAX_LOGIT_SCALE, autocast_for, make_optimizer, resolve_precision
 from navit_clip.zeroshot import build_classifier, eval_data_config, evaluate_zeroshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,8 +130,10 @@ def run_navit(
     device: torch.device,
     save: str | None = None,
     seed: int = 0,
+    precision: str = "fp32",
 ) -> dict:
-    seeded = [f"train.seed={seed}", f"data.seed={seed}"]  # before the user's overrides, which win
+    # before the user's overrides, which win
+    seeded = [f"train.seed={seed}", f"data.seed={seed}", f"train.precision={precision}"]
     cfg = load_config(
         str(ROOT / "configs" / "demo.yaml"), NAVIT + [f"data.shards={data['train']}"] + seeded + overrides
     )
@@ -143,17 +145,20 @@ def run_navit(
     opt = make_optimizer(model, tc)  # navit-clip's own (fused); open_clip's below is its trainer's
     sched = Schedule(opt, tc.warmup, budgets[-1])
     loss_fn = ContrastiveLoss(cfg.loss.kind)
+    autocast = autocast_for(tc.precision, device)
     batches = iter(make_loader(PackedImageText(cfg.data, tok)))
     classnames = Path(data["classnames"]).read_text().split()
     templates = list(data["templates"])
     print(
-        f"navit-clip: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, grad_clip {tc.grad_clip}"
+        f"navit-clip: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"grad_clip {tc.grad_clip}, {tc.precision}"
     )
 
     def step_fn(step: int, elapsed: float) -> dict:
         sched.set(step, elapsed)
         batch = next(batches).to(device)
-        out = model(batch.images, batch.text)
+        with autocast:
+            out = model(batch.images, batch.text)
         loss = loss_fn(out["image_emb"], out["text_emb"], out["valid"], out["logit_scale"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -193,7 +198,12 @@ def run_navit(
 
 
 def run_openclip(
-    data: dict, budgets: list[float], grad_clip: float, device: torch.device, seed: int = 0
+    data: dict,
+    budgets: list[float],
+    grad_clip: float,
+    device: torch.device,
+    seed: int = 0,
+    precision: str = "fp32",
 ) -> dict:
     torch.manual_seed(seed)
     model = open_clip.CLIP(
@@ -224,6 +234,7 @@ def run_openclip(
     )
     sched = Schedule(opt, SHARED["warmup"], budgets[-1])
     loss_fn = ClipLoss()
+    autocast = autocast_for(precision, device)
     pipeline = wds.DataPipeline(
         wds.ResampledShards(data["train"], seed=seed, deterministic=True),
         wds.tarfile_to_samples(),
@@ -241,8 +252,9 @@ def run_openclip(
     def step_fn(step: int, elapsed: float) -> dict:
         sched.set(step, elapsed)
         images, texts = next(batches)
-        image_features, text_features, logit_scale = model(images.to(device), texts.to(device))
-        loss = loss_fn(image_features, text_features, logit_scale)
+        with autocast:  # forward and loss, as open_clip_train runs them under --precision amp_bf16
+            image_features, text_features, logit_scale = model(images.to(device), texts.to(device))
+            loss = loss_fn(image_features, text_features, logit_scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
@@ -353,22 +365,32 @@ def main() -> None:
         help="comma-separated seeds: each is a full race (model init and data order on both sides); "
         "with several, the table gives means, their spread, and the ratio of the means",
     )
+    ap.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="both sides train in it (evaluation in float32); auto: bf16 autocast where the device "
+        "multiplies bf16 natively (a CPU with AMX, CUDA), else fp32",
+    )
     ap.add_argument("--save", help="write navit-clip's final weights here (a checkpoint for navit-clip eval)")
     ap.add_argument("overrides", nargs="*", help="navit-clip config overrides (section.key=value)")
     args = ap.parse_args()
     random.seed(0)
     budgets = sorted(float(b) for b in args.budgets.split(","))
     device = torch.device(args.device)
+    precision = resolve_precision(args.precision, device)
     t0 = time.perf_counter()
     data = race_data(args.task, args.data)
     print(
-        f"{args.task} data in {data['root']} ({time.perf_counter() - t0:.0f}s); budgets {budgets} s on {device}"
+        f"{args.task} data in {data['root']} ({time.perf_counter() - t0:.0f}s); budgets {budgets} s on {device}, "
+        f"{precision}"
     )
     seeds = [int(x) for x in args.seeds.split(",")]
     results: dict = {
         "task": args.task,
         "budgets_s": budgets,
         "device": str(device),
+        "precision": precision,
         "navit_overrides": args.overrides,
         "seeds": seeds,
     }
@@ -378,10 +400,10 @@ def main() -> None:
             print(f"\n=== seed {seed} ===")
         run = {}
         if args.only != "openclip":
-            nav = run_navit(data, budgets, args.overrides, device, args.save, seed)
+            nav = run_navit(data, budgets, args.overrides, device, args.save, seed, precision)
             run.update({f"navit_{k}": v for k, v in nav.items()})
         if args.only != "navit":
-            oc = run_openclip(data, budgets, SHARED["grad_clip"], device, seed)
+            oc = run_openclip(data, budgets, SHARED["grad_clip"], device, seed, precision)
             run.update({f"openclip_{k}": v for k, v in oc.items()})
         runs.append(run)
     results.update(runs[0] if len(runs) == 1 else {"runs": runs})

@@ -98,7 +98,7 @@ class TrainConfig:
     warmup: int = 100
     grad_clip: float = 1.0  # 0: no clipping
     accum: int = 1  # gradient accumulation micro-steps per optimizer step
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 where the device has it natively)
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard), used under torchrun
     compile: bool = False
     activation_checkpointing: bool = False
@@ -135,7 +135,7 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"train.{name}={getattr(self, name)} is out of range")
         choices = {
-            "precision": ("fp32", "bf16"),
+            "precision": ("fp32", "bf16", "auto"),
             "parallel": ("ddp", "fsdp"),
             "resume_data": ("exact", "fresh"),
             "device": ("auto", "cpu", "cuda"),

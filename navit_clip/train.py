@@ -49,6 +49,23 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`train.precision=auto`: bf16 autocast where the device multiplies bf16 natively (CUDA with
+    bf16; a CPU with AMX tiles, where the race's step takes ~250 instead of ~330 ms, bench/NOTES.md),
+    float32 elsewhere (a CPU without AMX would emulate bf16 and run slower)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, hence the guard
+    return "bf16" if device.type == "cpu" and amx is not None and amx() else "fp32"
+
+
+def autocast_for(precision: str, device: torch.device):
+    """The context a step's forward runs in: bf16 autocast, or nothing (float32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
 def make_optimizer(model: torch.nn.Module, tc) -> torch.optim.AdamW:
     """AdamW with `param_groups`, fused: one kernel over all parameters instead of a Python loop of
     small ops (on CPU 49 -> 10 ms a step for the race's 14.7M parameters; the same update)."""
@@ -211,13 +228,14 @@ class Window:
 
 
 def resolve(cfg: Config, info: DistInfo):
-    """The final config, validated before any work and not changed after: the demo's data paths and
-    the tokenizer's vocabulary size and pad id are filled in here, and nowhere else. Returns the
-    tokenizer. `config.yaml` records exactly this config."""
+    """The final config, validated before any work and not changed after: the demo's data paths,
+    the tokenizer's vocabulary size and pad id, and `precision: auto` are filled in here, and nowhere
+    else. Returns the tokenizer. `config.yaml` records exactly this config."""
     cfg.validate()  # before any work, the demo's data generation included
     if cfg.demo:
         prepare_demo(cfg, info)
     tokenizer = tokenizer_for(cfg)
+    cfg.train.precision = resolve_precision(cfg.train.precision, info.device)
     cfg.validate()
     return tokenizer
 
@@ -242,9 +260,7 @@ def build(cfg: Config, info: DistInfo, tokenizer) -> Run:
     loss_fn = ContrastiveLoss(
         cfg.loss.kind, tile_size=cfg.loss.tile_size, direct_max_slots=cfg.loss.direct_max_slots
     )
-    autocast = (
-        torch.autocast(info.device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
-    )
+    autocast = autocast_for(tc.precision, info.device)
     return Run(cfg, info, out, resolved, tokenizer, model, wrapped, optimizer, scheduler, loss_fn, autocast)
 
 

@@ -393,6 +393,21 @@ def test_training_options_run_bf16_checkpointing_accumulation_sigmoid(small_shar
     assert result["skipped_steps"] == 0
 
 
+def test_precision_auto_is_resolved_before_training_and_recorded(small_shards, tmp_path):
+    """`train.precision=auto` becomes bf16 or fp32 for the device before any work, and config.yaml
+    (what the run really did) says which."""
+    from navit_clip.train import resolve_precision, train
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    expected = resolve_precision("auto", cpu)
+    assert expected == ("bf16" if torch.cpu._is_amx_tile_supported() else "fp32")
+    overrides = {"train.steps": 1, "train.precision": "auto", "train.device": "cpu"}
+    result = train(load_config("configs/demo.yaml", tiny_run(small_shards["train"], tmp_path, **overrides)))
+    assert torch.isfinite(torch.tensor(result["losses"])).all()
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["precision"] == expected
+
+
 def _train_on_rank(rank, world, shards, out, parallel, queue_path):
     import json
 

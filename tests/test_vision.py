@@ -5,6 +5,7 @@ import torch
 
 from navit_clip.model import NaViT, VisionConfig
 from navit_clip.model.attention import AttentionPlan, block_attention
+from navit_clip.model.layers import TOKEN_MULTIPLE, by_length, sdpa
 from navit_clip.packing import build_packed_batch, first_fit, pack_images, patchify
 
 P = 4
@@ -146,6 +147,46 @@ def test_backends_match_dense_outputs_and_grads(backend):
             assert rel(g[name], g_ref[name]) < tol, name
 
 
+def test_filler_repeats_real_tokens_after_the_sequences():
+    """`by_length` pads the layout to a multiple with copies of real tokens, in a group of its own;
+    the real part is the unpadded layout."""
+    starts, lengths = torch.tensor([0, 10, 20, 30]), torch.tensor([3, 5, 3, 2])
+    plain, padded = by_length(starts, lengths), by_length(starts, lengths, multiple=8)
+    assert plain.real == padded.real == 13 and len(plain.index) == 13 and len(padded.index) == 16
+    assert torch.equal(padded.index[:13], plain.index) and padded.groups == plain.groups + [(1, 3)]
+    assert torch.equal(padded.index[13:], plain.index[:3]) and torch.equal(
+        padded.position[13:], plain.position[:3]
+    )
+    assert by_length(starts, lengths, multiple=13).groups == plain.groups  # already a multiple: no filler
+
+
+def test_cpu_autocast_runs_attention_in_float32():
+    """Under CPU bf16 autocast, attention runs in float32 (its bf16 backward is several times slower
+    on CPU): the same values and gradients as float32 attention on the same inputs, while the model's
+    matmuls run in bf16 and its outputs stay within bf16's precision of float32."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 9, 8, requires_grad=True) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o = sdpa(q, k, v, is_causal=True)
+    assert o.dtype == torch.float32 and torch.equal(o, ref)
+    for g, r in zip(torch.autograd.grad(o.sum(), (q, k, v)), ref_grads):
+        assert torch.equal(g, r)
+    imgs = images()
+    cut = [patchify(im, P) for im in imgs]
+    bins, _ = first_fit([x.shape[0] for x, _ in cut], 64, 4)
+    batch = build_packed_batch([x for x, _ in cut], [y for _, y in cut], bins, 64, 4)
+    outs = []
+    for precision in (contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16)):
+        model = tiny(attn_backend="grouped").train()
+        with precision:
+            pooled = model(batch).pooled
+        pooled.float().pow(2).sum().backward()
+        outs.append((pooled.detach().float(), model.blocks[0].attn.qkv.weight.grad))
+    assert rel(outs[1][0], outs[0][0]) < 3e-2 and rel(outs[1][1], outs[0][1]) < 3e-2
+
+
 def test_block_attention_kernel_level():
     torch.manual_seed(1)
     seg = torch.tensor([[1, 1, 1, 2, 2, 0, 0], [1, 2, 2, 2, 3, 3, 0]])
@@ -165,6 +206,8 @@ def test_block_attention_kernel_level():
         outs[b], grads[b] = o, [t.grad.clone() for t in (q, k, v)]
         for t in (q, k, v):
             t.grad = None
+    plan = AttentionPlan.build(seg, "grouped")
+    assert plan.real == 11 and len(plan.perm) == TOKEN_MULTIPLE  # 53 filler tokens took part above
     assert rel(outs["grouped"], outs["dense"]) < 1e-5
     for x, y in zip(grads["grouped"], grads["dense"]):
         assert rel(x, y) < 1e-5

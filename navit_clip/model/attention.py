@@ -26,9 +26,8 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from navit_clip.model.layers import by_length, grouped_attention
+from navit_clip.model.layers import TOKEN_MULTIPLE, by_length, grouped_attention, sdpa
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +100,7 @@ class AttentionPlan:
     # equal length n adjacent; groups lists (k images, n tokens) for each run of equal lengths
     perm: torch.Tensor | None = None
     groups: list[tuple[int, int]] | None = None
+    real: int = 0  # grouped: real tokens; perm's last entries are filler (`layers.by_length`)
     block_mask: object | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
@@ -111,12 +111,14 @@ class AttentionPlan:
         return self.backend == "grouped"
 
     def to_flat(self, x_BL: torch.Tensor) -> torch.Tensor:
-        """[B, L, ...] -> [1, T, ...]: the real tokens, image by image in `perm` order."""
+        """[B, L, ...] -> [1, T, ...]: the real tokens, image by image in `perm` order, then filler
+        (copies of real tokens, up to a multiple of `layers.TOKEN_MULTIPLE`)."""
         return x_BL.reshape(self.B * self.L, *x_BL.shape[2:])[self.perm][None]
 
     def from_flat(self, x_1T: torch.Tensor) -> torch.Tensor:
-        """[1, T, ...] -> [B, L, ...], zeros at padding tokens."""
-        out = x_1T.new_zeros(self.B * self.L, *x_1T.shape[2:]).index_copy(0, self.perm, x_1T[0])
+        """[1, T, ...] -> [B, L, ...], zeros at padding tokens (filler dropped)."""
+        out = x_1T.new_zeros(self.B * self.L, *x_1T.shape[2:])
+        out = out.index_copy(0, self.perm[: self.real], x_1T[0, : self.real])
         return out.view(self.B, self.L, *x_1T.shape[2:])
 
     @classmethod
@@ -127,8 +129,8 @@ class AttentionPlan:
         if backend == "dense":
             plan.mask_B1LL = (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :])[:, None]
         elif backend == "grouped":
-            images = by_length(*_runs(segment_ids_BL, include_padding=False))
-            plan.perm, plan.groups = images.index, images.groups
+            images = by_length(*_runs(segment_ids_BL, include_padding=False), multiple=TOKEN_MULTIPLE)
+            plan.perm, plan.groups, plan.real = images.index, images.groups, images.real
         elif backend == "flex":
             from torch.nn.attention.flex_attention import create_block_mask
 
@@ -165,7 +167,7 @@ def block_attention(
     `plan.flat`, i.e. for inputs laid out by `plan.to_flat`)."""
     B, L, H, d = q_BLHd.shape
     if plan.backend == "dense":
-        o_BHLd = F.scaled_dot_product_attention(
+        o_BHLd = sdpa(
             q_BLHd.transpose(1, 2), k_BLHd.transpose(1, 2), v_BLHd.transpose(1, 2), attn_mask=plan.mask_B1LL
         )
         return o_BHLd.transpose(1, 2)

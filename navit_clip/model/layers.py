@@ -111,6 +111,13 @@ class MAPHead(nn.Module):
         return y_SD * valid_S[:, None]
 
 
+# Flat layouts (`by_length`) are padded to a multiple of this many tokens, so that the matmuls of
+# a step see a few recurring shapes instead of a new one every step: oneDNN builds a bf16 kernel per
+# shape on CPU (~3 ms for a [2000, 192] x [192, 768] product, against 0.3 ms once built; measured),
+# and a ViT-Ti step has ~25 such products per tower. At most 63 filler tokens, ~3 % of a 2048-token step.
+TOKEN_MULTIPLE = 64
+
+
 class LengthGroups(NamedTuple):
     """Sequences of a flat buffer reordered shortest first, equal lengths adjacent (see `by_length`)."""
 
@@ -119,19 +126,41 @@ class LengthGroups(NamedTuple):
     index: torch.Tensor  # [T] every token's offset in the buffer, sequence by sequence in `order`
     position: torch.Tensor  # [T] each token's position within its sequence
     groups: list[tuple[int, int]]  # (count, n) per run of equal lengths: `grouped_attention`'s groups
+    real: int  # tokens of the sequences; the rest of the layout (T - real) is filler
 
 
-def by_length(starts_S: torch.Tensor, lengths_S: torch.Tensor) -> LengthGroups:
+def by_length(starts_S: torch.Tensor, lengths_S: torch.Tensor, multiple: int = 1) -> LengthGroups:
     """Sequences starting at `starts_S` with `lengths_S` tokens -> one gather index that lays their
-    tokens out shortest sequence first (token j of a sequence at start + j). One host sync (groups)."""
+    tokens out shortest sequence first (token j of a sequence at start + j). One host sync (groups).
+
+    With `multiple` > 1 the layout ends with filler up to a multiple of it: one more sequence whose
+    tokens repeat the first real ones (offset and position), attending only among themselves.
+    Nothing reads their outputs, so their gradients are zero and the sequences' results are those of
+    the unpadded layout; `real` says where the filler starts."""
     lengths, order = torch.sort(lengths_S, stable=True)
     n_unique, counts = torch.unique_consecutive(lengths, return_counts=True)
     groups = list(zip(counts.tolist(), n_unique.tolist()))
-    T = sum(count * n for count, n in groups)
+    real = sum(count * n for count, n in groups)
     first_S = torch.cumsum(lengths, 0) - lengths
-    position = torch.arange(T, device=lengths.device) - torch.repeat_interleave(first_S, lengths)
+    position = torch.arange(real, device=lengths.device) - torch.repeat_interleave(first_S, lengths)
     index = torch.repeat_interleave(starts_S[order], lengths) + position
-    return LengthGroups(order, lengths, index, position, groups)
+    filler = -real % multiple
+    if filler:
+        copy = torch.arange(filler, device=lengths.device) % real
+        index, position = torch.cat([index, index[copy]]), torch.cat([position, position[copy]])
+        groups.append((1, filler))
+    return LengthGroups(order, lengths, index, position, groups, real)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """`F.scaled_dot_product_attention`, in float32 on CPU. Under CPU autocast SDPA would run in bf16,
+    whose CPU backward is 3-9x slower than float32's at NaViT's per-image sizes (heads of 64, 9-256
+    tokens; torch 2.15), while the matmuls around it are what bf16 speeds up. The output keeps
+    float32 (the next Linear casts it). Elsewhere (CUDA) SDPA as is: its kernels want half precision."""
+    if q.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with torch.autocast("cpu", enabled=False):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
 
 
 def grouped_attention(
@@ -147,7 +176,7 @@ def grouped_attention(
     outs = []
     for (count, n), q, k, v in zip(groups, q_THd.split(sizes), k_THd.split(sizes), v_THd.split(sizes)):
         q_kHnd, k_kHnd, v_kHnd = (t.view(count, n, H, d).transpose(1, 2) for t in (q, k, v))
-        o_kHnd = F.scaled_dot_product_attention(q_kHnd, k_kHnd, v_kHnd, is_causal=causal)
+        o_kHnd = sdpa(q_kHnd, k_kHnd, v_kHnd, is_causal=causal)
         outs.append(o_kHnd.transpose(1, 2).reshape(count * n, H, d))
     return torch.cat(outs) if outs else q_THd
 

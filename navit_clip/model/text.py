@@ -2,7 +2,8 @@
 
 torch only: this file is also shipped inside an export folder (as navit_text.py).
 
-Shape legend: N texts, K context length, T real tokens of all N texts, D width, H heads, d head width.
+Shape legend: N texts, K context length, T tokens of the packed layout (the real tokens of all N texts,
+then filler up to a multiple of TOKEN_MULTIPLE), D width, H heads, d head width.
 """
 
 from __future__ import annotations
@@ -17,9 +18,25 @@ from torch.utils.checkpoint import checkpoint
 
 # Shipped inside an export folder (navit-clip export --with-text), next to navit_layers.py.
 try:
-    from navit_clip.model.layers import Attend, Mlp, by_length, grouped_attention, segment_softmax_pool
+    from navit_clip.model.layers import (
+        TOKEN_MULTIPLE,
+        Attend,
+        Mlp,
+        by_length,
+        grouped_attention,
+        sdpa,
+        segment_softmax_pool,
+    )
 except ImportError:
-    from navit_layers import Attend, Mlp, by_length, grouped_attention, segment_softmax_pool
+    from navit_layers import (
+        TOKEN_MULTIPLE,
+        Attend,
+        Mlp,
+        by_length,
+        grouped_attention,
+        sdpa,
+        segment_softmax_pool,
+    )
 
 
 @dataclass
@@ -78,9 +95,7 @@ def caption_lengths(ids_NK: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 
 def _causal_padded(q_NKHd: torch.Tensor, k_NKHd: torch.Tensor, v_NKHd: torch.Tensor) -> torch.Tensor:
-    o_NHKd = F.scaled_dot_product_attention(
-        q_NKHd.transpose(1, 2), k_NKHd.transpose(1, 2), v_NKHd.transpose(1, 2), is_causal=True
-    )
+    o_NHKd = sdpa(q_NKHd.transpose(1, 2), k_NKHd.transpose(1, 2), v_NKHd.transpose(1, 2), is_causal=True)
     return o_NHKd.transpose(1, 2)
 
 
@@ -121,7 +136,7 @@ class TextTransformer(nn.Module):
         cost follows the tokens, not N x K. Equal to `forward_padded` within float rounding."""
         N, K = ids_NK.shape
         starts_N = torch.arange(N, device=ids_NK.device) * K
-        captions = by_length(starts_N, caption_lengths(ids_NK, self.cfg.pad_id))
+        captions = by_length(starts_N, caption_lengths(ids_NK, self.cfg.pad_id), multiple=TOKEN_MULTIPLE)
         x_TD = self.token_embed(ids_NK.flatten()[captions.index]) + self.pos_embed[captions.position]
         attend = partial(grouped_attention, groups=captions.groups, causal=True)
         for block in self.blocks:
@@ -131,6 +146,7 @@ class TextTransformer(nn.Module):
             pooled = x_TD[torch.cumsum(captions.lengths, 0) - 1]
         else:  # single-head attention pooling over each caption's tokens
             caption_T = torch.repeat_interleave(torch.arange(N, device=ids_NK.device), captions.lengths)
+            caption_T = F.pad(caption_T, (0, len(captions.index) - captions.real), value=N)  # filler: dropped
             scores_T1 = (x_TD @ self.probe)[:, None] / x_TD.shape[-1] ** 0.5
             pooled = segment_softmax_pool(scores_T1, x_TD[:, None], caption_T, N)[:, 0]
         return pooled[torch.argsort(captions.order)]

@@ -107,6 +107,8 @@ class NaViT(nn.Module):
         x_BLD = plan.from_flat(x) if plan.flat else x
         slot_BL = slot_index(seg_BL, E)
         slot_N = plan.to_flat(slot_BL)[0] if plan.flat else slot_BL.flatten()
+        if plan.flat:
+            slot_N[plan.real :] = B * E  # filler pools into the spare row, dropped like padding
         x_ND = x[0] if plan.flat else x.flatten(0, 1)
         if self.head is not None:
             pooled = self.head(x_ND, slot_N, batch.slot_valid.flatten())
