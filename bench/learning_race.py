@@ -12,6 +12,11 @@ other in one process:
     model, loss and the defaults of navit_clip's configs (anything a user does not set);
   - open_clip's own `CLIP` model (96 x 96 px, 36 tokens) and `ClipLoss` in a plain loop, batch 64
     (about as many tokens per step), its own train / val transforms.
+Each trains in its best precision on the device: navit-clip in `--precision` (default auto: bf16
+autocast where the device multiplies bf16 natively, a CPU with AMX or a GPU, else float32), open_clip
+in `--openclip-precision` (default auto: float32 on CPU, where its bf16 autocast, as open_clip_train
+runs `--precision amp_bf16`, gained it no steps and lost it 7.6 points at 90 s; navit-clip's
+precision elsewhere). Both evaluate in float32.
 The clock runs while training (data loading included) and stops for evaluation. At each budget both
 are evaluated zero-shot on the same held-out image folder: open_clip at 96 x 96 (36 tokens), navit-clip
 at 36 tokens per image (aspect kept; the headline ratio, equal inference compute), at native
@@ -21,6 +26,7 @@ resolution and, at the last budget, at several token budgets.
     python bench/learning_race.py --budgets 60,120 --only navit model.vision.pool=mean   (an ablation)
     python bench/learning_race.py --seeds 0,1,2              (three races; means and spread)
     python bench/learning_race.py --device cuda
+    python bench/learning_race.py --precision fp32          (both sides in float32, as before 2026-11-22)
     python bench/learning_race.py --task digits            (real scans: bench/digits.py, needs scikit-learn)
 """
 
@@ -372,6 +378,13 @@ def main() -> None:
         help="both sides train in it (evaluation in float32); auto: bf16 autocast where the device "
         "multiplies bf16 natively (a CPU with AMX, CUDA), else fp32",
     )
+    ap.add_argument(
+        "--openclip-precision",
+        choices=("auto", "same", "fp32", "bf16"),
+        default="auto",
+        help="open_clip's precision; auto: fp32 on CPU (its best here: bf16 gave it no more steps and "
+        "7.6 points less at 90 s, bench/NOTES.md), navit-clip's elsewhere",
+    )
     ap.add_argument("--save", help="write navit-clip's final weights here (a checkpoint for navit-clip eval)")
     ap.add_argument("overrides", nargs="*", help="navit-clip config overrides (section.key=value)")
     args = ap.parse_args()
@@ -379,11 +392,14 @@ def main() -> None:
     budgets = sorted(float(b) for b in args.budgets.split(","))
     device = torch.device(args.device)
     precision = resolve_precision(args.precision, device)
+    oc_precision = {"same": precision, "auto": "fp32" if device.type == "cpu" else precision}.get(
+        args.openclip_precision, args.openclip_precision
+    )
     t0 = time.perf_counter()
     data = race_data(args.task, args.data)
     print(
         f"{args.task} data in {data['root']} ({time.perf_counter() - t0:.0f}s); budgets {budgets} s on {device}, "
-        f"{precision}"
+        f"navit-clip in {precision}, open_clip in {oc_precision}"
     )
     seeds = [int(x) for x in args.seeds.split(",")]
     results: dict = {
@@ -391,6 +407,7 @@ def main() -> None:
         "budgets_s": budgets,
         "device": str(device),
         "precision": precision,
+        "openclip_precision": oc_precision,
         "navit_overrides": args.overrides,
         "seeds": seeds,
     }
@@ -403,7 +420,7 @@ def main() -> None:
             nav = run_navit(data, budgets, args.overrides, device, args.save, seed, precision)
             run.update({f"navit_{k}": v for k, v in nav.items()})
         if args.only != "navit":
-            oc = run_openclip(data, budgets, SHARED["grad_clip"], device, seed, precision)
+            oc = run_openclip(data, budgets, SHARED["grad_clip"], device, seed, oc_precision)
             run.update({f"openclip_{k}": v for k, v in oc.items()})
         runs.append(run)
     results.update(runs[0] if len(runs) == 1 else {"runs": runs})

@@ -25,11 +25,13 @@ BENCHES = [
     "loader",
     "train_throughput",
     "train_throughput_e2e",
+    "train_throughput_bf16",
     "profile_step",
     "resume",
 ]
 COMMANDS = {  # sections run with arguments
     "train_throughput_e2e": ["train_throughput.py", "--e2e"],
+    "train_throughput_bf16": ["train_throughput.py", "--precision", "bf16"],
     # three seeds a race (~20 min each on 2 cores): one run's 90 s figure spreads by 15 points
     "learning_race": ["learning_race.py", "--seeds", "0,1,2"],
     "learning_race_digits": ["learning_race.py", "--task", "digits", "--seeds", "0,1,2"],

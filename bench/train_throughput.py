@@ -23,6 +23,10 @@ that open_clip_train builds.
 
     python bench/train_throughput.py         -> bench/results/train_throughput.json
     python bench/train_throughput.py --e2e   -> bench/results/train_throughput_e2e.json
+    python bench/train_throughput.py --precision bf16   -> bench/results/train_throughput_bf16.json
+
+`--precision bf16` runs both sides' forward and loss under bf16 autocast (ours as `train.precision=bf16`
+runs it, open_clip's as open_clip_train's `--precision amp_bf16`) and measures the peak in bf16.
 """
 
 import argparse
@@ -43,7 +47,7 @@ from navit_clip.loss import ContrastiveLoss
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.packing import ResolutionPolicy, TokenDropConfig
 from navit_clip.tokenizer import build_tokenizer
-from navit_clip.train import make_optimizer
+from navit_clip.train import autocast_for, make_optimizer
 
 SEQ_LEN, NUM_SEQS, MAX_IMAGES, MAX_SIDE = 256, 16, 32, 256
 MATCHED = dict(seq_len=1024, num_seqs=4, max_images=64, max_side=496)  # about 224 x 224 pixels per image
@@ -51,7 +55,13 @@ BATCHES, WARMUP, REPEATS = 4, 2, 16
 
 
 def our_setup(
-    shards: str, drop: bool, seq_len=SEQ_LEN, num_seqs=NUM_SEQS, max_images=MAX_IMAGES, max_side=MAX_SIDE
+    shards: str,
+    drop: bool,
+    precision: str,
+    seq_len=SEQ_LEN,
+    num_seqs=NUM_SEQS,
+    max_images=MAX_IMAGES,
+    max_side=MAX_SIDE,
 ):
     cfg = load_config(
         "configs/demo.yaml",
@@ -74,10 +84,12 @@ def our_setup(
     batches = [next(stream).to("cpu") for _ in range(BATCHES)]
     opt = make_optimizer(model, cfg.train)  # what train_clip.py steps with
     loss_fn = ContrastiveLoss("softmax")
+    autocast = autocast_for(precision, torch.device("cpu"))
 
     def step(batch):
         opt.zero_grad(set_to_none=True)
-        out = model(batch.images, batch.text)
+        with autocast:
+            out = model(batch.images, batch.text)
         loss_fn(out["image_emb"], out["text_emb"], out["valid"], out["logit_scale"]).backward()
         opt.step()
         s = batch.stats
@@ -89,7 +101,7 @@ def our_setup(
     return model, batches, step, loader
 
 
-def peer_setup(shards: str, n_images: int):
+def peer_setup(shards: str, n_images: int, precision: str):
     vision = CLIPVisionCfg(layers=4, width=128, head_width=32, mlp_ratio=3.0, patch_size=16, image_size=224)
     text = CLIPTextCfg(context_length=24, width=128, heads=4, layers=2, mlp_ratio=3.0)
     torch.manual_seed(0)
@@ -107,12 +119,15 @@ def peer_setup(shards: str, n_images: int):
             break
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = ClipLoss()
+    autocast = autocast_for(precision, torch.device("cpu"))
 
     def step(batch):
         images, texts = batch
         opt.zero_grad(set_to_none=True)
-        img, txt, scale = model(images, texts)
-        loss_fn(img, txt, scale).backward()
+        with autocast:
+            img, txt, scale = model(images, texts)
+            loss = loss_fn(img, txt, scale)
+        loss.backward()
         opt.step()
         return images.shape[0], images.shape[0] * 197, images.shape[0] * 224**2
 
@@ -122,9 +137,9 @@ def peer_setup(shards: str, n_images: int):
     return model, batches, step, loader
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """fp32 FLOP/s of one large square matmul on this machine (best of `repeats`)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of one large square matmul in `dtype` on this machine (best of `repeats`)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
     return 2 * n**3 / best
@@ -192,20 +207,23 @@ def measure(setups: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--e2e", action="store_true", help="time loader + step together, one worker each")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="both sides (see above)")
     args = ap.parse_args()
     shards = ensure_demo_data()["train"]
+    p = args.precision
     setups = {
-        "recipe": our_setup(shards, drop=True),
-        "nodrop": our_setup(shards, drop=False),
-        "recipe_matched_pixels": our_setup(shards, drop=True, **MATCHED),
+        "recipe": our_setup(shards, drop=True, precision=p),
+        "nodrop": our_setup(shards, drop=False, precision=p),
+        "recipe_matched_pixels": our_setup(shards, drop=True, precision=p, **MATCHED),
     }
     peer_images = round(NUM_SEQS * SEQ_LEN / 197)  # the same tokens per step as a packed batch
-    setups["open_clip"] = peer_setup(shards, peer_images)
-    peak = matmul_peak()
+    setups["open_clip"] = peer_setup(shards, peer_images, p)
+    peak = matmul_peak(torch.bfloat16 if p == "bf16" else torch.float32)
     flops = {k: flops_per_token(step, batches) for k, (_, batches, step, _) in setups.items()}
     r = measure_e2e(setups) if args.e2e else measure(setups)
     results = {
         "mode": "e2e (loader + step)" if args.e2e else "step",
+        "precision": p,
         "seq_len": SEQ_LEN,
         "num_seqs": NUM_SEQS,
         "max_side": MAX_SIDE,
@@ -214,7 +232,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "matmul_peak_gflops": peak / 1e9,
     }
-    print(f"fp32 matmul peak on this machine: {peak / 1e9:.0f} GFLOP/s")
+    print(f"{p} matmul peak on this machine: {peak / 1e9:.0f} GFLOP/s")
     for k, v in r.items():
         v["gflops"] = flops[k] / 1e9 * v["tokens_per_s"]
         v["fraction_of_peak"] = v["gflops"] * 1e9 / peak
@@ -231,7 +249,8 @@ def main() -> None:
             f"ratio {k} / open_clip: images/s {results[f'ratio_images_per_s_{k}']:.2f}x, "
             f"tokens/s {results[f'ratio_tokens_per_s_{k}']:.2f}x"
         )
-    save_results("train_throughput_e2e" if args.e2e else "train_throughput", results)
+    name = "train_throughput" + ("_e2e" if args.e2e else "") + ("_bf16" if p == "bf16" else "")
+    save_results(name, results)
 
 
 if __name__ == "__main__":
