@@ -3,7 +3,7 @@
 torch only: this file is also shipped inside an export folder (as navit_text.py).
 
 Shape legend: N texts, K context length, T tokens of the packed layout (the real tokens of all N texts,
-then filler up to a multiple of TOKEN_MULTIPLE), D width, H heads, d head width.
+then filler up to a multiple of layers.TOKEN_MULTIPLE), D width, H heads, d head width.
 """
 
 from __future__ import annotations
@@ -18,25 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 # Shipped inside an export folder (navit-clip export --with-text), next to navit_layers.py.
 try:
-    from navit_clip.model.layers import (
-        TOKEN_MULTIPLE,
-        Attend,
-        Mlp,
-        by_length,
-        grouped_attention,
-        sdpa,
-        segment_softmax_pool,
-    )
+    from navit_clip.model import layers
 except ImportError:
-    from navit_layers import (
-        TOKEN_MULTIPLE,
-        Attend,
-        Mlp,
-        by_length,
-        grouped_attention,
-        sdpa,
-        segment_softmax_pool,
-    )
+    import navit_layers as layers
 
 
 @dataclass
@@ -66,16 +50,16 @@ class CausalBlock(nn.Module):
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
         self.proj = nn.Linear(cfg.width, cfg.width)
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio), bias=True)
+        self.mlp = layers.Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio), bias=True)
 
     checkpointing = False  # recompute activations in backward (set by distributed.parallelize)
 
-    def forward(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attend: layers.Attend) -> torch.Tensor:
         if self.checkpointing and torch.is_grad_enabled():
             return checkpoint(self._forward, x, attend, use_reentrant=False)
         return self._forward(x, attend)
 
-    def _forward(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, attend: layers.Attend) -> torch.Tensor:
         """x: [..., D] tokens ([T, D] packed or [N, K, D] padded); `attend` is causal per caption."""
         *lead, D = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(*lead, 3, self.heads, D // self.heads).unbind(-3)
@@ -95,7 +79,9 @@ def caption_lengths(ids_NK: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 
 def _causal_padded(q_NKHd: torch.Tensor, k_NKHd: torch.Tensor, v_NKHd: torch.Tensor) -> torch.Tensor:
-    o_NHKd = sdpa(q_NKHd.transpose(1, 2), k_NKHd.transpose(1, 2), v_NKHd.transpose(1, 2), is_causal=True)
+    o_NHKd = layers.sdpa(
+        q_NKHd.transpose(1, 2), k_NKHd.transpose(1, 2), v_NKHd.transpose(1, 2), is_causal=True
+    )
     return o_NHKd.transpose(1, 2)
 
 
@@ -136,9 +122,11 @@ class TextTransformer(nn.Module):
         cost follows the tokens, not N x K. Equal to `forward_padded` within float rounding."""
         N, K = ids_NK.shape
         starts_N = torch.arange(N, device=ids_NK.device) * K
-        captions = by_length(starts_N, caption_lengths(ids_NK, self.cfg.pad_id), multiple=TOKEN_MULTIPLE)
+        captions = layers.by_length(
+            starts_N, caption_lengths(ids_NK, self.cfg.pad_id), multiple=layers.TOKEN_MULTIPLE
+        )
         x_TD = self.token_embed(ids_NK.flatten()[captions.index]) + self.pos_embed[captions.position]
-        attend = partial(grouped_attention, groups=captions.groups, causal=True)
+        attend = partial(layers.grouped_attention, groups=captions.groups, causal=True)
         for block in self.blocks:
             x_TD = block(x_TD, attend)
         x_TD = self.norm(x_TD)
@@ -148,7 +136,7 @@ class TextTransformer(nn.Module):
             caption_T = torch.repeat_interleave(torch.arange(N, device=ids_NK.device), captions.lengths)
             caption_T = F.pad(caption_T, (0, len(captions.index) - captions.real), value=N)  # filler: dropped
             scores_T1 = (x_TD @ self.probe)[:, None] / x_TD.shape[-1] ** 0.5
-            pooled = segment_softmax_pool(scores_T1, x_TD[:, None], caption_T, N)[:, 0]
+            pooled = layers.segment_softmax_pool(scores_T1, x_TD[:, None], caption_T, N)[:, 0]
         return pooled[torch.argsort(captions.order)]
 
     def forward_padded(self, ids_NK: torch.Tensor) -> torch.Tensor:
