@@ -291,6 +291,49 @@ def test_rope2d_attention_depends_on_relative_position_only():
         NaViT(VisionConfig(width=24, heads=4, posemb="rope2d"))
 
 
+def test_split_linear_equals_the_fused_product_with_contiguous_parts():
+    """q, k, v as three products of one qkv layer: the values and gradients of the fused product's
+    slices (float64, to rounding), each part contiguous (nothing for qk-norm or attention to copy)."""
+    from navit_clip.model.layers import split_linear
+
+    g = torch.Generator().manual_seed(0)
+    for bias in (False, True):
+        layer = torch.nn.Linear(8, 24, bias=bias).double()
+        x = torch.randn(5, 7, 8, generator=g, dtype=torch.float64, requires_grad=True)
+        dy = torch.randn(5, 7, 24, generator=g, dtype=torch.float64)
+        parts = split_linear(layer, x, 3)
+        assert all(p.is_contiguous() and p.shape == (5, 7, 8) for p in parts)
+        fused = layer(x)
+        assert rel(torch.cat(parts, -1), fused) < 1e-12
+        params = (x, *layer.parameters())
+        ours = torch.autograd.grad(parts, params, dy.chunk(3, -1))
+        for a, b in zip(ours, torch.autograd.grad(fused, params, dy)):
+            assert rel(a, b) < 1e-12
+
+
+def test_rope2d_training_rotation_equals_the_plain_ops_with_its_own_backward():
+    """Training rotates q and k through a hand-written backward (posemb._RotateQK); its outputs are
+    bitwise those of the plain ops that inference and export run, and its gradients are autograd's
+    through those ops (float64: to rounding), in every precision it runs in."""
+    from navit_clip.model.posemb import _rotate, _rotate_qk, rope2d_rotation
+
+    g = torch.Generator().manual_seed(0)
+    cos, ssin = rope2d_rotation(torch.rand(2, 9, 2, generator=g) * 20, 16)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        q, k = (torch.randn(2, 9, 3, 16, generator=g).to(dtype).requires_grad_() for _ in range(2))
+        dq, dk = (torch.randn(2, 9, 3, 16, generator=g).to(dtype) for _ in range(2))
+        fast = _rotate_qk(q, k, cos, ssin)
+        plain = _rotate(q, cos, ssin), _rotate(k, cos, ssin)
+        assert type(fast[0].grad_fn).__name__ == "_RotateQKBackward"
+        assert all(a.dtype == dtype and torch.equal(a, b) for a, b in zip(fast, plain))
+        for a, b in zip(
+            torch.autograd.grad(fast, (q, k), (dq, dk)), torch.autograd.grad(plain, (q, k), (dq, dk))
+        ):
+            assert a.dtype == dtype and rel(a.double(), b.double()) < tol
+    with torch.no_grad():  # inference takes the plain ops
+        assert _rotate_qk(q, k, cos, ssin)[0].grad_fn is None
+
+
 def test_rope2d_fractional_positions_do_not_depend_on_resolution():
     """rope_span > 0: an image's longer side spans `span` units at every resolution (aspect kept), so a
     region of a larger rendering sits where the same region of a smaller one does; span 0: patch

@@ -33,9 +33,20 @@ class SelfAttention(nn.Module):
 
     def forward(self, x_BLD: torch.Tensor, attend: Attend) -> torch.Tensor:
         B, L, D = x_BLD.shape
-        q_BLHd, k_BLHd, v_BLHd = self.qkv(x_BLD).view(B, L, 3, self.heads, D // self.heads).unbind(2)
+        q_BLHd, k_BLHd, v_BLHd = (
+            t.view(B, L, self.heads, D // self.heads) for t in split_linear(self.qkv, x_BLD, 3)
+        )
         o_BLHd = attend(self.q_norm(q_BLHd), self.k_norm(k_BLHd), v_BLHd)
         return self.proj(o_BLHd.reshape(B, L, D))
+
+
+def split_linear(layer: nn.Linear, x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+    """`layer(x)` cut into `parts` equal slices of its output features (q, k, v), each its own
+    product, so each comes out contiguous. Slicing one fused product instead leaves strided views
+    that LayerNorm (qk-norm) and attention copy, forward and backward: the split is 4 % faster on a
+    ViT-Ti training step on CPU (bench/NOTES.md), with the same parameters and the same FLOPs."""
+    biases = layer.bias.chunk(parts) if layer.bias is not None else (None,) * parts
+    return tuple(F.linear(x, w, b) for w, b in zip(layer.weight.chunk(parts), biases))
 
 
 class Mlp(nn.Module):
@@ -103,7 +114,7 @@ class MAPHead(nn.Module):
         N, D = x_ND.shape
         H, d = self.heads, D // self.heads
         q_Hd = self.q_norm(self.q(self.probe).view(H, d))
-        k_NHd, v_NHd = self.kv(x_ND).view(N, 2, H, d).unbind(1)
+        k_NHd, v_NHd = (t.view(N, H, d) for t in split_linear(self.kv, x_ND, 2))
         scores_NH = (self.k_norm(k_NHd) * q_Hd.to(k_NHd.dtype)).sum(-1) * d**-0.5
         o_SHd = segment_softmax_pool(scores_NH, v_NHd, slot_N, valid_S.shape[0])
         y_SD = self.proj(o_SHd.reshape(-1, D))

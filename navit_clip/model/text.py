@@ -62,7 +62,10 @@ class CausalBlock(nn.Module):
     def _forward(self, x: torch.Tensor, attend: layers.Attend) -> torch.Tensor:
         """x: [..., D] tokens ([T, D] packed or [N, K, D] padded); `attend` is causal per caption."""
         *lead, D = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(*lead, 3, self.heads, D // self.heads).unbind(-3)
+        q, k, v = (
+            t.view(*lead, self.heads, D // self.heads)
+            for t in layers.split_linear(self.qkv, self.norm1(x), 3)
+        )
         x = x + self.proj(attend(q, k, v).reshape(*lead, D))
         return x + self.mlp(self.norm2(x))
 

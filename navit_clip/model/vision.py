@@ -7,9 +7,9 @@ Shape legend:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property, partial
 
 import torch
 from torch import nn
@@ -68,9 +68,16 @@ class VisionConfig:
 
 @dataclass
 class VisionOutput:
-    tokens: torch.Tensor  # [B, L, D] final-normed per-token features (padding rows are meaningless)
     pooled: torch.Tensor  # [B, E, D] one embedding per slot (invalid slots are zero)
     slot_valid: torch.Tensor  # [B, E] bool
+    lay_out: Callable[[], torch.Tensor] = field(repr=False)  # -> `tokens`
+
+    @cached_property
+    def tokens(self) -> torch.Tensor:
+        """[B, L, D] final-normed per-token features (padding rows are meaningless). Laid out on first
+        read: a flat backend's tokens are scattered back to [B, L] only for a caller that reads
+        them (a VLM's encoder), not in every training step, which reads `pooled` alone."""
+        return self.lay_out()
 
 
 class NaViT(nn.Module):
@@ -104,7 +111,6 @@ class NaViT(nn.Module):
         for block in self.blocks:
             x = block(x, attend)
         x = self.norm(x)
-        x_BLD = plan.from_flat(x) if plan.flat else x
         slot_BL = slot_index(seg_BL, E)
         slot_N = plan.to_flat(slot_BL)[0] if plan.flat else slot_BL.flatten()
         if plan.flat:
@@ -115,7 +121,8 @@ class NaViT(nn.Module):
         else:
             pooled = mean_pool(x_ND, slot_N, B * E)
         pooled_BED = pooled.view(B, E, -1)
-        return VisionOutput(tokens=x_BLD, pooled=pooled_BED, slot_valid=batch.slot_valid)
+        lay_out = partial(plan.from_flat, x) if plan.flat else lambda: x
+        return VisionOutput(pooled=pooled_BED, slot_valid=batch.slot_valid, lay_out=lay_out)
 
     def encode_images(
         self, images: Sequence[torch.Tensor], seq_len: int = 256, max_images: int = 8
