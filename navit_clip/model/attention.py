@@ -113,7 +113,7 @@ class AttentionPlan:
     def to_flat(self, x_BL: torch.Tensor) -> torch.Tensor:
         """[B, L, ...] -> [1, T, ...]: the real tokens, image by image in `perm` order, then filler
         (copies of real tokens, up to a multiple of `layers.TOKEN_MULTIPLE`)."""
-        return x_BL.reshape(self.B * self.L, *x_BL.shape[2:])[self.perm][None]
+        return x_BL.reshape(self.B * self.L, *x_BL.shape[2:]).index_select(0, self.perm)[None]
 
     def from_flat(self, x_1T: torch.Tensor) -> torch.Tensor:
         """[1, T, ...] -> [B, L, ...], zeros at padding tokens (filler dropped)."""

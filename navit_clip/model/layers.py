@@ -246,7 +246,9 @@ def embed_tokens(
     tower: nn.Module, patches_BLC: torch.Tensor, coords_BL2: torch.Tensor, grid_BL2: torch.Tensor
 ) -> torch.Tensor:
     """Patch projection + position embedding (+ ln_pre): the tower's input tokens [B, L, D]."""
-    x_BLD = tower.patch_embed(patches_BLC) + tower.posemb(coords_BL2, grid_BL2).to(patches_BLC.dtype)
+    x_BLD = tower.patch_embed(patches_BLC)
+    if tower.posemb.kind != "none":  # plain rope2d adds nothing here (positions enter in attention)
+        x_BLD = x_BLD + tower.posemb(coords_BL2, grid_BL2).to(patches_BLC.dtype)
     return tower.ln_pre(x_BLD)
 
 

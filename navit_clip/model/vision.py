@@ -115,7 +115,7 @@ class NaViT(nn.Module):
         slot_N = plan.to_flat(slot_BL)[0] if plan.flat else slot_BL.flatten()
         if plan.flat:
             slot_N[plan.real :] = B * E  # filler pools into the spare row, dropped like padding
-        x_ND = x[0] if plan.flat else x.flatten(0, 1)
+        x_ND = x.flatten(0, 1)  # a view either way ([1, T, D] flat): its backward copies nothing
         if self.head is not None:
             pooled = self.head(x_ND, slot_N, batch.slot_valid.flatten())
         else:
