@@ -154,7 +154,8 @@ def _rotate(x_BLHd: torch.Tensor, cos_BL1d: torch.Tensor, ssin_BL1d: torch.Tenso
 
 def _rotate_inplace(x_BLHd: torch.Tensor, cos_BL1d: torch.Tensor, ssin_BL1d: torch.Tensor) -> torch.Tensor:
     """`_rotate` with the same arithmetic in two passes instead of three: the product, then one
-    multiply-add per half written into it (no swapped copy of x). Outside autograd only."""
+    multiply-add per half written into it (no swapped copy of x). For `_RotateQK`, where autograd
+    does not record."""
     x = x_BLHd.to(torch.promote_types(x_BLHd.dtype, torch.float32))
     h = x.shape[-1] // 2
     out = x * cos_BL1d
@@ -167,7 +168,8 @@ class _RotateQK(torch.autograd.Function):
     """`_rotate` of q and k for training, with a hand-written backward. A rotation's transpose is the
     rotation by the opposite angle, so the gradient is the same rotation with the sign of sin flipped:
     two passes over each tensor each way, where autograd through `_rotate` runs three forward and five
-    backward (the swap's copy, its split and cat, the sum of the two paths) for 8% of a ViT-Ti step."""
+    backward (the swap's copy, its split and cat, the sum of the two paths): rope took 8 % of a ViT-Ti
+    training step that way, ~5 % this way (bench/NOTES.md, ninth round)."""
 
     @staticmethod
     def forward(ctx, q, k, cos_BL1d, ssin_BL1d):
