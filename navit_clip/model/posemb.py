@@ -169,7 +169,7 @@ class _RotateQK(torch.autograd.Function):
     rotation by the opposite angle, so the gradient is the same rotation with the sign of sin flipped:
     two passes over each tensor each way, where autograd through `_rotate` runs three forward and five
     backward (the swap's copy, its split and cat, the sum of the two paths): rope took 8 % of a ViT-Ti
-    training step that way, ~5 % this way (bench/NOTES.md, ninth round)."""
+    training step that way, ~6 % this way (bench/NOTES.md, ninth round)."""
 
     @staticmethod
     def forward(ctx, q, k, cos_BL1d, ssin_BL1d):
