@@ -311,6 +311,32 @@ def test_split_linear_equals_the_fused_product_with_contiguous_parts():
             assert rel(a, b) < 1e-12
 
 
+def test_init_puts_both_ends_of_the_tower_at_unit_scale():
+    """The blocks' Linear layers at std 0.02; the patch projection lecun-normal (std fan_in^-0.5) and
+    the MAP head's layers xavier-uniform (std sqrt(2 / (fan_in + fan_out)), k and v each a D x D
+    matrix); biases 0. With the ends at 0.02 the warm-up collapsed the embeddings (bench/NOTES.md)."""
+    D = 192
+    tower = NaViT(VisionConfig(width=D, depth=2, heads=3, bias=True))
+    stds = {}
+    for name, m in tower.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            assert not m.bias.any(), name
+            for i, w in enumerate(m.weight.detach().chunk(2 if name == "head.kv" else 1)):
+                fan_out, fan_in = w.shape
+                if name == "patch_embed":
+                    want = fan_in**-0.5
+                elif name.startswith("head."):
+                    want = (2 / (fan_in + fan_out)) ** 0.5
+                else:
+                    want = 0.02
+                stds[f"{name}.{i}"] = (float(w.std()), want)
+    assert len(stds) == 1 + 2 * 4 + 6  # embed, 2 blocks (qkv, proj, fc1, fc2), MAP head (q, k, v, ...)
+    for key, (got, want) in stds.items():
+        assert abs(got / want - 1) < 0.05, f"{key}: std {got:.4f}, want {want:.4f}"
+    x = torch.randn(4096, tower.patch_embed.in_features)
+    assert abs(float(tower.patch_embed(x).detach().std()) - 1) < 0.05  # unit-variance inputs -> unit-scale tokens
+
+
 def test_rope2d_training_rotation_equals_the_plain_ops_with_its_own_backward():
     """Training rotates q and k through a hand-written backward (posemb._RotateQK); its outputs are
     bitwise those of the plain ops that inference and export run, and its gradients are autograd's

@@ -252,8 +252,26 @@ def embed_tokens(
     return tower.ln_pre(x_BLD)
 
 
-def init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+def init_weights(tower: nn.Module) -> None:
+    """The blocks' Linear layers trunc-normal std 0.02 (timm's ViT); the two ends of the tower at
+    big_vision's scale, so that each starts at unit scale: the patch projection lecun-normal (std
+    fan_in^-0.5), the MAP head's layers xavier-uniform (its fused k/v as two D x D matrices); biases 0.
+
+    Both ends feed something with no LayerNorm before it: the patch projection the first block (rope
+    adds no position vector, ln_pre is off), the head the image projection and the L2 normalisation.
+    At std 0.02 they started at ~0.5 and ~0.1 of unit scale, and the warm-up's first Adam steps (each
+    weight moves ~lr whatever its gradient, in a direction shared by every image) swamped them: both
+    towers' embeddings collapsed onto one direction (mean pairwise cosine 0.99) and the loss sat at
+    ln(batch) for ~100 steps on some seeds. Xavier everywhere prevents that too but learnt shape 14
+    points slower (bench/NOTES.md, tenth round)."""
+    for m in tower.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    nn.init.trunc_normal_(tower.patch_embed.weight, std=tower.patch_embed.in_features**-0.5)
+    if tower.head is not None:
+        for name, m in tower.head.named_modules():
+            if isinstance(m, nn.Linear):
+                for w in m.weight.chunk(2 if name == "kv" else 1):
+                    nn.init.xavier_uniform_(w)

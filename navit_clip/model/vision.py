@@ -92,7 +92,7 @@ class NaViT(nn.Module):
         cfg.validate()
         self.cfg = cfg
         build_tower(self, cfg, FactorizedPosEmb(cfg.posemb, cfg.width, cfg.max_grid))
-        self.apply(init_weights)
+        init_weights(self)
 
     def forward(self, batch: PackedBatch) -> VisionOutput:
         seg_BL = batch.segment_ids
