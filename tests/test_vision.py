@@ -333,8 +333,8 @@ def test_init_puts_both_ends_of_the_tower_at_unit_scale():
     assert len(stds) == 1 + 2 * 4 + 6  # embed, 2 blocks (qkv, proj, fc1, fc2), MAP head (q, k, v, ...)
     for key, (got, want) in stds.items():
         assert abs(got / want - 1) < 0.05, f"{key}: std {got:.4f}, want {want:.4f}"
-    x = torch.randn(4096, tower.patch_embed.in_features)
-    assert abs(float(tower.patch_embed(x).detach().std()) - 1) < 0.05  # unit-variance inputs -> unit-scale tokens
+    x = torch.randn(4096, tower.patch_embed.in_features)  # unit-variance pixels -> unit-scale tokens
+    assert abs(float(tower.patch_embed(x).detach().std()) - 1) < 0.05
 
 
 def test_rope2d_training_rotation_equals_the_plain_ops_with_its_own_backward():

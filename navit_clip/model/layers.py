@@ -254,16 +254,16 @@ def embed_tokens(
 
 def init_weights(tower: nn.Module) -> None:
     """The blocks' Linear layers trunc-normal std 0.02 (timm's ViT); the two ends of the tower at
-    big_vision's scale, so that each starts at unit scale: the patch projection lecun-normal (std
-    fan_in^-0.5), the MAP head's layers xavier-uniform (its fused k/v as two D x D matrices); biases 0.
+    big_vision's scale: the patch projection lecun-normal (std fan_in^-0.5: unit-scale tokens), the MAP
+    head's layers xavier-uniform (its fused k/v as two D x D matrices); biases 0.
 
     Both ends feed something with no LayerNorm before it: the patch projection the first block (rope
     adds no position vector, ln_pre is off), the head the image projection and the L2 normalisation.
-    At std 0.02 they started at ~0.5 and ~0.1 of unit scale, and the warm-up's first Adam steps (each
-    weight moves ~lr whatever its gradient, in a direction shared by every image) swamped them: both
-    towers' embeddings collapsed onto one direction (mean pairwise cosine 0.99) and the loss sat at
-    ln(batch) for ~100 steps on some seeds. Xavier everywhere prevents that too but learnt shape 14
-    points slower (bench/NOTES.md, tenth round)."""
+    At std 0.02 the tokens started at std ~0.56 and the pooled output at rms ~0.09 (now 1.0 and 0.56),
+    and the warm-up's first Adam steps (each weight moves ~lr whatever its gradient, in a direction
+    shared by every image) swamped them: both towers' embeddings collapsed onto one direction (mean
+    pairwise cosine 0.99) and the loss sat at ln(batch) for ~100 steps on some seeds. Xavier everywhere
+    prevents that too but learnt shape 14 points slower (bench/NOTES.md, tenth round)."""
     for m in tower.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
