@@ -23,6 +23,7 @@ import torch
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from navit_clip.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from navit_clip.config import Config, to_dict
@@ -360,7 +361,14 @@ def log_window(run: Run, state: TrainState, window: Window, last: dict, metrics:
     }
     # data skips summed over ranks (and their workers): this window's and the run's so far
     skips = sum_counts(window.skips, info)
+    new_reasons = sorted(k for k in skips if k not in state.skip_counts)
     state.skip_counts.update(skips)
+    if new_reasons and info.is_main:  # once per reason; the counts go on in metrics.jsonl
+        log.warning(
+            "step %d: skipping bad samples (%s); counted as data/<reason> in metrics.jsonl",
+            state.step,
+            ", ".join(f"{k} {skips[k]}" for k in new_reasons),
+        )
     values.update({f"data/{k}": v for k, v in skips.items()})
     values.update({f"data/{k}_total": v for k, v in state.skip_counts.items()})
     metrics.write(state.step, values)
@@ -414,17 +422,18 @@ def train(cfg: Config) -> dict:
     )
     history, window = [], Window()
     run.wrapped.train()
-    for _ in bar:
-        last = train_step(run, batches, state, window)
-        history.append(last["loss"])
-        done = state.step
-        if done % tc.log_every == 0 or done == tc.steps:
-            log_window(run, state, window, last, metrics, bar)
-            window = Window()
-        if (tc.ckpt_every and done % tc.ckpt_every == 0) or done == end:
-            checkpoint(run, state, dataset, window)
-        if cfg.eval.every and done % cfg.eval.every == 0 and done != tc.steps:
-            evaluate(run, metrics, done)
+    with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
+        for _ in bar:
+            last = train_step(run, batches, state, window)
+            history.append(last["loss"])
+            done = state.step
+            if done % tc.log_every == 0 or done == tc.steps:
+                log_window(run, state, window, last, metrics, bar)
+                window = Window()
+            if (tc.ckpt_every and done % tc.ckpt_every == 0) or done == end:
+                checkpoint(run, state, dataset, window)
+            if cfg.eval.every and done % cfg.eval.every == 0 and done != tc.steps:
+                evaluate(run, metrics, done)
     bar.close()
 
     final = {
@@ -432,6 +441,7 @@ def train(cfg: Config) -> dict:
         "skipped_steps": state.skipped_steps,
         "steps": end,
         "replayed_batches": replayed,
+        "data_skips": dict(state.skip_counts),
     }
     if end < tc.steps:
         if info.is_main:
@@ -444,6 +454,9 @@ def train(cfg: Config) -> dict:
                 f"top-5 {100 * result['top5']:.1f}% (chance {100 * result['chance']:.1f}%)"
             )
     metrics.close()
+    if info.is_main and state.skip_counts:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(state.skip_counts.items()))
+        print(f"skipped {sum(state.skip_counts.values())} bad samples over the run ({reasons})")
     if info.is_main and end == tc.steps:
         print(f"run folder: {run.out} (checkpoints, metrics.jsonl, tensorboard/, config.yaml)")
     return final

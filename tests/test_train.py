@@ -510,9 +510,10 @@ def test_resumed_run_logs_read_as_one_run_and_leftovers_are_cleaned(small_shards
     assert "model.text" not in str(err.value) and "size mismatch" not in str(err.value)
 
 
-def test_data_skips_are_counted_per_window_and_in_total(tmp_path):
+def test_data_skips_are_counted_per_window_and_in_total(tmp_path, caplog, capsys):
     """Every skipped sample is counted once in metrics.jsonl (per log window and cumulative), not only
-    those of the batch that happened to be last before a log line."""
+    those of the batch that happened to be last before a log line; each reason is logged when first
+    seen, and the run ends with the totals."""
     import json
 
     from test_data import write_corpus
@@ -529,13 +530,19 @@ def test_data_skips_are_counted_per_window_and_in_total(tmp_path):
         "train.log_every": 4,
         "train.ckpt_every": 0,
     }
-    train(load_config("configs/demo.yaml", tiny_run(shards, tmp_path / "run", **overrides)))
+    with caplog.at_level("WARNING", logger="navit_clip"):
+        result = train(load_config("configs/demo.yaml", tiny_run(shards, tmp_path / "run", **overrides)))
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     window = {k: sum(r.get(f"data/skip_{k}", 0) for r in rows) for k in bad_counts}
     total = {k: rows[-1].get(f"data/skip_{k}_total", 0) for k in bad_counts}
     assert window == total and sum(total.values()) > 0
     # 12 steps run through the 120-sample corpus at least once: every bad sample is seen at least once
     assert all(total[k] >= n for k, n in bad_counts.items())
+    assert {k: result["data_skips"][f"skip_{k}"] for k in bad_counts} == total
+    warned = [r.getMessage() for r in caplog.records if "skipping bad samples" in r.getMessage()]
+    for k in bad_counts:  # each reason logged once, the first time it is seen
+        assert sum(f"skip_{k} " in m for m in warned) == 1, warned
+    assert f"skipped {sum(total.values())} bad samples over the run" in capsys.readouterr().out
 
 
 def test_demo_never_replaces_the_shards_a_user_gave(small_shards, tmp_path, monkeypatch):
