@@ -162,6 +162,21 @@ def _eval_zeroshot(args, cfg, model, tokenizer, info, budgets: list[str]) -> tup
     return classnames, rows
 
 
+def _past_trained_sizes(cfg, budgets: list[str]) -> str:
+    """A note when some budgets give images larger than any the checkpoint trained on."""
+    from navit_clip.config import trained_side
+
+    side = trained_side(cfg.data.resolution, cfg.model.vision.patch_size)
+    past = [b for b in budgets if b.isdigit() and int(b) > side * side]
+    if not past:
+        return ""
+    return (
+        f"note: at {', '.join(past)} tokens per image the images are larger than any trained "
+        f"(longest trained side {side} patches, a {side * side}-token square): accuracy usually falls "
+        f"there; train with a larger data.resolution.max_side for those budgets"
+    )
+
+
 def _eval(args: argparse.Namespace) -> int:
     import json
 
@@ -184,6 +199,8 @@ def _eval(args: argparse.Namespace) -> int:
         results["labels"], results["zeroshot"] = _eval_zeroshot(args, cfg, model, tokenizer, info, budgets)
         if info.is_main:
             print(format_table(results["zeroshot"]))
+            if note := _past_trained_sizes(cfg, budgets):
+                print(note)
     if args.retrieval:
         policy = ResolutionPolicy("native", max_side=args.max_side)
         data_cfg = eval_data_config(cfg.data, args.retrieval, "", policy, 0, args.batch_seqs)

@@ -278,3 +278,15 @@ def test_folder_classnames_are_matched_by_name_not_by_file_order(trained_checkpo
         ValueError, match=r"folders .*\['circle', 'square'\].*the file lists \['square', 'star'\]"
     ):
         folder_classnames(["circle", "square"], ["square", "star"])
+
+
+def test_eval_notes_budgets_past_the_trained_sizes():
+    """`navit-clip eval` says when a budget gives images larger than any the checkpoint trained on
+    (the demo trains sides up to 160 px: 10 patches, a 100-token square)."""
+    from navit_clip.cli import _past_trained_sizes
+    from navit_clip.config import load_config
+
+    cfg = load_config("configs/demo.yaml", [])
+    assert _past_trained_sizes(cfg, ["native", "16", "100"]) == ""
+    note = _past_trained_sizes(cfg, ["native", "64", "144", "256"])
+    assert "at 144, 256 tokens per image" in note and "10 patches" in note
