@@ -48,8 +48,8 @@ def shape_set(n: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     return images, torch.tensor(labels)
 
 
-def old_map_head(tower: NaViT) -> None:
-    """The MAP head before issue 11: tiny probe (std 0.02), no qk-norm inside the head, and every
+def old_tower(tower: NaViT) -> None:
+    """The tower before issue 11: the MAP head's tiny probe (std 0.02), no qk-norm inside it, and every
     Linear layer at trunc-normal std 0.02 as the tower was initialised then."""
     head = tower.head
     with torch.no_grad():
@@ -69,7 +69,7 @@ def train_and_score(make_old: bool, seed: int = 0) -> float:
         cfg.posemb = "learned"  # the tower before issue 11 also had learned position tables
     tower = NaViT(cfg)
     if make_old:
-        old_map_head(tower)
+        old_tower(tower)
     head = nn.Linear(cfg.width, len(SHAPES))
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
@@ -93,7 +93,7 @@ def train_and_score(make_old: bool, seed: int = 0) -> float:
     return float((pred == test_y).float().mean())
 
 
-def test_tower_learns_shape_and_the_old_map_head_does_not():
+def test_tower_learns_shape_and_the_old_tower_does_not():
     new = sum(train_and_score(False, seed) for seed in SEEDS) / len(SEEDS)
     old = sum(train_and_score(True, seed) for seed in SEEDS) / len(SEEDS)
     assert new >= BAR, f"the NaViT tower reached {new:.2f} top-1 on 3 shapes (bar {BAR}); old head {old:.2f}"
