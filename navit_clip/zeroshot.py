@@ -132,10 +132,17 @@ def lockstep(batches, data_cfg: DataConfig, device, world_size: int):
         yield idle, False
 
 
-def topk_correct(logits_NC: torch.Tensor, labels_N: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
-    """How many rows have their label among the k highest logits, for each k."""
+def topk_correct(
+    logits_NC: torch.Tensor, labels_N: torch.Tensor, ks=(1, 5), candidate_labels: torch.Tensor | None = None
+) -> dict[int, int]:
+    """How many rows have their label among the k highest logits, for each k.
+
+    Column c stands for label c, or for `candidate_labels[c]` where columns share labels.
+    """
     k_max = min(max(ks), logits_NC.shape[1])
     pred = logits_NC.topk(k_max, dim=1).indices
+    if candidate_labels is not None:
+        pred = candidate_labels[pred]
     hit = pred == labels_N[:, None]
     return {k: int(hit[:, : min(k, k_max)].any(1).sum()) for k in ks}
 
@@ -233,11 +240,14 @@ def evaluate_zeroshot(
 def evaluate_retrieval(
     model, tokenizer, data_cfg: DataConfig, device, rank: int = 0, world_size: int = 1, ks=(1, 5, 10)
 ) -> dict:
-    """Image->text and text->image recall@k over paired shards (pair i = image i + its caption)."""
+    """Image->text and text->image recall@k over paired shards (pair i = image i + its caption).
+
+    See `retrieval_recall` for how repeated captions count.
+    """
     data_cfg = replace(data_cfg, label_key="")
     data_cfg.validate()
     ds = PackedImageText(data_cfg, tokenizer=tokenizer, rank=rank, world_size=world_size)
-    imgs, txts = [], []
+    keys, imgs, txts, tokens = [], [], [], []
     idle_text = tokenizer([""]).to(device)  # what a rank that is out of data encodes (see lockstep)
     for batch, real in lockstep(make_loader(ds, num_workers=0), data_cfg, device, world_size):
         if not real:  # this rank is done; its peers are not (FSDP): both towers keep in step
@@ -246,22 +256,44 @@ def evaluate_retrieval(
             continue
         batch = batch.to(device)
         emb_BED, valid_BE = model.encode_packed(batch.images)
+        keys += [k for row, ok in zip(batch.keys, valid_BE.tolist()) for k, v in zip(row, ok) if v]
         imgs.append(emb_BED[valid_BE].float().cpu())
+        tokens.append(batch.text[valid_BE].cpu())
         txts.append(model.encode_text(batch.text[valid_BE], normalize=True).float().cpu())
     if world_size > 1 and dist.is_initialized():  # a rank may have read nothing: gather lists, then cat
         parts = [None] * world_size
-        dist.all_gather_object(parts, (imgs, txts))
-        imgs, txts = [t for p in parts for t in p[0]], [t for p in parts for t in p[1]]
+        dist.all_gather_object(parts, (keys, imgs, txts, tokens))
+        keys = [k for p in parts for k in p[0]]
+        imgs, txts, tokens = ([t for p in parts for t in p[i]] for i in (1, 2, 3))
     if not imgs:
         raise ValueError(f"no image-text pairs in {data_cfg.shards!r}: nothing to evaluate retrieval on")
-    img, txt = torch.cat(imgs), torch.cat(txts)
-    sim = img @ txt.T
-    truth = torch.arange(sim.shape[0])
-    out = {"n": float(sim.shape[0])}
-    for name, s in (("image_to_text", sim), ("text_to_image", sim.T)):
-        hits = topk_correct(s, truth, ks)
+    order = sorted(range(len(keys)), key=keys.__getitem__)  # one order for any number of ranks
+    img, txt, tok = (torch.cat(t)[order] for t in (imgs, txts, tokens))
+    return retrieval_recall(img, txt, tok, ks)
+
+
+def retrieval_recall(
+    img_ND: torch.Tensor, txt_ND: torch.Tensor, tokens_NK: torch.Tensor, ks=(1, 5, 10)
+) -> dict:
+    """Recall@k both ways over N pairs; pairs that share a caption (the same token ids) are interchangeable.
+
+    Web data repeats captions ("image", product titles, class-name captions). Counted the plain way,
+    the copies of a caption tie and who wins a tie decides the figure, so it would change with the
+    order of the samples or the number of ranks. Here each distinct caption is one candidate
+    (image->text: is the image's caption among the k best distinct captions), and a text query is
+    answered by any image paired with that caption (text->image). Without repeats this is the usual
+    definition. Copies of a caption are represented by the first one in the given order.
+    """
+    n = img_ND.shape[0]
+    uniq_UK, caption_N = torch.unique(tokens_NK, dim=0, return_inverse=True)
+    first_U = torch.full((uniq_UK.shape[0],), n).scatter_reduce(0, caption_N, torch.arange(n), "amin")
+    txt_UD = txt_ND[first_U]
+    out = {"n": float(n)}
+    i2t = topk_correct(img_ND @ txt_UD.T, caption_N, ks)
+    t2i = topk_correct(txt_UD[caption_N] @ img_ND.T, caption_N, ks, candidate_labels=caption_N)
+    for name, hits in (("image_to_text", i2t), ("text_to_image", t2i)):
         for k in ks:
-            out[f"{name}_R@{k}"] = hits[k] / max(sim.shape[0], 1)
+            out[f"{name}_R@{k}"] = hits[k] / max(n, 1)
     return out
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import webdataset as wds
 from dist_utils import run_world
 from PIL import Image
@@ -118,7 +119,7 @@ def _sharded(rank, world, shards, expected, expected_retrieval):
     for key in ("n", "top1", "top5", "mean_per_class_top1", "per_class_top1"):
         assert split[key] == alone[key] == expected[key], key
     retrieval = evaluate_retrieval(model, tok, eval_cfg(shards), torch.device("cpu"), rank, world)
-    assert retrieval == expected_retrieval
+    assert retrieval == expected_retrieval, (rank, retrieval, expected_retrieval)
     # one shard for two ranks: rank 1 reads nothing, the gathered figures are the same
     one = shards.replace("{0000..0003}", "0000")
     n_one = alone_one(one)
@@ -159,6 +160,29 @@ def test_retrieval_recall_on_a_hand_made_case():
     truth = torch.arange(3)
     assert topk_correct(sim, truth, ks=(1, 2)) == {1: 2, 2: 3}
     assert topk_correct(sim.T, truth, ks=(1, 2)) == {1: 3, 2: 3}
+
+
+def test_retrieval_counts_a_repeated_caption_once_and_in_any_order():
+    from navit_clip.zeroshot import retrieval_recall
+
+    # pairs 0 and 1 share a caption; images 0, 1 look alike; pair 2 is apart
+    img = F.normalize(torch.tensor([[1.0, 0.1, 0.0], [1.0, 0.0, 0.1], [0.0, 0.0, 1.0]]), dim=1)
+    txt = F.normalize(torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.2, 0.0, 1.0]]), dim=1)
+    tokens = torch.tensor([[5, 7, 0], [5, 7, 0], [5, 8, 0]])
+    r = retrieval_recall(img, txt, tokens, ks=(1, 2))
+    # image->text: two distinct captions, each image's is the best; text->image: each query's best
+    # image carries its caption (the copy of caption 0 may be answered by image 0 or image 1)
+    assert r == {"n": 3.0, **{f"{d}_R@{k}": 1.0 for d in ("image_to_text", "text_to_image") for k in (1, 2)}}
+    for perm in ([2, 1, 0], [1, 2, 0]):
+        assert retrieval_recall(img[perm], txt[perm], tokens[perm], ks=(1, 2)) == r
+    # without repeats, the usual definition
+    from navit_clip.zeroshot import topk_correct
+
+    tokens = torch.tensor([[5, 7, 0], [5, 9, 0], [5, 8, 0]])
+    r = retrieval_recall(img, txt, tokens, ks=(1, 2))
+    sim, truth = img @ txt.T, torch.arange(3)
+    for d, s in (("image_to_text", sim), ("text_to_image", sim.T)):
+        assert [r[f"{d}_R@{k}"] for k in (1, 2)] == [v / 3 for v in topk_correct(s, truth, (1, 2)).values()]
 
 
 @pytest.fixture(scope="module")
