@@ -11,7 +11,9 @@ gives, `recipe` adds dropping. `recipe_matched_pixels` keeps the per-image pixel
 instead: L = 1024, longer side ~ U(64, 496), Beta dropping 0.5; there big images cost more
 attention per token (it grows with tokens per image). Both read the demo shards; batches are loaded
 before the clock starts, so this times the training step alone (bench/loader.py times the data side):
-16 steps a side, interleaved, and the median of the per-step rates.
+16 steps a side, interleaved, and the median of the per-step rates. Each ratio also prints the
+middle half (quartiles) of its per-round ratios (one step of each side back to back): one run's
+ratio is no better known than that.
 
 `--e2e` times what a user runs instead: each side's own loader (one worker, as the demo) feeding its
 training step, over the demo's shards, the clock running over loading and stepping together.
@@ -52,6 +54,7 @@ from navit_clip.train import autocast_for, make_optimizer
 SEQ_LEN, NUM_SEQS, MAX_IMAGES, MAX_SIDE = 256, 16, 32, 256
 MATCHED = dict(seq_len=1024, num_seqs=4, max_images=64, max_side=496)  # about 224 x 224 pixels per image
 BATCHES, WARMUP, REPEATS = 4, 2, 16
+PEER = "open_clip"
 
 
 def our_setup(
@@ -183,7 +186,9 @@ def measure_e2e(setups: dict, steps: int = 12, warmup: int = 3) -> dict:
 
 def measure(setups: dict) -> dict:
     """Steps of the setups interleaved (so a slower stretch of the machine hits every side alike);
-    per side the median over its steps of images/s and tokens/s, robust to the odd slow step."""
+    per side the median over its steps of images/s and tokens/s, robust to the odd slow step.
+    Per round (one step of every side, back to back) each side's tokens/s over open_clip's in the
+    same round: their quartiles say how far one run's ratio can be trusted."""
     rates = {k: [] for k in setups}  # (images/s, tokens/s, images, pixels) per step
     for i in range(WARMUP + REPEATS):
         for k, (_, batches, step, _) in setups.items():
@@ -201,6 +206,10 @@ def measure(setups: dict) -> dict:
             "images_per_step": images / len(v),
             "pixels_per_image": pixels / images,
         }
+        if k != PEER:
+            paired = [r[1] / p[1] for r, p in zip(v, rates[PEER])]
+            q1, _, q3 = statistics.quantiles(paired, n=4)
+            out[k] |= {"round_ratio_tokens_per_s_q1": q1, "round_ratio_tokens_per_s_q3": q3}
     return out
 
 
@@ -217,7 +226,7 @@ def main() -> None:
         "recipe_matched_pixels": our_setup(shards, drop=True, precision=p, **MATCHED),
     }
     peer_images = round(NUM_SEQS * SEQ_LEN / 197)  # the same tokens per step as a packed batch
-    setups["open_clip"] = peer_setup(shards, peer_images, p)
+    setups[PEER] = peer_setup(shards, peer_images, p)
     peak = matmul_peak(torch.bfloat16 if p == "bf16" else torch.float32)
     flops = {k: flops_per_token(step, batches) for k, (_, batches, step, _) in setups.items()}
     r = measure_e2e(setups) if args.e2e else measure(setups)
@@ -243,11 +252,15 @@ def main() -> None:
             f"{v['gflops']:6.1f} GFLOP/s ({100 * v['fraction_of_peak']:.0f}% of peak)"
         )
     for k in ("recipe", "nodrop", "recipe_matched_pixels"):
-        results[f"ratio_images_per_s_{k}"] = r[k]["images_per_s"] / r["open_clip"]["images_per_s"]
-        results[f"ratio_tokens_per_s_{k}"] = r[k]["tokens_per_s"] / r["open_clip"]["tokens_per_s"]
+        results[f"ratio_images_per_s_{k}"] = r[k]["images_per_s"] / r[PEER]["images_per_s"]
+        results[f"ratio_tokens_per_s_{k}"] = r[k]["tokens_per_s"] / r[PEER]["tokens_per_s"]
+        spread = ""
+        if "round_ratio_tokens_per_s_q1" in r[k]:
+            q1, q3 = r[k]["round_ratio_tokens_per_s_q1"], r[k]["round_ratio_tokens_per_s_q3"]
+            spread = f" (per round: middle half {q1:.2f}-{q3:.2f}x)"
         print(
             f"ratio {k} / open_clip: images/s {results[f'ratio_images_per_s_{k}']:.2f}x, "
-            f"tokens/s {results[f'ratio_tokens_per_s_{k}']:.2f}x"
+            f"tokens/s {results[f'ratio_tokens_per_s_{k}']:.2f}x{spread}"
         )
     name = "train_throughput" + ("_e2e" if args.e2e else "") + ("_bf16" if p == "bf16" else "")
     save_results(name, results)
