@@ -43,7 +43,6 @@ def load_names(spec: str, kind: str) -> list[str]:
     return names
 
 
-@torch.no_grad()
 def _norm(name: str) -> str:
     return " ".join(name.replace("_", " ").lower().split())
 
@@ -78,6 +77,7 @@ def label_map(classnames: list[str], shown: int = 10) -> str:
     return head + (f", ... ({len(classnames)} classes)" if len(classnames) > shown else "")
 
 
+@torch.no_grad()
 def build_classifier(model, tokenizer, classnames: list[str], templates: list[str], device) -> torch.Tensor:
     """[D, C]: for each class, the normalised mean of its normalised prompt embeddings."""
     weights = []
