@@ -105,7 +105,6 @@ def test_image_folder_and_webdataset_give_the_same_numbers(tmp_path):
             assert a["tokens_per_image"] <= budget
 
 
-
 def test_classifier_is_built_without_autograd():
     # built while training (grad on): a graph per class x template would be kept until the stack,
     # gigabytes for ImageNet's 1000 classes x 80 templates
@@ -113,6 +112,7 @@ def test_classifier_is_built_without_autograd():
     with torch.enable_grad():
         clf = build_classifier(model, tok, CLASSES, ["a {}", "the {}"], torch.device("cpu"))
     assert not clf.requires_grad and clf.grad_fn is None
+
 
 def alone_one(shard):
     model, tok = tiny_model()
