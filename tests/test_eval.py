@@ -114,6 +114,18 @@ def test_classifier_is_built_without_autograd():
     assert not clf.requires_grad and clf.grad_fn is None
 
 
+def test_unlabelled_samples_are_skipped_not_fatal(tmp_path):
+    model, tok = tiny_model()
+    images = make_images()
+    _, shards = write_folder_and_shards(tmp_path, images, n_shards=1)
+    with wds.TarWriter(str(tmp_path / "eval-0001.tar")) as sink:  # -1 (unlabelled) and junk labels
+        for i, cls in enumerate(("-1", "n/a", "")):
+            sink.write({"__key__": f"odd{i}", "png": _png(images[0][2]), "cls": cls, "txt": "a thing"})
+    clf = build_classifier(model, tok, CLASSES, ["a {}"], torch.device("cpu"))
+    both = str(tmp_path / "eval-{0000..0001}.tar")
+    assert evaluate_zeroshot(model, clf, eval_cfg(both), torch.device("cpu"))["n"] == len(images)
+
+
 def alone_one(shard):
     model, tok = tiny_model()
     clf = build_classifier(model, tok, CLASSES, ["a {}"], torch.device("cpu"))

@@ -68,7 +68,7 @@ class DataConfig:
     max_aspect: float = 20.0
     num_workers: int = 2
     seed: int = 0
-    label_key: str = ""  # e.g. "cls": read an integer class label per sample; the caption becomes optional
+    label_key: str = ""  # e.g. "cls": an integer class label per sample (negative: skipped as unlabelled); caption optional
     # A worker that reads this many samples in a row without a usable one (or opens 10 shards per
     # listed shard, plus 100, in a row without a sample) stops the run with the skip reasons so far.
     max_bad_in_a_row: int = 10_000
@@ -311,6 +311,8 @@ class PackedImageText(IterableDataset):
                 label = int(sample[cfg.label_key])
             except (KeyError, ValueError) as e:
                 raise BadSample("no_label", f"{cfg.label_key}: {e}") from e
+            if label < 0:  # -1 is the usual mark of an unlabelled sample
+                raise BadSample("no_label", f"{cfg.label_key}: {label}")
             caption = find_caption(sample) if "txt" in sample else ""
         else:
             caption = find_caption(sample)
