@@ -162,6 +162,17 @@ def _eval_zeroshot(args, cfg, model, tokenizer, info, budgets: list[str]) -> tup
     return classnames, rows
 
 
+def _budget_list(text: str) -> list[str]:
+    """--budgets: a comma list of 'native' and positive token counts (checked as the line is parsed)."""
+    budgets = [b.strip() for b in text.split(",") if b.strip()]
+    for b in budgets:
+        if b != "native" and not (b.isdigit() and int(b) > 0):
+            raise argparse.ArgumentTypeError(f"entry {b!r} must be 'native' or a positive token count")
+    if not budgets:
+        raise argparse.ArgumentTypeError("no budget given")
+    return budgets
+
+
 def _past_trained_sizes(cfg, budgets: list[str]) -> str:
     """A note when some budgets give images larger than any the checkpoint trained on."""
     from navit_clip.config import trained_side
@@ -185,10 +196,7 @@ def _eval(args: argparse.Namespace) -> int:
     from navit_clip.packing import ResolutionPolicy
     from navit_clip.zeroshot import eval_data_config, evaluate_retrieval, format_table, plot_budgets
 
-    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
-    for b in budgets:
-        if b != "native" and not b.isdigit():
-            raise ValueError(f"--budgets entry {b!r} must be 'native' or a token count")
+    budgets = args.budgets
     info = init_distributed(args.device)
     cfg = config_of(args.checkpoint)
     model = create_model(args.checkpoint, info.device)
@@ -282,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label-key", default="cls")
     p.add_argument(
         "--budgets",
-        default="native",
+        default=["native"],
+        type=_budget_list,
         help="comma list of 'native' and tokens per image, e.g. native,64,256,1024",
     )
     p.add_argument("--max-side", type=int, default=512, help="longer-side cap at native resolution")

@@ -335,3 +335,12 @@ def test_eval_notes_budgets_past_the_trained_sizes():
     assert _past_trained_sizes(cfg, ["native", "16", "100"]) == ""
     note = _past_trained_sizes(cfg, ["native", "64", "144", "256"])
     assert "at 144, 256 tokens per image" in note and "10 patches" in note
+
+
+@pytest.mark.parametrize("budgets", ["0", "-5", "abc", "16,x", ","])
+def test_eval_rejects_bad_budgets_in_one_line(budgets, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(["eval", "no-such.pt", "--data", "x", f"--budgets={budgets}"])
+    assert exit_.value.code == 2  # argparse's usage error, before any checkpoint is read
+    err = capsys.readouterr().err
+    assert "--budgets" in err and "Traceback" not in err
