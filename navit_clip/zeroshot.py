@@ -285,15 +285,15 @@ def retrieval_recall(
     definition. Copies of a caption are represented by the first one in the given order.
     """
     n = img_ND.shape[0]
-    uniq_UK, caption_N = torch.unique(tokens_NK, dim=0, return_inverse=True)
-    first_U = torch.full((uniq_UK.shape[0],), n).scatter_reduce(0, caption_N, torch.arange(n), "amin")
+    caption_N = torch.unique(tokens_NK, dim=0, return_inverse=True)[1]  # each pair's distinct caption
+    first_U = torch.full((int(caption_N.max()) + 1,), n).scatter_reduce(0, caption_N, torch.arange(n), "amin")
     txt_UD = txt_ND[first_U]
     out = {"n": float(n)}
     i2t = topk_correct(img_ND @ txt_UD.T, caption_N, ks)
     t2i = topk_correct(txt_UD[caption_N] @ img_ND.T, caption_N, ks, candidate_labels=caption_N)
     for name, hits in (("image_to_text", i2t), ("text_to_image", t2i)):
         for k in ks:
-            out[f"{name}_R@{k}"] = hits[k] / max(n, 1)
+            out[f"{name}_R@{k}"] = hits[k] / n
     return out
 
 
