@@ -157,7 +157,9 @@ def _eval_zeroshot(args, cfg, model, tokenizer, info, budgets: list[str]) -> tup
             else ResolutionPolicy("budget", tokens=int(b))
         )
         data_cfg = eval_data_config(cfg.data, args.data, args.label_key, policy, 0, args.batch_seqs)
-        r = evaluate_zeroshot(model, classifier, data_cfg, info.device, info.rank, info.world_size)
+        r = evaluate_zeroshot(
+            model, classifier, data_cfg, info.device, info.rank, info.world_size, progress=f"zero-shot @ {b}"
+        )
         rows.append({**r, "budget": b})
     return classnames, rows
 
@@ -212,7 +214,9 @@ def _eval(args: argparse.Namespace) -> int:
     if args.retrieval:
         policy = ResolutionPolicy("native", max_side=args.max_side)
         data_cfg = eval_data_config(cfg.data, args.retrieval, "", policy, 0, args.batch_seqs)
-        r = evaluate_retrieval(model, tokenizer, data_cfg, info.device, info.rank, info.world_size)
+        r = evaluate_retrieval(
+            model, tokenizer, data_cfg, info.device, info.rank, info.world_size, progress="retrieval"
+        )
         results["retrieval"] = r
         if info.is_main:
             print("retrieval: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r.items() if "@" in k))

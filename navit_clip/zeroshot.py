@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from navit_clip.data.pipeline import DataConfig, PackedImageText, make_loader
 from navit_clip.packing import ResolutionPolicy, TokenDropConfig, build_packed_batch, policy_max_tokens
@@ -185,15 +186,18 @@ def evaluate_zeroshot(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
+    progress: str | None = None,
 ) -> dict:
     """Top-1 / top-5 / per-class top-1 over labelled data, summed over ranks; plus images/s and
-    tokens per image of the image tower (forward time only)."""
+    tokens per image of the image tower (forward time only). `progress`: a progress bar of this title
+    (images read, on rank 0), for a command line; none in training, whose own bar is showing."""
     data_cfg.validate()
     ds = PackedImageText(data_cfg, tokenizer=None, rank=rank, world_size=world_size)
     C = classifier_DC.shape[1]
     counts = torch.zeros(
         5 + 2 * C, dtype=torch.float64
     )  # n, top1, top5, tokens, seconds, per-class n, per-class top1
+    bar = _bar(progress, rank)
     for batch, real in lockstep(make_loader(ds, num_workers=num_workers), data_cfg, device, world_size):
         if not real:  # this rank is done; its peers are not (FSDP)
             model.encode_packed(batch)
@@ -218,6 +222,8 @@ def evaluate_zeroshot(
         correct = (logits.argmax(1) == labels).double().cpu()
         counts[5 : 5 + C] += torch.bincount(labels.cpu(), minlength=C).double()
         counts[5 + C :] += torch.bincount(labels.cpu(), weights=correct, minlength=C)
+        bar.update(labels.numel())
+    bar.close()
     if world_size > 1 and dist.is_initialized():
         counts = counts.to(device)  # NCCL reduces GPU tensors only
         dist.all_reduce(counts)
@@ -238,17 +244,25 @@ def evaluate_zeroshot(
 
 @torch.no_grad()
 def evaluate_retrieval(
-    model, tokenizer, data_cfg: DataConfig, device, rank: int = 0, world_size: int = 1, ks=(1, 5, 10)
+    model,
+    tokenizer,
+    data_cfg: DataConfig,
+    device,
+    rank: int = 0,
+    world_size: int = 1,
+    ks=(1, 5, 10),
+    progress: str | None = None,
 ) -> dict:
     """Image->text and text->image recall@k over paired shards (pair i = image i + its caption).
 
-    See `retrieval_recall` for how repeated captions count.
+    See `retrieval_recall` for how repeated captions count; `progress` as in `evaluate_zeroshot`.
     """
     data_cfg = replace(data_cfg, label_key="")
     data_cfg.validate()
     ds = PackedImageText(data_cfg, tokenizer=tokenizer, rank=rank, world_size=world_size)
     keys, imgs, txts, tokens = [], [], [], []
     idle_text = tokenizer([""]).to(device)  # what a rank that is out of data encodes (see lockstep)
+    bar = _bar(progress, rank)
     for batch, real in lockstep(make_loader(ds, num_workers=0), data_cfg, device, world_size):
         if not real:  # this rank is done; its peers are not (FSDP): both towers keep in step
             model.encode_packed(batch)
@@ -258,8 +272,12 @@ def evaluate_retrieval(
         emb_BED, valid_BE = model.encode_packed(batch.images)
         keys += [k for row, ok in zip(batch.keys, valid_BE.tolist()) for k, v in zip(row, ok) if v]
         imgs.append(emb_BED[valid_BE].float().cpu())
-        tokens.append(batch.text[valid_BE].cpu())
+        # a batch's captions are trimmed to its longest: pad back to the context length to gather them
+        ids_NK = batch.text[valid_BE].cpu()
+        tokens.append(F.pad(ids_NK, (0, tokenizer.context_length - ids_NK.shape[1]), value=tokenizer.pad_id))
         txts.append(model.encode_text(batch.text[valid_BE], normalize=True).float().cpu())
+        bar.update(len(tokens[-1]))
+    bar.close()
     if world_size > 1 and dist.is_initialized():  # a rank may have read nothing: gather lists, then cat
         parts = [None] * world_size
         dist.all_gather_object(parts, (keys, imgs, txts, tokens))
@@ -270,6 +288,11 @@ def evaluate_retrieval(
     order = sorted(range(len(keys)), key=keys.__getitem__)  # one order for any number of ranks
     img, txt, tok = (torch.cat(t)[order] for t in (imgs, txts, tokens))
     return retrieval_recall(img, txt, tok, ks)
+
+
+def _bar(title: str | None, rank: int) -> tqdm:
+    """An evaluation's progress bar, images read so far (the total of a stream of shards is unknown)."""
+    return tqdm(desc=title, unit="img", disable=title is None or rank != 0, mininterval=1.0)
 
 
 def retrieval_recall(

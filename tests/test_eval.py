@@ -3,6 +3,7 @@ classifier builder and evaluation loop as the cross-check."""
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -344,3 +345,57 @@ def test_eval_rejects_bad_budgets_in_one_line(budgets, capsys):
     assert exit_.value.code == 2  # argparse's usage error, before any checkpoint is read
     err = capsys.readouterr().err
     assert "--budgets" in err and "Traceback" not in err
+
+
+def test_image_folder_reads_nested_folders_and_skips_hidden_entries(tmp_path):
+    """As torchvision's ImageFolder: a class folder's images at any depth; hidden folders and files
+    (.ipynb_checkpoints, macOS ._ copies) are neither classes nor images."""
+    from navit_clip.data.pipeline import folder_classes, folder_samples
+
+    img = Image.new("RGB", (20, 12), COLORS[0])
+    for rel in ("cat/a.png", "cat/sub/deeper/b.png", "dog/c.bmp", "dog/d.JPEG", ".ipynb_checkpoints/x.png"):
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, format={"bmp": "BMP", "jpeg": "JPEG"}.get(path.suffix.lower()[1:], "PNG"))
+    (tmp_path / "dog" / "._c.bmp").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble metadata
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    (tmp_path / "cat" / ".hidden").mkdir()
+    img.save(tmp_path / "cat" / ".hidden" / "e.png")
+    assert folder_classes(tmp_path) == ["cat", "dog"]
+    samples = list(folder_samples(tmp_path))
+    assert [(s["__key__"], s["cls"]) for s in samples] == [
+        ("cat/a", "0"),
+        ("cat/sub/deeper/b", "0"),
+        ("dog/c", "1"),
+        ("dog/d", "1"),
+    ]
+    model, tok = tiny_model()
+    clf = build_classifier(model, tok, ["cat", "dog"], ["a {}"], torch.device("cpu"))
+    assert evaluate_zeroshot(model, clf, eval_cfg(str(tmp_path)), torch.device("cpu"))["n"] == 4
+
+
+def test_evaluation_shows_progress_when_asked(tmp_path, capsys):
+    model, tok = tiny_model()
+    folder, shards = write_folder_and_shards(tmp_path, make_images())
+    clf = build_classifier(model, tok, CLASSES, ["a {}"], torch.device("cpu"))
+    evaluate_zeroshot(model, clf, eval_cfg(shards), torch.device("cpu"), progress="zero-shot @ native")
+    err = capsys.readouterr().err
+    assert "zero-shot @ native" in err and "18img" in err.replace(" ", "")
+    evaluate_retrieval(model, tok, eval_cfg(shards), torch.device("cpu"), progress="retrieval")
+    assert "retrieval" in capsys.readouterr().err
+    evaluate_zeroshot(model, clf, eval_cfg(shards), torch.device("cpu"))  # training's eval: no bar
+    assert capsys.readouterr().err == ""
+
+
+def test_retrieval_over_batches_of_different_caption_lengths(tmp_path):
+    """Each batch's captions are trimmed to its longest (the text tower's saving): batches of short and
+    of long captions used to fail to concatenate ("Sizes of tensors must match")."""
+    model, tok = tiny_model()
+    words = "a photo of a small very red thing on a table".split()
+    with wds.TarWriter(str(tmp_path / "pairs-0000.tar")) as sink:
+        for i, (key, label, img) in enumerate(make_images(12)):
+            caption = " ".join(words[: 1 + (i // 4) * 4])  # 1, 5 and 9 words, 4 pairs each, in order
+            sink.write({"__key__": key, "png": _png(img), "txt": caption})
+    cfg = replace(eval_cfg(str(tmp_path / "pairs-0000.tar")), seq_len=32, max_images=2, batch_seqs=1)
+    r = evaluate_retrieval(model, tok, cfg, torch.device("cpu"))
+    assert r["n"] == 12 and 0.0 < r["text_to_image_R@10"] <= 1.0

@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 from PIL import Image, ImageOps
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# the keys an image goes by in a shard, and the image files an image folder reads (PIL decodes them all)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 # Skip reasons, counted per worker and reported with every batch.
 ORIENTATION = 0x0112  # the EXIF tag

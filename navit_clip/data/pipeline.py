@@ -518,22 +518,28 @@ class _NoSampleGuard:
 
 
 def folder_classes(root: str | Path) -> list[str]:
-    """Class folders of an image-folder dataset (ROOT/CLASS_NAME/IMAGE), sorted: index = label."""
-    return sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+    """Class folders of an image-folder dataset (ROOT/CLASS_NAME/IMAGE), sorted: index = label.
+    Hidden folders (.ipynb_checkpoints, .git) are not classes."""
+    return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def folder_samples(root: str | Path, part: int = 0, parts: int = 1) -> Iterator[dict]:
-    """Samples {"__key__", ext: bytes, "cls": label} of ROOT/CLASS_NAME/IMAGE, every parts-th from part."""
+    """Samples {"__key__", ext: bytes, "cls": label} of ROOT/CLASS_NAME/.../IMAGE, every parts-th from
+    part. As torchvision's ImageFolder, a class folder's images are read at any depth; hidden files and
+    folders (macOS ._ copies, .ipynb_checkpoints) and files of other types are not samples. The key
+    is the path below ROOT without its suffix."""
     root = Path(root)
     files = [
         (label, path)
         for label, name in enumerate(folder_classes(root))
-        for path in sorted((root / name).iterdir())
+        for path in sorted((root / name).rglob("*"))
         if path.suffix.lower().lstrip(".") in IMAGE_EXTS
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+        and path.is_file()
     ]
     for label, path in files[part::parts]:
         yield {
-            "__key__": f"{path.parent.name}/{path.stem}",
+            "__key__": path.relative_to(root).with_suffix("").as_posix(),
             path.suffix.lower().lstrip("."): path.read_bytes(),
             "cls": str(label),
         }
