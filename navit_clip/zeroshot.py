@@ -253,14 +253,16 @@ def evaluate_retrieval(
     ks=(1, 5, 10),
     progress: str | None = None,
 ) -> dict:
-    """Image->text and text->image recall@k over paired shards (pair i = image i + its caption).
+    """Image->text and text->image recall@k over image-caption shards.
 
-    See `retrieval_recall` for how repeated captions count; `progress` as in `evaluate_zeroshot`.
+    A sample's `txt` may hold several captions, one a line (clip_benchmark's retrieval shards: COCO's
+    and Flickr30k's five an image); see `retrieval_recall` for how they and repeated captions count.
+    `progress` as in `evaluate_zeroshot`.
     """
     data_cfg = replace(data_cfg, label_key="")
     data_cfg.validate()
-    ds = PackedImageText(data_cfg, tokenizer=tokenizer, rank=rank, world_size=world_size)
-    keys, imgs, txts, tokens = [], [], [], []
+    ds = PackedImageText(data_cfg, tokenizer=None, rank=rank, world_size=world_size)
+    keys, imgs, txts, tokens, owner = [], [], [], [], []  # owner: each caption's image, in `keys`
     idle_text = tokenizer([""]).to(device)  # what a rank that is out of data encodes (see lockstep)
     bar = _bar(progress, rank)
     for batch, real in lockstep(make_loader(ds, num_workers=0), data_cfg, device, world_size):
@@ -270,24 +272,34 @@ def evaluate_retrieval(
             continue
         batch = batch.to(device)
         emb_BED, valid_BE = model.encode_packed(batch.images)
-        keys += [k for row, ok in zip(batch.keys, valid_BE.tolist()) for k, v in zip(row, ok) if v]
+        slots = [(b, e) for b, row in enumerate(valid_BE.tolist()) for e, ok in enumerate(row) if ok]
+        lines = [[t.strip() for t in batch.captions[b][e].splitlines() if t.strip()] for b, e in slots]
+        owner += [len(keys) + i for i, these in enumerate(lines) for _ in these]
+        keys += [batch.keys[b][e] for b, e in slots]
+        ids_MK = tokenizer([t for these in lines for t in these])
         imgs.append(emb_BED[valid_BE].float().cpu())
-        # a batch's captions are trimmed to its longest: pad back to the context length to gather them
-        ids_NK = batch.text[valid_BE].cpu()
-        tokens.append(F.pad(ids_NK, (0, tokenizer.context_length - ids_NK.shape[1]), value=tokenizer.pad_id))
-        txts.append(model.encode_text(batch.text[valid_BE], normalize=True).float().cpu())
-        bar.update(len(tokens[-1]))
+        tokens.append(ids_MK)
+        txts.append(model.encode_text(ids_MK.to(device), normalize=True).float().cpu())  # one call a batch
+        bar.update(len(slots))
     bar.close()
+    parts = [(keys, imgs, txts, tokens, owner)]
     if world_size > 1 and dist.is_initialized():  # a rank may have read nothing: gather lists, then cat
         parts = [None] * world_size
-        dist.all_gather_object(parts, (keys, imgs, txts, tokens))
-        keys = [k for p in parts for k in p[0]]
-        imgs, txts, tokens = ([t for p in parts for t in p[i]] for i in (1, 2, 3))
+        dist.all_gather_object(parts, (keys, imgs, txts, tokens, owner))
+    offsets = list(itertools.accumulate((len(p[0]) for p in parts), initial=0))
+    keys = [k for p in parts for k in p[0]]
+    owner = torch.tensor([o + off for p, off in zip(parts, offsets) for o in p[4]], dtype=torch.long)
+    imgs, txts, tokens = ([t for p in parts for t in p[i]] for i in (1, 2, 3))
     if not imgs:
         raise ValueError(f"no image-text pairs in {data_cfg.shards!r}: nothing to evaluate retrieval on")
-    order = sorted(range(len(keys)), key=keys.__getitem__)  # one order for any number of ranks
-    img, txt, tok = (torch.cat(t)[order] for t in (imgs, txts, tokens))
-    return retrieval_recall(img, txt, tok, ks)
+    # one order for any number of ranks: images by sample key, captions by their image, then line
+    order = torch.tensor(sorted(range(len(keys)), key=keys.__getitem__), dtype=torch.long)
+    position = torch.empty_like(order).index_put_((order,), torch.arange(len(order)))
+    image_M = position[owner]
+    by_image = torch.argsort(image_M, stable=True)
+    img = torch.cat(imgs)[order]
+    txt, tok = torch.cat(txts)[by_image], torch.cat(tokens)[by_image]
+    return retrieval_recall(img, txt, tok, image_M[by_image], ks)
 
 
 def _bar(title: str | None, rank: int) -> tqdm:
@@ -296,28 +308,52 @@ def _bar(title: str | None, rank: int) -> tqdm:
 
 
 def retrieval_recall(
-    img_ND: torch.Tensor, txt_ND: torch.Tensor, tokens_NK: torch.Tensor, ks=(1, 5, 10)
+    img_ND: torch.Tensor,
+    txt_MD: torch.Tensor,
+    tokens_MK: torch.Tensor,
+    image_M: torch.Tensor,
+    ks=(1, 5, 10),
+    chunk: int = 1024,
 ) -> dict:
-    """Recall@k both ways over N pairs; pairs that share a caption (the same token ids) are interchangeable.
+    """Recall@k both ways: N images, M captions, caption m one of image `image_M[m]`'s.
 
-    Web data repeats captions ("image", product titles, class-name captions). Counted the plain way,
-    the copies of a caption tie and who wins a tie decides the figure, so it would change with the
-    order of the samples or the number of ranks. Here each distinct caption is one candidate
-    (image->text: is the image's caption among the k best distinct captions), and a text query is
-    answered by any image paired with that caption (text->image). Without repeats this is the usual
-    definition. Copies of a caption are represented by the first one in the given order.
+    An image may have several captions (COCO's five), and web data repeats captions across images
+    ("image", product titles, class-name captions). Counted the plain way, the copies of a caption
+    tie and who wins a tie decides the figure, so it would change with the order of the samples or
+    the number of ranks. Here each distinct caption (token ids) is one candidate, represented by its
+    first copy: image->text asks, per image, whether any of its captions is among the k best distinct
+    captions; text->image asks, per caption (every line of every image), whether any image that has
+    that caption is among the k best images. With one distinct caption an image, this is the usual
+    definition; with several, clip_benchmark's. Similarities are taken `chunk` queries at a time.
     """
-    n = img_ND.shape[0]
-    caption_N = torch.unique(tokens_NK, dim=0, return_inverse=True)[1]  # each pair's distinct caption
-    first_U = torch.full((int(caption_N.max()) + 1,), n).scatter_reduce(0, caption_N, torch.arange(n), "amin")
-    txt_UD = txt_ND[first_U]
-    out = {"n": float(n)}
-    i2t = topk_correct(img_ND @ txt_UD.T, caption_N, ks)
-    t2i = topk_correct(txt_UD[caption_N] @ img_ND.T, caption_N, ks, candidate_labels=caption_N)
-    for name, hits in (("image_to_text", i2t), ("text_to_image", t2i)):
+    N, M = img_ND.shape[0], txt_MD.shape[0]
+    caption_M = torch.unique(tokens_MK, dim=0, return_inverse=True)[1]
+    U = int(caption_M.max()) + 1
+    first_U = torch.full((U,), M).scatter_reduce(0, caption_M, torch.arange(M), "amin")
+    txt_UD = txt_MD[first_U]
+    pairs = torch.unique(image_M * U + caption_M)  # every (image, distinct caption), as image * U + caption
+    out = {"n": float(N), "captions": float(M)}
+    i2t = _recall_hits(img_ND, txt_UD, lambda q, c: q * U + c, pairs, ks, chunk)
+    t2i = _recall_hits(txt_UD[caption_M], img_ND, lambda q, c: c * U + caption_M[q], pairs, ks, chunk)
+    for name, hits, queries in (("image_to_text", i2t, N), ("text_to_image", t2i, M)):
         for k in ks:
-            out[f"{name}_R@{k}"] = hits[k] / n
+            out[f"{name}_R@{k}"] = hits[k] / queries
     return out
+
+
+def _recall_hits(query_QD, cand_CD, code, pairs: torch.Tensor, ks, chunk: int) -> dict[int, int]:
+    """For each k, how many queries have a true pair among their k best candidates; `code(query
+    indices [q, 1], candidate indices [q, k])` gives each (query, candidate)'s code in `pairs`."""
+    k_max = min(max(ks), cand_CD.shape[0])
+    hits = dict.fromkeys(ks, 0)
+    for start in range(0, query_QD.shape[0], chunk):
+        q = query_QD[start : start + chunk]
+        best_qk = (q @ cand_CD.T).topk(k_max, dim=1).indices
+        rows = torch.arange(start, start + q.shape[0])[:, None]
+        hit_qk = torch.isin(code(rows, best_qk), pairs)
+        for k in ks:
+            hits[k] += int(hit_qk[:, : min(k, k_max)].any(1).sum())
+    return hits
 
 
 def plot_budgets(rows: list[dict], path: str | Path) -> None:

@@ -191,20 +191,72 @@ def test_retrieval_counts_a_repeated_caption_once_and_in_any_order():
     img = F.normalize(torch.tensor([[1.0, 0.1, 0.0], [1.0, 0.0, 0.1], [0.0, 0.0, 1.0]]), dim=1)
     txt = F.normalize(torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.2, 0.0, 1.0]]), dim=1)
     tokens = torch.tensor([[5, 7, 0], [5, 7, 0], [5, 8, 0]])
-    r = retrieval_recall(img, txt, tokens, ks=(1, 2))
+    one_each = torch.arange(3)
+    r = retrieval_recall(img, txt, tokens, one_each, ks=(1, 2))
     # image->text: two distinct captions, each image's is the best; text->image: each query's best
     # image carries its caption (the copy of caption 0 may be answered by image 0 or image 1)
-    assert r == {"n": 3.0, **{f"{d}_R@{k}": 1.0 for d in ("image_to_text", "text_to_image") for k in (1, 2)}}
+    hits = {f"{d}_R@{k}": 1.0 for d in ("image_to_text", "text_to_image") for k in (1, 2)}
+    assert r == {"n": 3.0, "captions": 3.0, **hits}
     for perm in ([2, 1, 0], [1, 2, 0]):
-        assert retrieval_recall(img[perm], txt[perm], tokens[perm], ks=(1, 2)) == r
+        assert retrieval_recall(img[perm], txt[perm], tokens[perm], one_each, ks=(1, 2)) == r
     # without repeats, the usual definition
     from navit_clip.zeroshot import topk_correct
 
     tokens = torch.tensor([[5, 7, 0], [5, 9, 0], [5, 8, 0]])
-    r = retrieval_recall(img, txt, tokens, ks=(1, 2))
+    r = retrieval_recall(img, txt, tokens, one_each, ks=(1, 2))
     sim, truth = img @ txt.T, torch.arange(3)
     for d, s in (("image_to_text", sim), ("text_to_image", sim.T)):
         assert [r[f"{d}_R@{k}"] for k in (1, 2)] == [v / 3 for v in topk_correct(s, truth, (1, 2)).values()]
+
+
+def _recall_by_loops(img, txt, tokens, image_of, ks):
+    """The definition, one query at a time: image->text ranks distinct captions (the first copy's
+    embedding) and hits on any of the image's captions; each caption occurrence queries the images
+    and hits on any image that has that caption."""
+    ids = [tuple(t.tolist()) for t in tokens]
+    distinct = list(dict.fromkeys(ids))
+    first = [ids.index(c) for c in distinct]
+    has = {(int(image_of[m]), ids[m]) for m in range(len(ids))}
+    out = {}
+    for k in ks:
+        i2t = sum(
+            any((i, distinct[u]) in has for u in (img[i] @ txt[first].T).topk(min(k, len(first))).indices)
+            for i in range(len(img))
+        )
+        t2i = sum(
+            any((int(j), ids[m]) in has for j in (txt[first[distinct.index(ids[m])]] @ img.T).topk(k).indices)
+            for m in range(len(ids))
+        )
+        out |= {f"image_to_text_R@{k}": i2t / len(img), f"text_to_image_R@{k}": t2i / len(ids)}
+    return out
+
+
+def test_retrieval_with_several_captions_an_image_matches_the_definition():
+    """COCO / Flickr30k style (clip_benchmark's retrieval shards: 5 captions an image), with some
+    captions repeated across images; the chunked computation against the loop, and in any order."""
+    from navit_clip.zeroshot import retrieval_recall
+
+    g = torch.Generator().manual_seed(0)
+    N, D = 24, 6
+    img = F.normalize(torch.randn(N, D, generator=g), dim=1)
+    image_of = torch.repeat_interleave(torch.arange(N), torch.randint(1, 6, (N,), generator=g))
+    M = len(image_of)
+    tokens = torch.randint(3, 9, (M, 2), generator=g)  # 36 possible captions: many repeat across images
+    txt = F.normalize(img[image_of] + 0.8 * torch.randn(M, D, generator=g), dim=1)
+    _, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), M).scatter_reduce(0, inverse, torch.arange(M), "amin")
+    txt = txt[first[inverse]]  # the model embeds equal token ids equally
+    ks = (1, 5, 10)
+    r = retrieval_recall(img, txt, tokens, image_of, ks, chunk=7)
+    assert r["n"] == N and r["captions"] == M
+    expected = _recall_by_loops(img, txt, tokens, image_of, ks)
+    assert {k: v for k, v in r.items() if "@" in k} == pytest.approx(expected, abs=1e-12)
+    assert 0 < r["image_to_text_R@1"] < r["image_to_text_R@10"] < 1
+    perm = torch.randperm(N, generator=g)  # images in another order, captions following them
+    where = torch.argsort(perm)
+    order = torch.argsort(where[image_of], stable=True)
+    again = retrieval_recall(img[perm], txt[order], tokens[order], where[image_of][order], ks)
+    assert again == pytest.approx(r, abs=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -393,9 +445,23 @@ def test_retrieval_over_batches_of_different_caption_lengths(tmp_path):
     model, tok = tiny_model()
     words = "a photo of a small very red thing on a table".split()
     with wds.TarWriter(str(tmp_path / "pairs-0000.tar")) as sink:
-        for i, (key, label, img) in enumerate(make_images(12)):
+        for i, (key, _, img) in enumerate(make_images(12)):
             caption = " ".join(words[: 1 + (i // 4) * 4])  # 1, 5 and 9 words, 4 pairs each, in order
             sink.write({"__key__": key, "png": _png(img), "txt": caption})
     cfg = replace(eval_cfg(str(tmp_path / "pairs-0000.tar")), seq_len=32, max_images=2, batch_seqs=1)
     r = evaluate_retrieval(model, tok, cfg, torch.device("cpu"))
     assert r["n"] == 12 and 0.0 < r["text_to_image_R@10"] <= 1.0
+
+
+def test_retrieval_reads_several_captions_a_sample(tmp_path):
+    """clip_benchmark's retrieval shards hold an image's captions in one txt, a line each (COCO's 5):
+    each line is its own caption, not one long caption cut at the context length."""
+    model, tok = tiny_model()
+    names = ["red", "green", "blue"]
+    with wds.TarWriter(str(tmp_path / "coco-0000.tar")) as sink:
+        for key, label, img in make_images(12):
+            lines = [f"a {names[label]} thing", f"something {names[label]}", "", f"{names[label]}"]
+            sink.write({"__key__": key, "png": _png(img), "txt": "\n".join(lines[: 2 + label % 3])})
+    r = evaluate_retrieval(model, tok, eval_cfg(str(tmp_path / "coco-0000.tar")), torch.device("cpu"))
+    assert r["n"] == 12 and r["captions"] == 4 * 2 + 4 * 2 + 4 * 3  # empty lines are no caption
+    assert 0 < r["text_to_image_R@1"] <= r["text_to_image_R@10"] <= 1

@@ -13,7 +13,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import braceexpand
@@ -142,6 +142,8 @@ class ImageTextBatch:
     images: PackedBatch ([B, L, ...], slots [B, E]); its patches are *uint8* pixels: they travel
         4x smaller and `to()` normalises them on the target device with `mean` / `std`.
     text: [B, E, K] token ids (0 for empty slots); keys: [B][E] sample keys ("" for empty slots);
+    captions: [B][E] the captions as read ("" for empty slots; several lines where a sample holds
+    several captions, as clip_benchmark's retrieval shards do);
     labels: [B, E] class labels when the config names a label_key (-1 for empty slots), else None;
     stats: counts since the worker's last batch (images, tokens kept and dropped, skips by reason,
     corrupt shards).
@@ -154,6 +156,7 @@ class ImageTextBatch:
     labels: torch.Tensor | None = None
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    captions: list[list[str]] | None = None
 
     def to(self, device, non_blocking: bool = False, dtype: torch.dtype = torch.float32) -> ImageTextBatch:
         """Move to `device` and normalise the patches there, as `dtype`."""
@@ -162,14 +165,12 @@ class ImageTextBatch:
             images.patches = normalize_patches(images.patches, self.mean, self.std).to(dtype)
         text = None if self.text is None else self.text.to(device, non_blocking=non_blocking)
         labels = None if self.labels is None else self.labels.to(device, non_blocking=non_blocking)
-        return ImageTextBatch(images, text, self.keys, self.stats, labels, self.mean, self.std)
+        return replace(self, images=images, text=text, labels=labels)
 
     def pin_memory(self) -> ImageTextBatch:
         text = None if self.text is None else self.text.pin_memory()
         labels = None if self.labels is None else self.labels.pin_memory()
-        return ImageTextBatch(
-            self.images.pin_memory(), text, self.keys, self.stats, labels, self.mean, self.std
-        )
+        return replace(self, images=self.images.pin_memory(), text=text, labels=labels)
 
 
 @dataclass
@@ -341,11 +342,13 @@ class PackedImageText(IterableDataset):
             grids=[e.grid for e in examples],
         )
         keys = [[""] * E for _ in range(B)]
+        raw = [[""] * E for _ in range(B)]
         labels = torch.full((B, E), -1, dtype=torch.long) if cfg.label_key else None
         captions, where = [], []
         for b, members in enumerate(bins):
             for e, i in enumerate(members):
                 keys[b][e] = examples[i].key
+                raw[b][e] = examples[i].caption
                 captions.append(examples[i].caption)
                 where.append((b, e))
                 if labels is not None:
@@ -369,7 +372,7 @@ class PackedImageText(IterableDataset):
             images_per_seq=len(placed) / B,
         )
         stats.clear()
-        return ImageTextBatch(packed, text, keys, out_stats, labels, self.mean, self.std)
+        return ImageTextBatch(packed, text, keys, out_stats, labels, self.mean, self.std, raw)
 
     def __iter__(self) -> Iterator[ImageTextBatch]:
         cfg = self.cfg
