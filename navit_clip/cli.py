@@ -119,8 +119,6 @@ def _eval_classnames(args: argparse.Namespace) -> list[str]:
     given = load_names(args.classnames, "classnames") if args.classnames else None
     if Path(args.data).is_dir():
         return folder_classnames(folder_classes(args.data), given)
-    if not given:
-        raise ValueError("--classnames is needed for shards (a file, or 'imagenet')")
     return given
 
 
@@ -160,6 +158,13 @@ def _eval_zeroshot(args, cfg, model, tokenizer, info, budgets: list[str]) -> tup
         r = evaluate_zeroshot(
             model, classifier, data_cfg, info.device, info.rank, info.world_size, progress=f"zero-shot @ {b}"
         )
+        if not r["n"]:  # the same on every rank (summed)
+            print(
+                f"navit-clip eval: error: no labelled image read from --data {args.data}: every sample "
+                f"was skipped (not an image, unreadable, or no '{args.label_key}' label)",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)
         rows.append({**r, "budget": b})
     return classnames, rows
 
@@ -190,6 +195,36 @@ def _past_trained_sizes(cfg, budgets: list[str]) -> str:
     )
 
 
+def _check_eval_inputs(args: argparse.Namespace) -> None:
+    """What `navit-clip eval` was given, checked before a checkpoint is read or a process group set up:
+    a ValueError naming the argument."""
+    from navit_clip.data.pipeline import DataConfig, folder_classes
+
+    if not Path(args.checkpoint).exists():
+        raise ValueError(f"checkpoint {args.checkpoint} does not exist")
+    if not args.data and not args.retrieval:
+        raise ValueError("nothing to evaluate: give --data (zero-shot) and/or --retrieval")
+    if args.data and Path(args.data).is_dir():
+        if not folder_classes(args.data):
+            raise ValueError(
+                f"--data {args.data}: no class folders; an image folder is ROOT/CLASS_NAME/IMAGE "
+                "(labels from the sorted class folders)"
+            )
+    elif args.data:
+        if not any(c in args.data for c in "{:") and not Path(args.data).exists():
+            raise ValueError(f"--data {args.data} does not exist (an image folder or labelled shards)")
+        if not args.classnames:
+            raise ValueError(f"--data {args.data}: shards need --classnames (a file, or 'imagenet')")
+        DataConfig(shards=args.data).check_files()
+    if args.retrieval and Path(args.retrieval).is_dir():
+        raise ValueError(
+            f"--retrieval {args.retrieval} is a folder; retrieval reads image-text shards: make them from "
+            "IMAGE + IMAGE.txt pairs with `navit-clip make-shards`"
+        )
+    if args.retrieval:
+        DataConfig(shards=args.retrieval).check_files()
+
+
 def _eval(args: argparse.Namespace) -> int:
     import json
 
@@ -198,6 +233,11 @@ def _eval(args: argparse.Namespace) -> int:
     from navit_clip.packing import ResolutionPolicy
     from navit_clip.zeroshot import eval_data_config, evaluate_retrieval, format_table, plot_budgets
 
+    try:
+        _check_eval_inputs(args)
+    except ValueError as e:
+        print(f"navit-clip eval: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     budgets = args.budgets
     info = init_distributed(args.device)
     cfg = config_of(args.checkpoint)

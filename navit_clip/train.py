@@ -401,6 +401,11 @@ def checkpoint(run: Run, state: TrainState, dataset: PackedImageText, window: Wi
 def evaluate(run: Run, metrics: MetricsLog, step: int) -> dict | None:
     """Zero-shot top-1 / top-5 on the configured held-out set (all ranks), logged at `step`."""
     result = zero_shot(run.model, run.tokenizer, run.cfg, run.info)
+    if result and not result["n"]:
+        log.warning(
+            "zero-shot: no labelled image read from eval.shards=%s; nothing logged", run.cfg.eval.shards
+        )
+        return None
     if result:
         metrics.write(step, {"zeroshot_top1": result["top1"], "zeroshot_top5": result["top5"]})
     return result

@@ -399,6 +399,31 @@ def test_eval_rejects_bad_budgets_in_one_line(budgets, capsys):
     assert "--budgets" in err and "Traceback" not in err
 
 
+def test_eval_names_a_bad_input_in_one_line_before_any_work(tmp_path, capsys):
+    ckpt = tmp_path / "step.pt"
+    ckpt.write_bytes(b"")  # never read: the inputs are checked first
+    flat = tmp_path / "flat"  # images but no class folders
+    flat.mkdir()
+    Image.new("RGB", (20, 12)).save(flat / "a.png")
+    (tmp_path / "val.tar").write_bytes(b"")
+    cases = [
+        ([str(tmp_path / "missing.pt"), "--data", str(flat)], "missing.pt"),
+        ([str(ckpt)], "nothing to evaluate"),
+        ([str(ckpt), "--data", str(flat)], "no class folders"),
+        ([str(ckpt), "--data", str(tmp_path / "nope")], "does not exist"),
+        ([str(ckpt), "--data", str(tmp_path / "val-{0000..0003}.tar"), "--classnames", "imagenet"], "4 of 4"),
+        ([str(ckpt), "--data", str(tmp_path / "val.tar")], "--classnames"),
+        ([str(ckpt), "--retrieval", str(flat)], "make-shards"),
+        ([str(ckpt), "--retrieval", str(tmp_path / "coco-{0..1}.tar")], "2 of 2"),
+    ]
+    for argv, says in cases:
+        with pytest.raises(SystemExit) as exit_:
+            cli(["eval", *argv])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and says in err and "Traceback" not in err, (argv, err)
+        assert err.startswith("navit-clip eval: error:") and err.count("\n") == 1, err
+
+
 def test_image_folder_reads_nested_folders_and_skips_hidden_entries(tmp_path):
     """As torchvision's ImageFolder: a class folder's images at any depth; hidden folders and files
     (.ipynb_checkpoints, macOS ._ copies) are neither classes nor images."""
@@ -465,3 +490,17 @@ def test_retrieval_reads_several_captions_a_sample(tmp_path):
     r = evaluate_retrieval(model, tok, eval_cfg(str(tmp_path / "coco-0000.tar")), torch.device("cpu"))
     assert r["n"] == 12 and r["captions"] == 4 * 2 + 4 * 2 + 4 * 3  # empty lines are no caption
     assert 0 < r["text_to_image_R@1"] <= r["text_to_image_R@10"] <= 1
+
+
+def test_eval_of_a_folder_with_no_readable_image_is_an_error_not_zero_accuracy(
+    trained_checkpoint, tmp_path, capsys
+):
+    ckpt, _ = trained_checkpoint
+    for name in ("cat", "dog"):
+        (tmp_path / "val" / name).mkdir(parents=True)
+        (tmp_path / "val" / name / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(SystemExit) as exit_:
+        cli(["eval", str(ckpt), "--data", str(tmp_path / "val"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "no labelled image read" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "results.json").exists()  # no 0 % figure written
