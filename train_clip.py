@@ -11,6 +11,7 @@ Dotted overrides (section.key=value, values parsed as YAML) go before or after t
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from navit_clip.config import load_config
@@ -32,6 +33,10 @@ def main() -> None:
     try:
         cfg = load_config(args.config, overrides)
         cfg.validate()
+        if cfg.data.shards:  # the demo makes its own when none are named
+            cfg.data.check_files()
+        if cfg.eval.shards:
+            replace(cfg.data, shards=cfg.eval.shards).check_files("eval.shards")
     except ValueError as e:  # a config error: one line naming the field, not a traceback
         sys.exit(f"config error: {e}")
     train(cfg)

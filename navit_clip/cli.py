@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -215,14 +216,14 @@ def _check_eval_inputs(args: argparse.Namespace) -> None:
             raise ValueError(f"--data {args.data} does not exist (an image folder or labelled shards)")
         if not args.classnames:
             raise ValueError(f"--data {args.data}: shards need --classnames (a file, or 'imagenet')")
-        DataConfig(shards=args.data).check_files()
+        DataConfig(shards=args.data).check_files("--data")
     if args.retrieval and Path(args.retrieval).is_dir():
         raise ValueError(
             f"--retrieval {args.retrieval} is a folder; retrieval reads image-text shards: make them from "
             "IMAGE + IMAGE.txt pairs with `navit-clip make-shards`"
         )
     if args.retrieval:
-        DataConfig(shards=args.retrieval).check_files()
+        DataConfig(shards=args.retrieval).check_files("--retrieval")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -357,7 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.set_defaults(fn=_export)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line (NAVIT_CLIP_TRACEBACK=1: the trace)
+        if os.environ.get("NAVIT_CLIP_TRACEBACK"):
+            raise
+        print(f"navit-clip {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

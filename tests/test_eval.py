@@ -504,3 +504,17 @@ def test_eval_of_a_folder_with_no_readable_image_is_an_error_not_zero_accuracy(
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and "no labelled image read" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "results.json").exists()  # no 0 % figure written
+
+
+def test_every_command_names_bad_input_in_one_line(tmp_path, capsys):
+    cases = [
+        (["export", str(tmp_path / "missing.pt"), str(tmp_path / "out")], "missing.pt"),
+        (["make-shards", str(tmp_path / "no-folder"), str(tmp_path / "out")], "no-folder"),
+        (["make-shards", str(tmp_path / "no-table.csv"), str(tmp_path / "out")], "no-table.csv"),
+        (["data-stats", str(tmp_path / "none-{0..2}.tar")], "3 of 3 shard files do not exist"),
+    ]
+    for argv, says in cases:
+        assert cli(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"navit-clip {argv[0]}: error:") and says in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err, err

@@ -568,6 +568,8 @@ def test_command_line_from_any_folder_with_overrides_around_resume_and_one_line_
         ("data.seq_len=0",): "data.seq_len=0",
         ("train.min_lr=1.0",): "train.min_lr=1.0",
         ("eval.every=-1",): "eval.every=-1",
+        ("data.shards=/no/such/train-{0..2}.tar",): "data.shards: 3 of 3 shard files do not exist",
+        ("eval.shards=/no/such/heldout.tar",): "eval.shards: 1 of 1",
     }
     for args, field in cases.items():
         proc = subprocess.run([sys.executable, script, *args], cwd=tmp_path, capture_output=True, text=True)

@@ -119,9 +119,9 @@ class DataConfig:
             out.append((urls, weight))
         return out
 
-    def check_files(self) -> None:
-        """Local shard paths that do not exist are an error before any work (remote URLs and
-        `pipe:` commands are opened by webdataset when read)."""
+    def check_files(self, name: str = "data.shards") -> None:
+        """Local shard paths that do not exist are an error before any work, naming the setting
+        `name` (remote URLs and `pipe:` commands are opened by webdataset when read)."""
         if isinstance(self.shards, str) and Path(self.shards).is_dir():
             return
         for urls, _ in self.sources():
@@ -130,9 +130,7 @@ class DataConfig:
             ]
             if missing:
                 shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-                raise ValueError(
-                    f"data.shards: {len(missing)} of {len(urls)} shard files do not exist: {shown}"
-                )
+                raise ValueError(f"{name}: {len(missing)} of {len(urls)} shard files do not exist: {shown}")
 
 
 @dataclass
