@@ -160,12 +160,10 @@ def _eval_zeroshot(args, cfg, model, tokenizer, info, budgets: list[str]) -> tup
             model, classifier, data_cfg, info.device, info.rank, info.world_size, progress=f"zero-shot @ {b}"
         )
         if not r["n"]:  # the same on every rank (summed)
-            print(
-                f"navit-clip eval: error: no labelled image read from --data {args.data}: every sample "
-                f"was skipped (not an image, unreadable, or no '{args.label_key}' label)",
-                file=sys.stderr,
+            raise ValueError(
+                f"no labelled image read from --data {args.data}: every sample was skipped (not an "
+                f"image, unreadable, or no '{args.label_key}' label)"
             )
-            raise SystemExit(1)
         rows.append({**r, "budget": b})
     return classnames, rows
 
@@ -198,7 +196,7 @@ def _past_trained_sizes(cfg, budgets: list[str]) -> str:
 
 def _check_eval_inputs(args: argparse.Namespace) -> None:
     """What `navit-clip eval` was given, checked before a checkpoint is read or a process group set up:
-    a ValueError naming the argument."""
+    a ValueError naming the argument (one line, from `main`)."""
     from navit_clip.data.pipeline import DataConfig, folder_classes
 
     if not Path(args.checkpoint).exists():
@@ -234,11 +232,7 @@ def _eval(args: argparse.Namespace) -> int:
     from navit_clip.packing import ResolutionPolicy
     from navit_clip.zeroshot import eval_data_config, evaluate_retrieval, format_table, plot_budgets
 
-    try:
-        _check_eval_inputs(args)
-    except ValueError as e:
-        print(f"navit-clip eval: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    _check_eval_inputs(args)
     budgets = args.budgets
     info = init_distributed(args.device)
     cfg = config_of(args.checkpoint)
