@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from navit_clip.config import migrate
+from navit_clip.config import saved_config, to_dict
 
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"step_(\d+)\.pt$")
@@ -125,7 +125,8 @@ def load_checkpoint(
     model is a ValueError that names the differing fields, before any weight is touched.
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = migrate(state["config"]).get("model") if "config" in state else None
+    # the saved tree with today's defaults filled in: a field added since is not a difference
+    saved = to_dict(saved_config(state["config"]).model) if "config" in state else None
     if model_config is not None and saved is not None:
         diff = config_differences(saved, model_config, "model")
         if diff:
@@ -140,3 +141,25 @@ def load_checkpoint(
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     return state
+
+
+def load_weights(path: str | Path, model: nn.Module) -> None:
+    """Model weights only, from a navit-clip checkpoint (model.init_from): every tensor must fit, or a
+    ValueError names the first that does not."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path} holds no navit-clip model weights")
+    weights, expected = state["model"], model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not fit the model: {len(missing)} missing tensor(s) {missing[:3]}, "
+            f"{len(unexpected)} unexpected {unexpected[:3]}"
+        )
+    for name, t in weights.items():
+        if t.shape != expected[name].shape:
+            raise ValueError(
+                f"{path}: {name} has shape {tuple(t.shape)}, the model's is {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(weights)

@@ -280,6 +280,18 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_openclip(args: argparse.Namespace) -> int:
+    from navit_clip.convert import convert_openclip
+
+    out = convert_openclip(args.model, args.pretrained, args.out)
+    print(
+        f"wrote {out}: evaluate it with `navit-clip eval {out} --data ...`, export it with "
+        f"`navit-clip export {out} DIR`, fine-tune it with `python train_clip.py --config "
+        f"configs/finetune_openclip.yaml model.init_from={out} data.shards=...`"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="navit-clip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -351,6 +363,21 @@ def main(argv: list[str] | None = None) -> int:
         "--max-tokens", type=int, default=256, help="the processor's default token budget per image"
     )
     p.set_defaults(fn=_export)
+
+    p = sub.add_parser(
+        "convert-openclip",
+        help="an open_clip ViT checkpoint -> a navit-clip checkpoint computing the same embeddings",
+    )
+    p.add_argument(
+        "model", help="open_clip model name (ViT-B-32, ViT-L-14-quickgelu, ...) or its config .json"
+    )
+    p.add_argument(
+        "--pretrained",
+        default="",
+        help="the checkpoint file (.safetensors, .bin, .pt); none: random weights (for tests)",
+    )
+    p.add_argument("out", help="the navit-clip checkpoint to write (.pt)")
+    p.set_defaults(fn=_convert_openclip)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -270,7 +271,65 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     for old, new in MOVED.items():
         if _get(tree, old) is not None:
             raise ValueError(f"{'.'.join(old)} is now {'.'.join(new)} ({MOVED_WHY}): rename it")
+    tree = with_init_from(tree)
     return _with_derived(_build(Config, tree), tree)
+
+
+# What a run starting from model.init_from sets itself; the rest of the model is the checkpoint's.
+RUN_MODEL_KEYS = {
+    "": {"init_from"},
+    "vision": {"attn_backend", "lock", "lock_unlocked_groups", "lock_norms"},
+    "text": {"lock", "lock_unlocked_groups", "lock_norms"},
+}
+
+
+def with_init_from(tree: dict) -> dict:
+    """With model.init_from, the config tree whose model architecture, tokenizer and image
+    normalisation are the checkpoint's: the weights only fit the model they were trained (or converted)
+    as, and the model only understands the tokens and pixels it was trained on. The run's own choices
+    (RUN_MODEL_KEYS: attention backend, locking) stay the config's. Model fields the config states
+    differently are replaced, with one warning naming them."""
+    path = _get(tree, ("model", "init_from"))
+    if not path:
+        return tree
+    if not Path(path).is_file():
+        raise ValueError(f"model.init_from={path} does not exist (a navit-clip checkpoint file)")
+    import torch  # only here: reading a config file needs no torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if "config" not in state or "model" not in state:
+        raise ValueError(
+            f"model.init_from={path} is not a navit-clip checkpoint (no model weights and config); "
+            "an open_clip checkpoint converts with `navit-clip convert-openclip MODEL --pretrained FILE OUT`"
+        )
+    saved = migrate(state["config"])
+    tree = copy.deepcopy(tree)
+    given = tree.get("model") or {}
+    model, replaced = {}, []
+    for section in ("", "vision", "text"):
+        theirs = saved["model"].get(section, {}) if section else saved["model"]
+        ours = given.get(section) or {} if section else given
+        target = model.setdefault(section, {}) if section else model
+        for key, value in theirs.items():
+            if not isinstance(value, dict) and key not in RUN_MODEL_KEYS[section]:
+                target[key] = value
+        for key, value in ours.items():
+            if key in RUN_MODEL_KEYS[section]:
+                target[key] = value
+            elif not isinstance(value, dict) and key in theirs and theirs[key] != value:
+                replaced.append(
+                    f"model.{section + '.' if section else ''}{key}={value!r} (checkpoint: {theirs[key]!r})"
+                )
+    tree["model"] = model
+    tree["tokenizer"] = saved.get("tokenizer", {})
+    tree.setdefault("data", {})["normalize"] = saved.get("data", {}).get("normalize", "clip")
+    if replaced:
+        logging.getLogger(__name__).warning(
+            "model.init_from=%s: the model is the checkpoint's; these config values are replaced: %s",
+            path,
+            ", ".join(replaced),
+        )
+    return tree
 
 
 def _with_derived(cfg: Config, tree: dict) -> Config:

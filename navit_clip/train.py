@@ -25,7 +25,13 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from navit_clip.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from navit_clip.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    remove_partial,
+    save_checkpoint,
+)
 from navit_clip.config import Config, to_dict
 from navit_clip.data.demo import TASKS, ensure_demo_data
 from navit_clip.data.pipeline import PackedImageText, make_loader
@@ -252,7 +258,20 @@ def build(cfg: Config, info: DistInfo, tokenizer) -> Run:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         remove_partial(out)
-    model = NaViTCLIP(cfg.model).to(info.device)
+    model = NaViTCLIP(cfg.model)
+    if cfg.model.init_from:  # a resume (below) then replaces these weights with the checkpoint's
+        load_weights(cfg.model.init_from, model)
+    frozen = model.lock_towers()  # before the optimiser: frozen parameters get no state
+    if info.is_main and (cfg.model.init_from or frozen):
+        n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        log.info(
+            "model from %s; %d of %d parameters frozen (%d tensors)",
+            cfg.model.init_from or "fresh weights",
+            n_frozen,
+            sum(p.numel() for p in model.parameters()),
+            len(frozen),
+        )
+    model = model.to(info.device)
     wrapped = parallelize(model, tc, info)
     optimizer = make_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -25,7 +25,12 @@ def rel(a, b):
 
 @pytest.fixture(
     scope="module",
-    params=[("learned", "map", True), ("rope2d+fractional", "mean", False), ("rope2d", "map", False)],
+    params=[
+        ("learned", "map", True),
+        ("rope2d+fractional", "mean", False),
+        ("rope2d", "map", False),
+        ("learned2d", "cls", True),  # a converted open_clip ViT's options (tests/test_openclip.py)
+    ],
 )
 def exported(request, tmp_path_factory):
     """Both export forms: with the text tower, and the default (`navit-clip export CKPT OUT`)."""
@@ -37,6 +42,9 @@ def exported(request, tmp_path_factory):
     cfg.data.patch_size, cfg.data.seq_len, cfg.data.max_images = P, 64, 4
     if posemb == "rope2d":  # capped positions: the test images are patch steps up to 3, shrunk past it
         v.rope_mode, v.rope_span = "cap", 3.0
+    if pool == "cls":  # CLIP's ViT: class token, a 3 x 3 table resampled per image, biases, ln_pre
+        v.cls_token, v.max_grid, v.bias, v.ln_pre, v.qk_norm, v.act = True, 3, True, True, False, "quick_gelu"
+        cfg.model.text.act = "quick_gelu"
     cfg.model.text.width, cfg.model.text.depth, cfg.model.text.heads = 32, 1, 4
     cfg.model.embed_dim = 24
     torch.manual_seed(0)

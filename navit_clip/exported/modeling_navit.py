@@ -31,6 +31,8 @@ class NaViTConfig(PretrainedConfig):
         pool="map",
         ln_eps=1e-6,
         ln_pre=False,
+        cls_token=False,
+        act="gelu",
         embed_dim=512,
         **kwargs,
     ):
@@ -38,6 +40,7 @@ class NaViTConfig(PretrainedConfig):
         self.mlp_ratio, self.qk_norm, self.bias, self.posemb = mlp_ratio, qk_norm, bias, posemb
         self.max_grid, self.pool, self.ln_eps, self.embed_dim = max_grid, pool, ln_eps, embed_dim
         self.rope_span, self.rope_mode, self.ln_pre = rope_span, rope_mode, ln_pre
+        self.cls_token, self.act = cls_token, act
         super().__init__(**kwargs)
 
 

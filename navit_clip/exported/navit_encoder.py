@@ -15,7 +15,7 @@ Use:
     proc = NaViTProcessor.from_pretrained("OUT_DIR", max_tokens=256)
     out = enc(**proc(pil_images))            # Qwen2-VL-style flat patches + per-image grid
     out["last_hidden_state"]  [sum_n, D]  per-token features, image after image, row-major
-    out["pooler_output"]      [n, D]      pooled per image (MAP or mean)
+    out["pooler_output"]      [n, D]      pooled per image (MAP, mean, or the class token's output)
     out["image_embeds"]       [n, E]      the CLIP image embedding (projected, not normalised)
 
 Shape legend: T tokens of all images (sum_n), n images, C = P*P*3, D width, H heads, d head width.
@@ -55,6 +55,8 @@ CONFIG_KEYS = (
     "pool",
     "ln_eps",
     "ln_pre",
+    "cls_token",
+    "act",
     "embed_dim",
 )
 _DTYPES = {
@@ -117,8 +119,16 @@ class NaViTEncoderMixin:
     ) -> tuple[torch.Tensor, ...]:
         """The traceable core (exported to ONNX): per-token layout in, (tokens [T, D], pooled [n, D],
         image_embeds [n, E]) out. Attention is block-diagonal through a [T, T] segment mask."""
-        n = grid_hw.shape[0]
-        x_1TD = embed_tokens(self, pixel_values, coords, token_grid)[None]
+        n, T = grid_hw.shape[0], pixel_values.shape[0]
+        is_cls = None
+        if self.cls_token is not None:  # one class token per image, after all patches: the mask keeps
+            image_n = torch.arange(n, device=segment_ids.device)  # each with its own image's tokens
+            pixel_values = torch.cat([pixel_values, pixel_values.new_zeros(n, pixel_values.shape[1])])
+            coords = torch.cat([coords, coords.new_zeros(n, 2)])
+            token_grid = torch.cat([token_grid, grid_hw])
+            segment_ids = torch.cat([segment_ids, image_n])
+            is_cls = torch.arange(T + n, device=segment_ids.device) >= T
+        x_1TD = embed_tokens(self, pixel_values, coords, token_grid, is_cls)[None]
         mask_11TT = (segment_ids[:, None] == segment_ids[None, :])[None, None]
 
         def attend(q_1THd, k_1THd, v_1THd):
@@ -139,9 +149,13 @@ class NaViTEncoderMixin:
             x_1TD = block(x_1TD, attend)
         x_1TD = self.norm(x_1TD)
         x_TD = x_1TD[0]
+        pool = self.navit_config["pool"]
+        if is_cls is not None:  # pool=cls reads the class tokens, the others pool the patches alone
+            pooled_nD = x_TD[T:]
+            x_TD, segment_ids = x_TD[:T], segment_ids[:T]
         if self.head is not None:
             pooled_nD = self.head(x_TD, segment_ids, torch.ones(n, dtype=torch.bool, device=x_TD.device))
-        else:
+        elif pool == "mean":
             pooled_nD = mean_pool(x_TD, segment_ids, n)
         return x_TD, pooled_nD, self.image_proj(pooled_nD)
 

@@ -28,6 +28,9 @@ class ModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     logit_bias: bool = False  # a learnable bias for the sigmoid (SigLIP) loss
     init_logit_bias: float = -10.0
+    # Start from these weights: a navit-clip checkpoint, e.g. one `navit-clip convert-openclip` wrote.
+    # Its model architecture, tokenizer and image normalisation are the run's (config.load_config).
+    init_from: str = ""
 
     def validate(self) -> None:
         self.vision.validate()
@@ -54,6 +57,27 @@ class NaViTCLIP(nn.Module):
     # The public encode_* methods are entry points only (nothing in the model calls them), so that
     # FSDP2 can treat each as a forward (navit_clip.distributed.wrap_model registers them); the
     # training forward and they share the private _image / _text.
+    def lock_towers(self) -> list[str]:
+        """Freeze what model.vision.lock / model.text.lock ask (open_clip's lock_image_tower and
+        lock_text_tower): every parameter of a locked tower and its projection stops requiring grad,
+        except the last `lock_unlocked_groups` groups (the projection is the last group) and, with
+        `lock_norms=false`, the LayerNorms. Returns the names of the frozen parameters."""
+        for tower, proj, cfg in (
+            (self.visual, self.image_proj, self.cfg.vision),
+            (self.text, self.text_proj, self.cfg.text),
+        ):
+            if not cfg.lock:
+                continue
+            groups = [*tower.lock_groups(), list(proj.parameters())]
+            for i, group in enumerate(groups):
+                for param in group:
+                    param.requires_grad_(i >= len(groups) - cfg.lock_unlocked_groups)
+            if not cfg.lock_norms:
+                for m in tower.modules():
+                    if isinstance(m, nn.LayerNorm):
+                        m.requires_grad_(True)
+        return [name for name, param in self.named_parameters() if not param.requires_grad]
+
     def _image(self, images: PackedBatch, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.visual(images)
         emb_BED = self.image_proj(out.pooled)

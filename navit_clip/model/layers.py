@@ -49,14 +49,24 @@ def split_linear(layer: nn.Linear, x: torch.Tensor, parts: int) -> tuple[torch.T
     return tuple(F.linear(x, w, b) for w, b in zip(layer.weight.chunk(parts), biases))
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x): the activation OpenAI's CLIP weights were trained with (open_clip's
+    QuickGELU, its `-quickgelu` models and the `openai` checkpoints)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+
+
 class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int, bias: bool):
+    def __init__(self, width: int, hidden: int, bias: bool, act: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, width, bias=bias)
+        self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
@@ -65,7 +75,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.attn = SelfAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio), cfg.bias)
+        self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio), cfg.bias, getattr(cfg, "act", "gelu"))
 
     checkpointing = False  # recompute activations in backward (set by distributed.parallelize)
 
@@ -102,7 +112,7 @@ class MAPHead(nn.Module):
         self.q_norm = nn.LayerNorm(d, eps=cfg.ln_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(d, eps=cfg.ln_eps) if cfg.qk_norm else nn.Identity()
         self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
-        self.mlp = Mlp(D, int(D * cfg.mlp_ratio), cfg.bias)
+        self.mlp = Mlp(D, int(D * cfg.mlp_ratio), cfg.bias, getattr(cfg, "act", "gelu"))
 
     def forward(self, x_ND: torch.Tensor, slot_N: torch.Tensor, valid_S: torch.Tensor) -> torch.Tensor:
         """Tokens [N, D], each token's slot row [N] (see `slot_index`), valid slots [S] -> [S, D].
@@ -226,11 +236,33 @@ def mean_pool(x_ND: torch.Tensor, slot_N: torch.Tensor, S: int) -> torch.Tensor:
     return sums_RD[:S] / counts_R[:S, None].clamp(min=1)
 
 
+def class_token_layout(segment_ids_BL: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where tokens go when each image gets a class token just before its patches: sequences of
+    L + E tokens. Returns every old token's new position [B, L] and each slot's class-token position
+    [B, E] (both within a sequence). Images keep their order and stay contiguous (every attention
+    backend, varlen and grouped included, sees runs); padding moves to the end, and the class tokens
+    of empty slots land there as padding. Needs images in slot order, slot k's tokens one run with
+    segment id k + 1 and padding after them (as `packing.build_packed_batch` lays them out)."""
+    B, L = segment_ids_BL.shape
+    seg_BL = segment_ids_BL
+    n_valid_B1 = seg_BL.amax(1, keepdim=True)  # images in the sequence (slots 1..n used)
+    dest_BL = torch.arange(L, device=seg_BL.device) + torch.where(seg_BL > 0, seg_BL, n_valid_B1)
+    counts_BE = seg_BL.new_zeros(B, E + 1).scatter_add_(1, seg_BL, torch.ones_like(seg_BL))[:, 1:]
+    slot_E = torch.arange(E, device=seg_BL.device)
+    cls_BE = torch.cumsum(counts_BE, 1) - counts_BE + slot_E  # image start, after the earlier class tokens
+    cls_BE = torch.where(slot_E < n_valid_B1, cls_BE, L + slot_E)  # empty slots: at the end, as padding
+    return dest_BL, cls_BE
+
+
 def build_tower(module: nn.Module, cfg, posemb: nn.Module) -> None:
     """Attach the NaViT modules to `module`. The training model and the exported encoder both build
     themselves here, so their parameter names (and checkpoints) always match."""
     P = cfg.patch_size
-    module.patch_embed = nn.Linear(P * P * 3, cfg.width, bias=cfg.bias)
+    cls_token = getattr(cfg, "cls_token", False)
+    # With a class token the patch projection has no bias, as in CLIP's ViT (open_clip's conv1): a bias
+    # there adds one vector to every patch token, what the position table already can.
+    module.patch_embed = nn.Linear(P * P * 3, cfg.width, bias=cfg.bias and not cls_token)
+    module.cls_token = nn.Parameter(torch.randn(cfg.width) * cfg.width**-0.5) if cls_token else None
     module.posemb = posemb
     # open_clip's ln_pre: without it the first block sees raw patch projections whose scale follows the
     # pixels (flat white patches give large, identical vectors) and the position signal is swamped.
@@ -243,12 +275,19 @@ def build_tower(module: nn.Module, cfg, posemb: nn.Module) -> None:
 
 
 def embed_tokens(
-    tower: nn.Module, patches_BLC: torch.Tensor, coords_BL2: torch.Tensor, grid_BL2: torch.Tensor
+    tower: nn.Module,
+    patches_BLC: torch.Tensor,
+    coords_BL2: torch.Tensor,
+    grid_BL2: torch.Tensor,
+    is_cls_BL: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Patch projection + position embedding (+ ln_pre): the tower's input tokens [B, L, D]."""
+    """Patch projection + position embedding (+ ln_pre): the tower's input tokens [B, L, D]. Tokens
+    marked `is_cls_BL` are the class token instead (its own position vector is folded into it)."""
     x_BLD = tower.patch_embed(patches_BLC)
     if tower.posemb.kind != "none":  # plain rope2d adds nothing here (positions enter in attention)
         x_BLD = x_BLD + tower.posemb(coords_BL2, grid_BL2).to(patches_BLC.dtype)
+    if is_cls_BL is not None:
+        x_BLD = torch.where(is_cls_BL[..., None], tower.cls_token.to(x_BLD.dtype), x_BLD)
     return tower.ln_pre(x_BLD)
 
 

@@ -20,7 +20,11 @@ Variants:
                 (`rope2d_positions`), so a larger image than any trained falls inside the trained range;
                 with `rope_mode` cap, patch indices for images up to `rope_span` patches long and
                 only longer ones shrunk to span it (position interpolation).
-    rope2d+T    rope2d and the additive table T (one of the four above) together, e.g.
+    learned2d   one learned 2D table of max_grid x max_grid positions (not factorized: ViT's and
+                CLIP's, so an open_clip ViT converts into it), resampled to each image's own rows x
+                columns with antialiased bicubic interpolation (timm's `resample_abs_pos_embed`,
+                NaFlexViT's rule); read unchanged at the table's own grid.
+    rope2d+T    rope2d and the additive table T (one of the others) together, e.g.
                 rope2d+fractional: relative offsets inside attention, absolute place in the input.
 """
 
@@ -31,7 +35,7 @@ import math
 import torch
 from torch import nn
 
-TABLE_KINDS = ("learned", "fractional", "sinusoidal", "fourier")
+TABLE_KINDS = ("learned", "fractional", "sinusoidal", "fourier", "learned2d")
 POSEMB_KINDS = (*TABLE_KINDS, "rope2d", *(f"rope2d+{t}" for t in TABLE_KINDS))
 ROPE_THETA = 10000.0
 
@@ -46,6 +50,45 @@ def _interpolate_rows(table_TD: torch.Tensor, pos_BL: torch.Tensor) -> torch.Ten
     return table_TD[lo_BL] * (1 - frac_BL1) + table_TD[hi_BL] * frac_BL1
 
 
+def _cubic_aa(x: torch.Tensor) -> torch.Tensor:
+    """Keys' cubic kernel with a = -0.5, the one torch's antialiased bicubic resize uses."""
+    a = -0.5
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resample_weights(index_T: torch.Tensor, size_T: torch.Tensor, table_size: int) -> torch.Tensor:
+    """Row `index` of a table of `table_size` rows resized to `size` rows by antialiased bicubic
+    interpolation, as weights over the table's rows [T, table_size] (each token its own output size).
+
+    The same weights as `F.interpolate(..., mode="bicubic", antialias=True, align_corners=False)`
+    (torch's separable kernel: the filter widened by the scale when shrinking, weights cut at the
+    table's edges and renormalised), written as tensor ops so that every token of a packed batch is
+    resampled to its own image's grid in one product, with no per-size loop or host sync, and it
+    traces and exports. At size == table_size the weights are one-hot: the table is read unchanged.
+    """
+    G = table_size
+    size_T1 = size_T.to(torch.float32).clamp(min=1)[:, None]
+    scale_T1 = G / size_T1  # input over output
+    widen_T1 = scale_T1.clamp(min=1.0)  # the filter is stretched only when shrinking
+    center_T1 = scale_T1 * (index_T.to(torch.float32)[:, None] + 0.5)
+    j_G = torch.arange(G, device=index_T.device, dtype=torch.float32)
+    w_TG = _cubic_aa((j_G - center_T1 + 0.5) / widen_T1)
+    return w_TG / w_TG.sum(-1, keepdim=True)
+
+
+def resample_table(table_GGD: torch.Tensor, coords_L2: torch.Tensor, grid_L2: torch.Tensor) -> torch.Tensor:
+    """The 2D table [G, G, D] resampled to each token's image grid (h, w), read at its (row, col):
+    [L, D], float32. Padding (grid 0 x 0) reads a finite mix it never uses."""
+    G, D = table_GGD.shape[0], table_GGD.shape[-1]
+    wy_LG = resample_weights(coords_L2[:, 0], grid_L2[:, 0], G)
+    wx_LG = resample_weights(coords_L2[:, 1], grid_L2[:, 1], G)
+    w_LGG = wy_LG[:, :, None] * wx_LG[:, None, :]
+    return w_LGG.reshape(-1, G * G) @ table_GGD.to(torch.float32).reshape(G * G, D)
+
+
 def _sinusoid(pos_BL: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
     freq = torch.exp(
@@ -56,7 +99,7 @@ def _sinusoid(pos_BL: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class FactorizedPosEmb(nn.Module):
-    """phi_y(row) + phi_x(col) for every token of a packed batch.
+    """phi_y(row) + phi_x(col) for every token of a packed batch (learned2d: one 2D table's entry).
 
     forward(coords [B, L, 2] (row, col), grid [B, L, 2] (h, w)) -> [B, L, D] float32 (a zero for
     plain rope2d). `rope`: whether attention rotates queries and keys too (kinds rope2d, rope2d+T).
@@ -71,7 +114,9 @@ class FactorizedPosEmb(nn.Module):
         self.rope = kind.startswith("rope2d")
         kind = kind.removeprefix("rope2d").removeprefix("+") or "none"  # the additive table's kind
         self.kind, self.dim, self.max_grid = kind, dim, max_grid
-        if kind in ("learned", "fractional"):
+        if kind == "learned2d":  # ViT's init scale (open_clip's: width^-0.5)
+            self.table = nn.Parameter(torch.randn(max_grid, max_grid, dim) * dim**-0.5)
+        elif kind in ("learned", "fractional"):
             self.table_y = nn.Parameter(torch.randn(max_grid, dim) * 0.02)
             self.table_x = nn.Parameter(torch.randn(max_grid, dim) * 0.02)
         elif kind == "fourier":
@@ -102,6 +147,9 @@ class FactorizedPosEmb(nn.Module):
     def forward(self, coords_BL2: torch.Tensor, grid_BL2: torch.Tensor) -> torch.Tensor:
         if self.kind == "none":  # plain rope2d: positions enter inside attention only (with_rope2d)
             return torch.zeros((), device=coords_BL2.device)
+        if self.kind == "learned2d":
+            pos_LD = resample_table(self.table, coords_BL2.reshape(-1, 2), grid_BL2.reshape(-1, 2))
+            return pos_LD.view(*coords_BL2.shape[:-1], -1)
         return self._axis(coords_BL2[..., 0], grid_BL2[..., 0], "y") + self._axis(
             coords_BL2[..., 1], grid_BL2[..., 1], "x"
         )

@@ -34,12 +34,23 @@ class TextConfig:
     mlp_ratio: float = 4.0
     pool: str = "eot"  # eot: the last non-padding token (causal: it has seen the whole text) | map
     ln_eps: float = 1e-5
+    act: str = "gelu"  # gelu | quick_gelu (OpenAI's CLIP weights)
+    # Locking (open_clip's --lock-text): groups [token and position embeddings], each block but the
+    # last, [last block, final norm, pooling probe]; lock_unlocked_groups of them from the end stay trainable (the text
+    # projection counts as the last group); lock_norms=false keeps every LayerNorm trainable too.
+    lock: bool = False
+    lock_unlocked_groups: int = 0
+    lock_norms: bool = True
 
     def validate(self) -> None:
         if self.width % self.heads:
             raise ValueError(f"text.width={self.width} is not divisible by text.heads={self.heads}")
         if self.pool not in ("eot", "map"):
             raise ValueError(f"text.pool={self.pool!r} must be 'eot' or 'map'")
+        if self.act not in layers.ACTIVATIONS:
+            raise ValueError(f"model.text.act={self.act!r} is not one of {tuple(layers.ACTIVATIONS)}")
+        if self.lock_unlocked_groups < 0:
+            raise ValueError(f"model.text.lock_unlocked_groups={self.lock_unlocked_groups} must be >= 0")
 
 
 class CausalBlock(nn.Module):
@@ -50,7 +61,7 @@ class CausalBlock(nn.Module):
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
         self.proj = nn.Linear(cfg.width, cfg.width)
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.mlp = layers.Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio), bias=True)
+        self.mlp = layers.Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio), bias=True, act=cfg.act)
 
     checkpointing = False  # recompute activations in backward (set by distributed.parallelize)
 
@@ -118,6 +129,12 @@ class TextTransformer(nn.Module):
             ):
                 nn.init.normal_(layer.weight, std=std)
                 nn.init.zeros_(layer.bias)
+
+    def lock_groups(self) -> list[list[nn.Parameter]]:
+        """The tower's parameters in open_clip's lock groups, first to last (see TextConfig.lock)."""
+        blocks = [list(b.parameters()) for b in self.blocks]
+        last = [*blocks.pop(), *self.norm.parameters(), *([self.probe] if self.probe is not None else [])]
+        return [[*self.token_embed.parameters(), self.pos_embed], *blocks, last]
 
     def forward(self, ids_NK: torch.Tensor) -> torch.Tensor:
         """Packed: only real tokens are computed. The captions' tokens are concatenated (shortest

@@ -15,7 +15,15 @@ import torch
 from torch import nn
 
 from navit_clip.model.attention import AttentionPlan, block_attention
-from navit_clip.model.layers import build_tower, embed_tokens, init_weights, mean_pool, slot_index
+from navit_clip.model.layers import (
+    ACTIVATIONS,
+    build_tower,
+    class_token_layout,
+    embed_tokens,
+    init_weights,
+    mean_pool,
+    slot_index,
+)
 from navit_clip.model.posemb import POSEMB_KINDS, ROPE_MODES, FactorizedPosEmb, rope2d_positions, with_rope2d
 from navit_clip.packing import PackedBatch, grid_size, pack_images, unpack_slots
 
@@ -38,10 +46,19 @@ class VisionConfig:
     # 0: patch indices. A training config that omits rope_span gets its data's longest side (config.py).
     rope_span: float = 16.0
     rope_mode: str = "cap"
-    pool: str = "map"  # map | mean
+    pool: str = "map"  # map | mean | cls (the class token's output; needs cls_token)
     attn_backend: str = "auto"  # dense | grouped | flex | varlen | auto
     ln_eps: float = 1e-6
     ln_pre: bool = False  # LayerNorm on the input tokens, before the first block (open_clip's ln_pre)
+    cls_token: bool = False  # one learned class token per image, placed before its patches (CLIP's ViT)
+    act: str = "gelu"  # gelu | quick_gelu (OpenAI's CLIP weights)
+    # Locking (open_clip's --lock-image): frozen parameters get no gradient and no optimiser state.
+    # The tower's groups are [patch embedding, class token, positions, ln_pre], each block but the last,
+    # [last block, final norm, head]; lock_unlocked_groups of them, counted from the end, stay trainable (the image projection
+    # counts as the last group); lock_norms=false keeps every LayerNorm trainable too.
+    lock: bool = False
+    lock_unlocked_groups: int = 0
+    lock_norms: bool = True
 
     def validate(self) -> None:
         for name in ("patch_size", "width", "depth", "heads", "max_grid"):
@@ -49,8 +66,14 @@ class VisionConfig:
                 raise ValueError(f"model.vision.{name}={getattr(self, name)} must be positive")
         if self.width % self.heads:
             raise ValueError(f"vision.width={self.width} is not divisible by vision.heads={self.heads}")
-        if self.pool not in ("map", "mean"):
-            raise ValueError(f"vision.pool={self.pool!r} must be 'map' or 'mean'")
+        if self.pool not in ("map", "mean", "cls"):
+            raise ValueError(f"vision.pool={self.pool!r} must be 'map', 'mean' or 'cls'")
+        if self.pool == "cls" and not self.cls_token:
+            raise ValueError("model.vision.pool=cls needs model.vision.cls_token=true")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"model.vision.act={self.act!r} is not one of {tuple(ACTIVATIONS)}")
+        if self.lock_unlocked_groups < 0:
+            raise ValueError(f"model.vision.lock_unlocked_groups={self.lock_unlocked_groups} must be >= 0")
         if self.rope_span < 0:
             raise ValueError(
                 f"model.vision.rope_span={self.rope_span} must be >= 0 (0: positions in patches)"
@@ -74,7 +97,8 @@ class VisionOutput:
 
     @cached_property
     def tokens(self) -> torch.Tensor:
-        """[B, L, D] final-normed per-token features (padding rows are meaningless). Laid out on first
+        """[B, L, D] final-normed per-token features (padding rows are meaningless; class tokens are
+        not among them: their outputs are `pooled` with pool=cls). Laid out on first
         read: a flat backend's tokens are scattered back to [B, L] only for a caller that reads
         them (a VLM's encoder), not in every training step, which reads `pooled` alone."""
         return self.lay_out()
@@ -95,15 +119,20 @@ class NaViT(nn.Module):
         init_weights(self)
 
     def forward(self, batch: PackedBatch) -> VisionOutput:
-        seg_BL = batch.segment_ids
         B, E = batch.slot_valid.shape
+        seg_BL, patches, coords, grid = batch.segment_ids, batch.patches, batch.coords, batch.grid
+        is_cls = dest_BL = None
+        if self.cls_token is not None:
+            seg_BL, patches, coords, grid, is_cls, dest_BL = with_class_tokens(
+                seg_BL, patches, coords, grid, E
+            )
         plan = AttentionPlan.build(seg_BL, self.cfg.attn_backend)
-        patches, coords, grid = batch.patches, batch.coords, batch.grid
         if plan.flat:  # the backend runs on real tokens only: padding costs no compute at all
             patches, coords, grid = plan.to_flat(patches), plan.to_flat(coords), plan.to_flat(grid)
+            is_cls = plan.to_flat(is_cls) if is_cls is not None else None
         else:  # padding patches are zeroed: NaN there would reach real tokens as 0 x NaN in attention
             patches = patches.masked_fill(seg_BL.unsqueeze(-1) == 0, 0.0)
-        x = embed_tokens(self, patches, coords, grid)
+        x = embed_tokens(self, patches, coords, grid, is_cls)
         attend = partial(block_attention, plan=plan)
         if self.posemb.rope:
             pos = rope2d_positions(coords, grid, self.cfg.rope_span, self.cfg.rope_mode)
@@ -115,14 +144,28 @@ class NaViT(nn.Module):
         slot_N = plan.to_flat(slot_BL)[0] if plan.flat else slot_BL.flatten()
         if plan.flat:
             slot_N[plan.real :] = B * E  # filler pools into the spare row, dropped like padding
+        if is_cls is not None:  # cls pools the class token alone, the others pool the patches alone
+            cls_N = is_cls.flatten()
+            slot_N = torch.where(cls_N == (self.cfg.pool == "cls"), slot_N, B * E)
         x_ND = x.flatten(0, 1)  # a view either way ([1, T, D] flat): its backward copies nothing
         if self.head is not None:
             pooled = self.head(x_ND, slot_N, batch.slot_valid.flatten())
-        else:
+        else:  # the mean of one token is that token: pool=cls reads each class token's output
             pooled = mean_pool(x_ND, slot_N, B * E)
         pooled_BED = pooled.view(B, E, -1)
         lay_out = partial(plan.from_flat, x) if plan.flat else lambda: x
+        if dest_BL is not None:  # the patch tokens, back in the batch's own [B, L] layout
+            lay_out = partial(_patch_tokens, lay_out, dest_BL)
         return VisionOutput(pooled=pooled_BED, slot_valid=batch.slot_valid, lay_out=lay_out)
+
+    def lock_groups(self) -> list[list[nn.Parameter]]:
+        """The tower's parameters in open_clip's lock groups, first to last (see VisionConfig.lock)."""
+        first = [*self.patch_embed.parameters(), *self.posemb.parameters(), *self.ln_pre.parameters()]
+        if self.cls_token is not None:
+            first.append(self.cls_token)
+        blocks = [list(b.parameters()) for b in self.blocks]
+        last = [*blocks.pop(), *self.norm.parameters(), *(self.head.parameters() if self.head else [])]
+        return [first, *blocks, last]
 
     def encode_images(
         self, images: Sequence[torch.Tensor], seq_len: int = 256, max_images: int = 8
@@ -141,3 +184,38 @@ class NaViT(nn.Module):
         )
         batch.patches = batch.patches.to(next(self.parameters()).dtype)
         return unpack_slots(self(batch).pooled, batch, len(images))
+
+
+def _patch_tokens(lay_out: Callable[[], torch.Tensor], dest_BL: torch.Tensor) -> torch.Tensor:
+    x_BXD = lay_out()  # [B, L + E, D] with class tokens
+    return x_BXD.gather(1, dest_BL[..., None].expand(-1, -1, x_BXD.shape[-1]))
+
+
+def with_class_tokens(seg_BL, patches_BLC, coords_BL2, grid_BL2, E: int):
+    """A packed layout with each image's class token put before its patches (`class_token_layout`):
+    the four tensors at L + E tokens a sequence, which tokens are class tokens [B, L + E], and where
+    each old token went [B, L]. The
+    class tokens carry their image's segment id and grid, and patch (0, 0)'s coordinates (unused: the
+    class token is not position-embedded)."""
+    B, L = seg_BL.shape
+    dest_BL, cls_BE = class_token_layout(seg_BL, E)
+    slot_E = torch.arange(1, E + 1, device=seg_BL.device)
+    # each image's grid, for its class token (rope reads it); empty slots get 0 x 0, as padding does
+    grid_BE2 = grid_BL2.new_zeros(B, E + 1, 2).scatter_reduce(
+        1, seg_BL[..., None].expand(-1, -1, 2), grid_BL2, "amax"
+    )[:, 1:]
+    n_valid_B1 = seg_BL.amax(1, keepdim=True)
+
+    def place(x_BL, cls_values_BE, fill=0):
+        out = x_BL.new_full((B, L + E, *x_BL.shape[2:]), fill)
+        out.scatter_(1, dest_BL.view(B, L, *[1] * (x_BL.dim() - 2)).expand_as(x_BL), x_BL)
+        idx = cls_BE.view(B, E, *[1] * (x_BL.dim() - 2)).expand(B, E, *x_BL.shape[2:])
+        return out.scatter(1, idx, cls_values_BE.to(x_BL.dtype).expand(B, E, *x_BL.shape[2:]))
+
+    valid_BE = slot_E <= n_valid_B1
+    seg = place(seg_BL, torch.where(valid_BE, slot_E, 0))
+    is_cls = place(torch.zeros_like(seg_BL, dtype=torch.bool), valid_BE)
+    patches = place(patches_BLC, patches_BLC.new_zeros(1, 1, patches_BLC.shape[-1]))
+    coords = place(coords_BL2, coords_BL2.new_zeros(1, 1, 2))
+    grid = place(grid_BL2, grid_BE2)
+    return seg, patches, coords, grid, is_cls, dest_BL
