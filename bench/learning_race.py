@@ -45,6 +45,7 @@ import webdataset as wds
 from common import save_results
 from open_clip.loss import ClipLoss
 
+from navit_clip.checkpoint import load_weights
 from navit_clip.config import load_config, to_dict
 from navit_clip.data.demo import TASKS, ensure_demo_data
 from navit_clip.data.pipeline import PackedImageText, folder_samples, make_loader
@@ -147,14 +148,15 @@ def run_navit(
     cfg.validate()
     tc = cfg.train
     torch.manual_seed(tc.seed)
-    model = NaViTCLIP(cfg.model).to(device).train()
+    model = NaViTCLIP(cfg.model)
+    if cfg.model.init_from:
+        load_weights(cfg.model.init_from, model)
+    model = model.to(device).train()
     opt = make_optimizer(model, tc)  # navit-clip's own (fused); open_clip's below is its trainer's
     sched = Schedule(opt, tc.warmup, budgets[-1])
     loss_fn = ContrastiveLoss(cfg.loss.kind)
     autocast = autocast_for(tc.precision, device)
     batches = iter(make_loader(PackedImageText(cfg.data, tok)))
-    classnames = Path(data["classnames"]).read_text().split()
-    templates = list(data["templates"])
     print(
         f"navit-clip: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"grad_clip {tc.grad_clip}, {tc.precision}"
@@ -182,25 +184,43 @@ def run_navit(
         }
 
     def eval_fn(last: bool) -> dict:
-        model.eval()
-        classifier = build_classifier(model, tok, classnames, templates, device)
-        policies = {"native": ResolutionPolicy("native", max_side=192)}
-        if last:
-            policies.update({str(t): ResolutionPolicy("budget", tokens=t) for t in BUDGET_TOKENS})
-        else:
-            policies["36"] = ResolutionPolicy("budget", tokens=36)
-        acc = {}
-        for key, policy in policies.items():
-            dc = eval_data_config(cfg.data, data["heldout_folder"], "cls", policy, batch_seqs=8)
-            acc[f"top1_{key}"] = round(evaluate_zeroshot(model, classifier, dc, device)["top1"], 4)
-        model.train()
-        return acc
+        return navit_zeroshot(model, tok, cfg, data, device, BUDGET_TOKENS if last else (36,))
 
     result = race("navit", step_fn, eval_fn, budgets)
     if save:  # a checkpoint `navit-clip eval` reads, for looking at the raced model afterwards
         torch.save({"model": model.state_dict(), "config": to_dict(cfg)}, save)
         print(f"saved navit-clip's final weights to {save}")
     return result
+
+
+def navit_zeroshot(model, tok, cfg, data: dict, device, tokens=(36,)) -> dict:
+    """navit-clip's zero-shot top-1 on the held-out folder at native size (longer side up to 192 px)
+    and at each token budget per image (aspect kept), in float32; the model is left in train mode."""
+    model.eval()
+    classnames = Path(data["classnames"]).read_text().split()
+    classifier = build_classifier(model, tok, classnames, list(data["templates"]), device)
+    policies = {"native": ResolutionPolicy("native", max_side=192)}
+    policies.update({str(t): ResolutionPolicy("budget", tokens=t) for t in tokens})
+    acc = {}
+    for key, policy in policies.items():
+        dc = eval_data_config(cfg.data, data["heldout_folder"], "cls", policy, batch_seqs=8)
+        acc[f"top1_{key}"] = round(evaluate_zeroshot(model, classifier, dc, device)["top1"], 4)
+    model.train()
+    return acc
+
+
+# open_clip's side: its CLIP at the ViT-Ti shape (a model-config dict, as open_clip's JSON files hold)
+OPENCLIP_CONFIG = {
+    "embed_dim": 256,
+    "vision_cfg": {
+        "image_size": OPENCLIP_SIZE,
+        "layers": 6,
+        "width": 192,
+        "head_width": 64,
+        "patch_size": 16,
+    },
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 192, "heads": 3, "layers": 4},
+}
 
 
 def run_openclip(
@@ -210,19 +230,13 @@ def run_openclip(
     device: torch.device,
     seed: int = 0,
     precision: str = "fp32",
+    model: torch.nn.Module | None = None,
+    lr: float = SHARED["lr"],
+    warmup: int = SHARED["warmup"],
 ) -> dict:
+    """open_clip's model and loss in its trainer's loop; `model`: start from it (trained in place)."""
     torch.manual_seed(seed)
-    model = open_clip.CLIP(
-        embed_dim=256,
-        vision_cfg={
-            "image_size": OPENCLIP_SIZE,
-            "layers": 6,
-            "width": 192,
-            "head_width": 64,
-            "patch_size": 16,
-        },
-        text_cfg={"context_length": 32, "vocab_size": 49408, "width": 192, "heads": 3, "layers": 4},
-    ).to(device)
+    model = (model if model is not None else open_clip.CLIP(**OPENCLIP_CONFIG)).to(device)
     train_tf = open_clip.image_transform(OPENCLIP_SIZE, is_train=True)
     val_tf = open_clip.image_transform(OPENCLIP_SIZE, is_train=False)
     tok = open_clip.get_tokenizer("ViT-B-32", context_length=32)
@@ -234,11 +248,11 @@ def run_openclip(
             {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
             {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": SHARED["weight_decay"]},
         ],
-        lr=SHARED["lr"],
+        lr=lr,
         betas=(0.9, 0.98),
         eps=1e-6,
     )
-    sched = Schedule(opt, SHARED["warmup"], budgets[-1])
+    sched = Schedule(opt, warmup, budgets[-1])
     loss_fn = ClipLoss()
     autocast = autocast_for(precision, device)
     pipeline = wds.DataPipeline(
