@@ -154,7 +154,7 @@ def run_navit(
     model = model.to(device).train()
     opt = make_optimizer(model, tc)  # navit-clip's own (fused); open_clip's below is its trainer's
     sched = Schedule(opt, tc.warmup, budgets[-1])
-    loss_fn = ContrastiveLoss(cfg.loss.kind)
+    loss_fn = ContrastiveLoss(cfg.loss.kind, comm_dtype=cfg.loss.comm_dtype)
     autocast = autocast_for(tc.precision, device)
     batches = iter(make_loader(PackedImageText(cfg.data, tok)))
     print(

@@ -30,12 +30,23 @@ class LossConfig:
     kind: str = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
     tile_size: int = 1024
     direct_max_slots: int = 2048
+    # ring: one ring of all ranks | hierarchical: a ring per node, node blocks between nodes (nodes - 1
+    # inter-node hops, not ranks - 1) | auto: hierarchical when the ranks span several nodes
+    topology: str = "auto"
+    group_size: int = 0  # ranks per node for hierarchical (0: torchrun's LOCAL_WORLD_SIZE)
+    comm_dtype: str = "float32"  # float32 (exact) | bf16: text chunks travel in bf16, tiles in float32
 
     def validate(self) -> None:
         if self.kind not in ("softmax", "sigmoid"):
             raise ValueError(f"loss.kind={self.kind!r} must be 'softmax' or 'sigmoid'")
         if self.tile_size < 1:
             raise ValueError(f"loss.tile_size={self.tile_size} must be positive")
+        if self.topology not in ("ring", "hierarchical", "auto"):
+            raise ValueError(f"loss.topology={self.topology!r} must be ring, hierarchical or auto")
+        if self.group_size < 0:
+            raise ValueError(f"loss.group_size={self.group_size} must be >= 0 (0: LOCAL_WORLD_SIZE)")
+        if self.comm_dtype not in ("float32", "bf16"):
+            raise ValueError(f"loss.comm_dtype={self.comm_dtype!r} must be float32 or bf16")
 
 
 @dataclass

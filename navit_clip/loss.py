@@ -4,6 +4,16 @@ Neither the global N x N nor the local b x N logit matrix is ever built: every r
 embeddings, text chunks travel around the ring (send to rank+1, receive from rank-1) in tiles, and
 the backward pass recomputes tiles instead of saving them. Memory saved for backward is O(b * D).
 
+Topologies (`topology`): `ring`, one ring of all W ranks: W - 1 sequential hops, each of which, in a
+job over several nodes, crosses a node boundary somewhere and waits on the network's latency.
+`hierarchical`, a two-level ring for W = nodes x g ranks (g per node, consecutive ranks): the chunks a
+rank holds go once around its node's ring (g - 1 hops over the fast link), then move on, all g of a
+node's chunks at once, one per rank, to the same local rank of the next node (one inter-node hop),
+nodes times; nodes - 1 inter-node hops in all, each carrying one node's block, and the inter-node
+transfer overlaps the intra-node ring. The column statistics (forward) and text gradients (backward)
+travel with their chunk either way and end with its owner. Both compute the same sums in a different
+order: equal within float32 rounding.
+
 Shape legend: b local slots, D embedding width, t rows/columns of one tile, W world size,
 N valid slots in the global batch (all ranks).
 
@@ -20,6 +30,7 @@ The loss imports no model code: it sees embeddings, a validity mask and the temp
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -30,10 +41,20 @@ from torch import nn
 NEG_INF = float("-inf")
 
 
-class _Ring:
-    """Point-to-point neighbours of this rank in `group` (or a single process with no group)."""
+TOPOLOGIES = ("ring", "hierarchical", "auto")
+_node_groups: dict[tuple, tuple] = {}
 
-    def __init__(self, group: dist.ProcessGroup | None):
+
+class _Ring:
+    """Point-to-point neighbours of this rank in `group` (or a single process with no group), and how
+    chunks go around all ranks (`around`): this ring, or the two levels `inner` (the node) and `outer`
+    (the same local rank on every node) of a hierarchical topology."""
+
+    level = "ring"  # which link a ring's hops take: ring (flat), node (intra-node), nodes (inter-node)
+    inner: _Ring | None = None
+    outer: _Ring | None = None
+
+    def __init__(self, group: dist.ProcessGroup | None, topology: str = "ring", group_size: int = 0):
         if group is None and not (dist.is_available() and dist.is_initialized()):
             self.group, self.rank, self.world = None, 0, 1
             return
@@ -42,6 +63,17 @@ class _Ring:
         self.rank = dist.get_rank(self.group)
         self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.world)
         self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.world)
+        if resolve_topology(topology, self.world, group_size) == "hierarchical":
+            inner, outer = _levels(self.group, self.world, group_size)
+            self.inner, self.outer = _Ring(inner), _Ring(outer)
+            self.inner.level, self.outer.level = "node", "nodes"
+
+    def around(self, chunk: list[torch.Tensor], carry: list[torch.Tensor], visit) -> list[torch.Tensor]:
+        """Every rank visits every rank's chunk once (`visit(step, chunk, carry)`, step 0 its own);
+        each carry ends with its chunk's owner (see `_ring_pass`, `_two_level_pass`)."""
+        if self.inner is None:
+            return _ring_pass(self, chunk, carry, visit)
+        return _two_level_pass(self.outer, self.inner, chunk, carry, visit)
 
     def start_shift(self, tensors: list[torch.Tensor], first_tag: int = 0) -> tuple[list[torch.Tensor], list]:
         """Post sends of `tensors` to rank+1 and receives of the same shapes from rank-1.
@@ -80,6 +112,68 @@ class _Ring:
                 f"every rank must pass the same number of slots to the loss; got {sorted(sizes)}"
             )
         return int(sum(int(g[1]) for g in gathered))
+
+
+def resolve_topology(topology: str, world: int, group_size: int) -> str:
+    """`ring` or `hierarchical` for `world` ranks in nodes of `group_size` (0: unknown). `auto` is
+    hierarchical when the ranks span more than one node of more than one rank."""
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"loss topology={topology!r} is not one of {TOPOLOGIES}")
+    if topology == "ring" or world == 1:
+        return "ring"
+    if group_size < 1:
+        if topology == "auto":
+            return "ring"
+        raise ValueError(
+            "loss.topology=hierarchical needs the ranks per node: run under torchrun (LOCAL_WORLD_SIZE) "
+            "or set loss.group_size"
+        )
+    if world % group_size:
+        if topology == "auto":  # nodes of different sizes: the flat ring serves them all
+            return "ring"
+        raise ValueError(
+            f"loss.group_size={group_size} does not divide the {world} ranks into whole nodes; set "
+            "loss.group_size to the ranks per node, or loss.topology=ring"
+        )
+    if topology == "auto" and not (1 < group_size < world):
+        return "ring"
+    return "hierarchical"
+
+
+def _levels(group: dist.ProcessGroup, world: int, g: int) -> tuple:
+    """This rank's node group (g consecutive ranks of `group`) and its peers group (the ranks with
+    its local index on every node), made once per (ranks, g) and reused. Only the member ranks make
+    each group (use_local_synchronization), so `group` may be any subgroup."""
+    ranks = tuple(dist.get_global_rank(group, i) for i in range(world))
+    key = (ranks, g)
+    if key not in _node_groups:
+        me = dist.get_rank(group)
+        node, local = divmod(me, g)
+        inner = dist.new_group(list(ranks[node * g : (node + 1) * g]), use_local_synchronization=True)
+        outer = dist.new_group(list(ranks[local::g]), use_local_synchronization=True)
+        _node_groups[key] = (inner, outer)
+    return _node_groups[key]
+
+
+def _two_level_pass(outer: _Ring, inner: _Ring, chunk, carry, visit) -> list[torch.Tensor]:
+    """`_ring_pass` over nodes x g ranks: at outer step k this rank holds the chunk of its local
+    peer on node - k; that chunk (with its carry) goes around the node's ring, every rank of the node
+    visiting it, and meanwhile (overlapped) the chunk is sent on to the next node. After the inner
+    pass the carry is back with the holder and follows the chunk. Step numbers k * g + j (j the inner
+    step) are 0 for this rank's own chunk only."""
+    g = inner.world
+    for k in range(outer.world):
+        last = k == outer.world - 1
+        if not last:
+            incoming, works = outer.start_shift(chunk, first_tag=2 * len(chunk) + len(carry))
+        carry = _ring_pass(inner, chunk, carry, lambda j, c, cr, k=k: visit(k * g + j, c, cr))
+        if outer.world > 1:
+            carry = outer.shift(carry, first_tag=3 * len(chunk) + len(carry))
+        if not last:
+            for w in works:
+                w.wait()
+            chunk = incoming
+    return carry
 
 
 def _ring_pass(
@@ -184,8 +278,8 @@ class _SoftmaxRing(torch.autograd.Function):
     the positive's own term is exactly 0 and the dominant near-positives are small differences."""
 
     @staticmethod
-    def forward(ctx, img_bD, txt_bD, valid_b, scale, ring: _Ring, tile: int, n_global: int):
-        I_bD, T_bD, s = _acc(img_bD, txt_bD, scale)
+    def forward(ctx, img_bD, txt_bD, valid_b, scale, ring: _Ring, tile: int, n_global: int, comm=None):
+        I_bD, T_bD, s = _acc(img_bD, _as_sent(txt_bD, comm), scale)
         row_m_b = torch.full((I_bD.shape[0],), NEG_INF, dtype=I_bD.dtype, device=I_bD.device)
         row_S_b = torch.zeros_like(row_m_b)
         bias_b = _masked_bias(valid_b, I_bD.dtype)
@@ -193,6 +287,7 @@ class _SoftmaxRing(torch.autograd.Function):
 
         def visit(step, chunk, carry):
             Tc_bD, bias_c_b, pos_c_b = chunk
+            Tc_bD = Tc_bD.to(I_bD.dtype)
             col_m_b, col_S_b = carry
             for rows in _tiles(I_bD.shape[0], tile):
                 for cols in _tiles(Tc_bD.shape[0], tile):
@@ -204,7 +299,7 @@ class _SoftmaxRing(torch.autograd.Function):
                     _fold(col_m_b[cols], col_S_b[cols], z_tt, 0)
 
         start = [torch.full_like(row_m_b, NEG_INF), torch.zeros_like(row_S_b)]
-        col_m_b, col_S_b = _ring_pass(ring, [T_bD, bias_b, pos_b], start, visit)
+        col_m_b, col_S_b = ring.around([_sent(T_bD, comm), bias_b, pos_b], start, visit)
         # Per slot, LSE - positive = m + log S of the centred logits: small numbers, summed in float64.
         row_log_S, col_log_S = row_S_b.log(), col_S_b.log()
         per_slot_b = (row_m_b + row_log_S + col_m_b + col_log_S)[valid_b]
@@ -218,14 +313,14 @@ class _SoftmaxRing(torch.autograd.Function):
             scale,
             *(x.masked_fill(~valid_b, 0) for x in (row_m_b, row_log_S, col_m_b, col_log_S)),
         )
-        ctx.ring, ctx.tile, ctx.n_global = ring, tile, n_global
+        ctx.ring, ctx.tile, ctx.n_global, ctx.comm = ring, tile, n_global, comm
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         img_bD, txt_bD, valid_b, scale, row_m_b, row_log_S, col_m_b, col_log_S = ctx.saved_tensors
-        ring, tile, n = ctx.ring, ctx.tile, ctx.n_global
-        I_bD, T_bD, s = _acc(img_bD, txt_bD, scale)
+        ring, tile, n, comm = ctx.ring, ctx.tile, ctx.n_global, ctx.comm
+        I_bD, T_bD, s = _acc(img_bD, _as_sent(txt_bD, comm), scale)
         bias_b = _masked_bias(valid_b, I_bD.dtype)
         pos_b = _positives(I_bD, T_bD)
         dI_bD = torch.zeros_like(I_bD)
@@ -235,6 +330,7 @@ class _SoftmaxRing(torch.autograd.Function):
         def visit(step, chunk, carry):
             nonlocal pd
             Tc_bD, bias_c_b, pos_c_b, col_m_c_b, col_log_S_c_b = chunk
+            Tc_bD = Tc_bD.to(I_bD.dtype)
             (dTc_bD,) = carry
             for rows in _tiles(I_bD.shape[0], tile):
                 for cols in _tiles(Tc_bD.shape[0], tile):
@@ -261,8 +357,8 @@ class _SoftmaxRing(torch.autograd.Function):
                     dI_bD[rows] += G_tt @ Tc_bD[cols]
                     dTc_bD[cols] += G_tt.T @ I_bD[rows]
 
-        chunk = [T_bD, bias_b, pos_b, col_m_b, col_log_S]
-        (dT_bD,) = _ring_pass(ring, chunk, [torch.zeros_like(T_bD)], visit)
+        chunk = [_sent(T_bD, comm), bias_b, pos_b, col_m_b, col_log_S]
+        (dT_bD,) = ring.around(chunk, [torch.zeros_like(T_bD)], visit)
         # dL/ds from the centred differences: no cancellation, ~1e-6 of a float64 reference at
         # late-training temperatures (uncentred, summed from the logits: 4-8e-6).
         ds = pd / (2 * n)
@@ -277,13 +373,16 @@ class _SoftmaxRing(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
 class _SigmoidRing(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, img_bD, txt_bD, valid_b, scale, logit_bias, ring: _Ring, tile: int, n_global: int):
-        I_bD, T_bD, s, beta = _acc(img_bD, txt_bD, scale, logit_bias)
+    def forward(
+        ctx, img_bD, txt_bD, valid_b, scale, logit_bias, ring: _Ring, tile: int, n_global: int, comm=None
+    ):
+        I_bD, T_bD, s, beta = _acc(img_bD, _as_sent(txt_bD, comm), scale, logit_bias)
         bias_b = _masked_bias(valid_b, I_bD.dtype)
         total = torch.zeros((), dtype=I_bD.dtype, device=I_bD.device)
         Is_bD = I_bD * s
@@ -291,6 +390,7 @@ class _SigmoidRing(torch.autograd.Function):
         def visit(step, chunk, carry):
             nonlocal total
             Tc_bD, bias_c_b = chunk
+            Tc_bD = Tc_bD.to(I_bD.dtype)
             for rows in _tiles(Is_bD.shape[0], tile):
                 for cols in _tiles(Tc_bD.shape[0], tile):
                     x_tt = Is_bD[rows] @ Tc_bD[cols].T + beta
@@ -298,20 +398,20 @@ class _SigmoidRing(torch.autograd.Function):
                     keep_tt = torch.isfinite(bias_b[rows, None] + bias_c_b[None, cols])
                     total += F.softplus(x_tt).masked_fill(~keep_tt, 0).sum()
 
-        _ring_pass(ring, [T_bD, bias_b], [], visit)
+        ring.around([_sent(T_bD, comm), bias_b], [], visit)
         # Positive pairs: softplus(-x) - softplus(x) = -x corrects the diagonal, which was counted as negative.
         diag_b = (Is_bD * T_bD).sum(1) + beta
         local = (total - diag_b[valid_b].sum()) / n_global
         loss = ring.all_reduce_sum(local.detach().clone())
         ctx.save_for_backward(img_bD, txt_bD, valid_b, scale, logit_bias)
-        ctx.ring, ctx.tile, ctx.n_global = ring, tile, n_global
+        ctx.ring, ctx.tile, ctx.n_global, ctx.comm = ring, tile, n_global, comm
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         img_bD, txt_bD, valid_b, scale, logit_bias = ctx.saved_tensors
-        ring, tile, n = ctx.ring, ctx.tile, ctx.n_global
-        I_bD, T_bD, s, beta = _acc(img_bD, txt_bD, scale, logit_bias)
+        ring, tile, n, comm = ctx.ring, ctx.tile, ctx.n_global, ctx.comm
+        I_bD, T_bD, s, beta = _acc(img_bD, _as_sent(txt_bD, comm), scale, logit_bias)
         bias_b = _masked_bias(valid_b, I_bD.dtype)
         dI_bD = torch.zeros_like(I_bD)
         ds = torch.zeros((), dtype=I_bD.dtype, device=I_bD.device)
@@ -320,6 +420,7 @@ class _SigmoidRing(torch.autograd.Function):
         def visit(step, chunk, carry):
             nonlocal ds, dbeta
             Tc_bD, bias_c_b = chunk
+            Tc_bD = Tc_bD.to(I_bD.dtype)
             (dTc_bD,) = carry
             for rows in _tiles(I_bD.shape[0], tile):
                 for cols in _tiles(Tc_bD.shape[0], tile):
@@ -331,7 +432,7 @@ class _SigmoidRing(torch.autograd.Function):
                     ds += (G_tt * dot_tt).sum()
                     dbeta += G_tt.sum()
 
-        (dT_bD,) = _ring_pass(ring, [T_bD, bias_b], [torch.zeros_like(T_bD)], visit)
+        (dT_bD,) = ring.around([_sent(T_bD, comm), bias_b], [torch.zeros_like(T_bD)], visit)
         v_b1 = valid_b[:, None].to(I_bD.dtype)
         dI_bD -= T_bD * v_b1 / n
         dT_bD -= I_bD * v_b1 / n
@@ -347,7 +448,38 @@ class _SigmoidRing(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
+
+
+COMM_DTYPES = {"float32": None, "bf16": torch.bfloat16}
+
+
+def _as_sent(txt_bD: torch.Tensor, comm: torch.dtype | None) -> torch.Tensor:
+    """The text embeddings as every rank sees them: rounded to the dtype chunks travel in (comm), on
+    the owner too, so that every tile of every rank is computed from the same values and the forward,
+    backward and all ranks agree. Unchanged when chunks travel in their own dtype."""
+    return txt_bD if comm is None or txt_bD.dtype == comm else txt_bD.to(comm)
+
+
+def _sent(T_bD: torch.Tensor, comm: torch.dtype | None) -> torch.Tensor:
+    """What goes on the wire: the (already rounded) embeddings in `comm`, half the bytes for bf16;
+    the receiver computes its tiles in the accumulation dtype (`Tc_bD.to(I_bD.dtype)`)."""
+    return T_bD if comm is None else T_bD.to(comm)
+
+
+def _comm(comm_dtype: str) -> torch.dtype | None:
+    if comm_dtype not in COMM_DTYPES:
+        raise ValueError(f"loss comm_dtype={comm_dtype!r} is not one of {tuple(COMM_DTYPES)}")
+    return COMM_DTYPES[comm_dtype]
+
+
+def _rounded(txt_bD: torch.Tensor, comm: torch.dtype | None) -> torch.Tensor:
+    """`_as_sent` for the autograd path: rounded values, the float32 gradient passed straight through
+    (as the ring's backward passes it; a plain cast would round the gradient to bf16 too)."""
+    if comm is None:
+        return txt_bD
+    return txt_bD + (txt_bD.to(comm).to(txt_bD.dtype) - txt_bD).detach()
 
 
 def _direct_clip_loss(img_bD, txt_bD, valid_b, scale) -> torch.Tensor:
@@ -405,6 +537,9 @@ def clip_loss(
     tile_size: int = 1024,
     max_scale: float = 100.0,
     direct_max_slots: int = 2048,
+    topology: str = "ring",
+    group_size: int = 0,
+    comm_dtype: str = "float32",
 ) -> torch.Tensor:
     """Exact symmetric CLIP loss over the global batch of every rank in `group`.
 
@@ -420,6 +555,13 @@ def clip_loss(
         tile_size: rows/columns of one logit tile; bounds the transient memory to tile_size^2 floats.
         direct_max_slots: in a single process with at most this many slots, ordinary autograd over
             the b x b matrix is used (faster for small batches); otherwise the tiled path.
+        topology: `ring`, `hierarchical` (two levels: nodes of `group_size` consecutive ranks; see the
+            module's docstring) or `auto` (hierarchical over more than one node).
+        group_size: ranks per node for the hierarchical topology (0: not known; `ContrastiveLoss`
+            reads torchrun's LOCAL_WORLD_SIZE).
+        comm_dtype: `float32` (exact), or `bf16`: text chunks travel in bfloat16 (half the bytes),
+            tiles and statistics stay float32; the text embeddings enter the loss rounded to bf16 on
+            every rank and path (one process too), so all ranks compute one function.
     Returns:
         The global loss (the same value on every rank).
 
@@ -429,13 +571,13 @@ def clip_loss(
     gradient yourself; without DDP/FSDP averaging, divide gradients by W.
     """
     valid = _check_inputs(image_emb, text_emb, valid)
-    ring = _Ring(group)
+    ring, comm = _Ring(group, topology, group_size), _comm(comm_dtype)
     scale = logit_scale.exp().clamp(max=max_scale).reshape(())  # open_clip-style 0-d or FSDP-style [1]
     with _no_autocast(image_emb):
         if ring.world == 1 and image_emb.shape[0] <= direct_max_slots:
-            return _direct_clip_loss(image_emb, text_emb, valid, scale)
+            return _direct_clip_loss(image_emb, _rounded(text_emb, comm), valid, scale)
         n_global = max(ring.global_count(valid), 1)
-        return _SoftmaxRing.apply(image_emb, text_emb, valid, scale, ring, tile_size, n_global)
+        return _SoftmaxRing.apply(image_emb, text_emb, valid, scale, ring, tile_size, n_global, comm)
 
 
 def sigmoid_loss(
@@ -448,6 +590,9 @@ def sigmoid_loss(
     tile_size: int = 1024,
     max_scale: float = 100.0,
     direct_max_slots: int = 2048,
+    topology: str = "ring",
+    group_size: int = 0,
+    comm_dtype: str = "float32",
 ) -> torch.Tensor:
     """Exact SigLIP loss -(1/N) sum_ij log sigmoid(y_ij (s <I_i, T_j> + bias)) over the global batch.
 
@@ -455,14 +600,15 @@ def sigmoid_loss(
     convention as `clip_loss`, plus the learnable `logit_bias`.
     """
     valid = _check_inputs(image_emb, text_emb, valid)
-    ring = _Ring(group)
+    ring, comm = _Ring(group, topology, group_size), _comm(comm_dtype)
     scale = logit_scale.exp().clamp(max=max_scale).reshape(())  # open_clip-style 0-d or FSDP-style [1]
     with _no_autocast(image_emb):
         if ring.world == 1 and image_emb.shape[0] <= direct_max_slots:
+            text_emb = _rounded(text_emb, comm)
             return _direct_sigmoid_loss(image_emb, text_emb, valid, scale, logit_bias.reshape(()))
         n_global = max(ring.global_count(valid), 1)
         return _SigmoidRing.apply(
-            image_emb, text_emb, valid, scale, logit_bias.reshape(()), ring, tile_size, n_global
+            image_emb, text_emb, valid, scale, logit_bias.reshape(()), ring, tile_size, n_global, comm
         )
 
 
@@ -485,14 +631,23 @@ class ContrastiveLoss(nn.Module):
         tile_size: int = 1024,
         max_scale: float = 100.0,
         direct_max_slots: int = 2048,
+        topology: str = "ring",
+        group_size: int = 0,
+        comm_dtype: str = "float32",
     ):
         super().__init__()
         if kind not in ("softmax", "sigmoid"):
             raise ValueError(f"loss kind={kind!r} must be 'softmax' or 'sigmoid'")
         if tile_size < 1:
             raise ValueError(f"tile_size={tile_size} must be positive")
+        if topology not in TOPOLOGIES:
+            raise ValueError(f"loss topology={topology!r} is not one of {TOPOLOGIES}")
+        _comm(comm_dtype)
         self.kind, self.group, self.tile_size = kind, group, tile_size
         self.max_scale, self.direct_max_slots = max_scale, direct_max_slots
+        # ranks per node: given, else torchrun's (the ranks it started on this node)
+        self.topology, self.comm_dtype = topology, comm_dtype
+        self.group_size = group_size or int(os.environ.get("LOCAL_WORLD_SIZE", 0))
         self._checked = False
 
     def forward(
@@ -518,6 +673,9 @@ class ContrastiveLoss(nn.Module):
             tile_size=self.tile_size,
             max_scale=self.max_scale,
             direct_max_slots=self.direct_max_slots,
+            topology=self.topology,
+            group_size=self.group_size,
+            comm_dtype=self.comm_dtype,
         )
         if self.kind == "sigmoid":
             if logit_bias is None:

@@ -277,8 +277,14 @@ def build(cfg: Config, info: DistInfo, tokenizer) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(tc.warmup, tc.steps, tc.min_lr / tc.lr)
     )
+    lc = cfg.loss
     loss_fn = ContrastiveLoss(
-        cfg.loss.kind, tile_size=cfg.loss.tile_size, direct_max_slots=cfg.loss.direct_max_slots
+        lc.kind,
+        tile_size=lc.tile_size,
+        direct_max_slots=lc.direct_max_slots,
+        topology=lc.topology,
+        group_size=lc.group_size,
+        comm_dtype=lc.comm_dtype,
     )
     autocast = autocast_for(tc.precision, info.device)
     return Run(cfg, info, out, resolved, tokenizer, model, wrapped, optimizer, scheduler, loss_fn, autocast)

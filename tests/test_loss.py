@@ -159,6 +159,47 @@ def test_ring_loss_matches_references(world):
     run_world(world, _all_checks)
 
 
+def _hierarchical_checks(rank, world, group_size):
+    """The two-level ring against the float64 reference (as the flat ring is checked) and against
+    the flat ring itself, same inputs, every gradient; both directions, padding and an empty rank."""
+    two_level = dict(tile_size=TILE, direct_max_slots=0, topology="hierarchical", group_size=group_size)
+    for kind in ("softmax", "sigmoid"):
+        for masked in (False, True):
+            _check_against_reference(rank, world, kind, masked, torch.float32, 1e-6, two_level)
+            _check_against_reference(rank, world, kind, masked, torch.float64, 1e-10, two_level)
+            problem = (*make_problem(world, masked, seed=1), 2.5, -1.0)
+            flat = ours_on_rank(kind, rank, world, *problem, tile_size=TILE, direct_max_slots=0)
+            ours = ours_on_rank(kind, rank, world, *problem, **two_level)
+            assert rel(ours[0], flat[0]) < 1e-6
+            for a, b in zip([*ours[1], ours[2], ours[3]], [*flat[1], flat[2], flat[3]]):
+                assert rel(a, b) < 1e-6, (kind, masked, rel(a, b))
+
+
+@pytest.mark.parametrize("world, group_size", [(8, 4), (8, 2), (6, 2)])
+def test_hierarchical_loss_equals_the_reference_and_the_flat_ring(world, group_size):
+    """8 ranks as 2 nodes x 4 and 4 x 2, 6 as 3 x 2 (masked problems: uneven padding per rank and a
+    last rank with no valid slot)."""
+    run_world(world, _hierarchical_checks, group_size)
+
+
+def test_topology_is_resolved_and_checked():
+    from navit_clip.loss import resolve_topology
+
+    assert resolve_topology("auto", 16, 8) == "hierarchical"
+    assert resolve_topology("auto", 8, 8) == "ring"  # one node
+    assert resolve_topology("auto", 8, 0) == "ring"  # unknown node size
+    assert resolve_topology("auto", 12, 8) == "ring"  # uneven nodes
+    assert resolve_topology("hierarchical", 1, 0) == "ring"  # one process: nothing travels
+    with pytest.raises(ValueError, match="group_size"):
+        resolve_topology("hierarchical", 8, 0)
+    with pytest.raises(ValueError, match="whole nodes"):
+        resolve_topology("hierarchical", 12, 8)
+    with pytest.raises(ValueError, match="topology"):
+        ContrastiveLoss(topology="tree")
+    with pytest.raises(ValueError, match="comm_dtype"):
+        ContrastiveLoss(comm_dtype="fp8")
+
+
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_single_process_without_group_both_paths(kind, masked):
@@ -340,3 +381,27 @@ def test_loss_runs_in_float32_inside_bf16_autocast(kind, direct_max_slots):
     for a, b in zip(mixed, plain):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _bf16_chunks_check(rank, world):
+    """comm_dtype=bf16 on a two-level ring of 2 x 2 ranks is one function with the one-process loss
+    of the same option (text rounded to bf16 everywhere), and near the float32 loss."""
+    alone = [dist.new_group([r]) for r in range(world)][rank]
+    Xi, Xt, Wi, Wt, valid = make_problem(world, masked=True)
+    t0 = 2.0
+    W1i, W1t = Wi.float().clone().requires_grad_(), Wt.float().clone().requires_grad_()
+    t1 = torch.tensor(t0, requires_grad=True)
+    I, T = F.normalize(Xi.float() @ W1i, dim=-1), F.normalize(Xt.float() @ W1t, dim=-1)
+    one = clip_loss(I, T, valid, t1, group=alone, comm_dtype="bf16")  # the direct path
+    one.backward()
+    full = clip_loss(I.detach(), T.detach(), valid, t1.detach(), group=alone)  # float32 chunks
+    opts = dict(tile_size=TILE, direct_max_slots=0, topology="hierarchical", group_size=2, comm_dtype="bf16")
+    loss, grads, _, dT = ours_on_rank("softmax", rank, world, Xi, Xt, Wi, Wt, valid, t0, 0.0, **opts)
+    assert rel(loss, one) < 1e-6, rel(loss, one)
+    for g, want in zip(grads, (W1i.grad, W1t.grad, t1.grad)):
+        assert rel(g, want) < 1e-5, rel(g, want)
+    assert 0 < rel(loss, full) < 1e-2  # bf16 chunks change the loss, a little
+
+
+def test_bf16_chunks_are_one_function_on_any_topology():
+    run_world(4, _bf16_chunks_check)
