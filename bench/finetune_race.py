@@ -17,14 +17,16 @@ read there through their exact conversion, which is open_clip's model with its p
 resampled to each image's grid by timm's rule (tests/test_openclip.py): how an open_clip user runs a
 checkpoint at another size. open_clip's own 96 x 96 centre-crop accuracy is printed beside it.
 
-    python bench/finetune_race.py                       -> bench/results/finetune_race.json
-    python bench/finetune_race.py --pretrain 120 --budget 60 --seed 1
+    python bench/finetune_race.py                       -> bench/results/finetune_race.json (3 seeds)
+    python bench/finetune_race.py --seeds 0 --pretrain 120 --budget 60
+    python bench/finetune_race.py --only-navit data.token_drop.kind=none      (an ablation of (b))
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -59,73 +61,97 @@ def zeroshot_of_openclip(oc_model, data: dict, device) -> dict:
     return navit_zeroshot(navit.to(device), tokenizer_for(cfg), cfg, data, device, BUDGET_TOKENS)
 
 
+def one_race(args, seed: int, data: dict, device, precision: str, oc_precision: str) -> dict:
+    """Pretrain (or reuse, --only-navit), then (a) and (b); every figure of one seed."""
+    work = ROOT / "bench" / "results" / "finetune_race" / f"seed{seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    saved = work / "results.json"
+    if args.only_navit:
+        previous = json.loads(saved.read_text())
+        out = {k: previous[k] for k in ("pretrained_top1_96px", "pretrained", "openclip")}
+    else:
+        print(f"== seed {seed}: 0. open_clip pretrains at 96 x 96 for {args.pretrain:.0f} s")
+        torch.manual_seed(seed)
+        oc = open_clip.CLIP(**OPENCLIP_CONFIG)
+        pre = run_openclip(data, [args.pretrain], 0.0, device, seed, oc_precision, model=oc)
+        out = {"pretrained_top1_96px": pre[f"at_{args.pretrain:.0f}s"]["top1_96px"]}
+        (work / "vit-ti.json").write_text(json.dumps(OPENCLIP_CONFIG))
+        weights = {k: t.detach().cpu().contiguous() for k, t in oc.state_dict().items()}
+        save_file(weights, str(work / "pretrained.safetensors"))
+        out["pretrained"] = zeroshot_of_openclip(oc, data, device)
+        print(f"  pretrained checkpoint: {out['pretrained']}")
+
+        print(f"== seed {seed}: (a) open_clip continues at 96 x 96 for {args.budget:.0f} s")
+        oc.load_state_dict(weights)
+        a = run_openclip(data, [args.budget], 0.0, device, seed + 1, oc_precision, oc, args.lr, WARMUP)
+        out["openclip"] = {**a[f"at_{args.budget:.0f}s"], **zeroshot_of_openclip(oc, data, device)}
+
+    print(f"== seed {seed}: (b) navit-clip continues from the converted checkpoint for {args.budget:.0f} s")
+    converted = convert_openclip(
+        str(work / "vit-ti.json"), work / "pretrained.safetensors", work / "converted.pt"
+    )
+    overrides = [*RECIPE, f"model.init_from={converted}", f"train.lr={args.lr}", f"train.warmup={WARMUP}"]
+    b = run_navit(data, [args.budget], overrides + args.overrides, device, seed=seed + 1, precision=precision)
+    out["navit"] = b[f"at_{args.budget:.0f}s"]
+    if not args.only_navit:
+        saved.write_text(json.dumps(out))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pretrain", type=float, default=90.0, help="seconds of open_clip pretraining")
     ap.add_argument("--budget", type=float, default=90.0, help="seconds each side continues")
     ap.add_argument("--lr", type=float, default=2e-4, help="the fine-tuning peak learning rate, both sides")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated: a whole race each (pretraining too)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data", help="where the shape task is generated (default bench/results/race_data)")
+    ap.add_argument(
+        "--only-navit",
+        action="store_true",
+        help="ablations: reuse each seed's last pretrained checkpoint and open_clip figures, rerun (b) only",
+    )
+    ap.add_argument("overrides", nargs="*", help="navit-clip config overrides for (b), section.key=value")
     args = ap.parse_args()
     device = torch.device(args.device)
     precision = resolve_precision("auto", device)
     oc_precision = "fp32" if device.type == "cpu" else precision  # open_clip's best on CPU (learning_race)
     data = race_data("shapes", args.data)
-    work = ROOT / "bench" / "results" / "finetune_race"
-    work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"pretrain_s": args.pretrain, "budget_s": args.budget, "lr": args.lr, "seed": args.seed}
+    seeds = [int(x) for x in args.seeds.split(",")]
     t_start = time.perf_counter()
-
-    print(f"== 0. open_clip pretrains at 96 x 96 for {args.pretrain:.0f} s")
-    torch.manual_seed(args.seed)
-    oc = open_clip.CLIP(**OPENCLIP_CONFIG)
-    pre = run_openclip(data, [args.pretrain], 0.0, device, args.seed, oc_precision, model=oc)
-    results["pretrained_top1_96px"] = pre[f"at_{args.pretrain:.0f}s"]["top1_96px"]
-    (work / "vit-ti.json").write_text(json.dumps(OPENCLIP_CONFIG))
-    save_file(
-        {k: t.detach().cpu().contiguous() for k, t in oc.state_dict().items()},
-        str(work / "pretrained.safetensors"),
-    )
-    pretrained = {k: t.detach().clone() for k, t in oc.state_dict().items()}
-    results["pretrained"] = zeroshot_of_openclip(oc, data, device)
-    print(f"  pretrained checkpoint: {results['pretrained']}")
-
-    print(f"== (a) open_clip continues at 96 x 96 for {args.budget:.0f} s")
-    oc.load_state_dict(pretrained)
-    a = run_openclip(data, [args.budget], 0.0, device, args.seed + 1, oc_precision, oc, args.lr, WARMUP)
-    results["openclip"] = {**a[f"at_{args.budget:.0f}s"], **zeroshot_of_openclip(oc, data, device)}
-    results["openclip_curve"] = a["curve"]
-
-    print(f"== (b) navit-clip continues from the converted checkpoint for {args.budget:.0f} s")
-    converted = convert_openclip(
-        str(work / "vit-ti.json"), work / "pretrained.safetensors", work / "converted.pt"
-    )
-    overrides = RECIPE + [
-        f"model.init_from={converted}",
-        f"train.lr={args.lr}",
-        f"train.warmup={WARMUP}",
-        f"data.seed={args.seed + 1}",
-    ]
-    b = run_navit(data, [args.budget], overrides, device, seed=args.seed + 1, precision=precision)
-    results["navit"] = b[f"at_{args.budget:.0f}s"]
-    results["navit_curve"] = b["curve"]
-
-    keys = ["native", *map(str, BUDGET_TOKENS)]
+    runs = [one_race(args, seed, data, device, precision, oc_precision) for seed in seeds]
+    results: dict = {
+        "pretrain_s": args.pretrain,
+        "budget_s": args.budget,
+        "lr": args.lr,
+        "seeds": seeds,
+        "navit_overrides": args.overrides,
+        "runs": runs,
+    }
     print(
-        f"\nzero-shot top-1 after {args.pretrain:.0f} s of pretraining + {args.budget:.0f} s of fine-tuning"
+        f"\nzero-shot top-1 after {args.pretrain:.0f} s of open_clip pretraining + {args.budget:.0f} s of "
+        f"fine-tuning, mean of {len(seeds)} seed(s) (min..max)"
     )
-    print(f"{'tokens/image':>13} {'pretrained':>11} {'open_clip':>10} {'navit-clip':>11} {'ratio':>6}")
-    for k in keys:
-        p, o, n = (results[side][f"top1_{k}"] for side in ("pretrained", "openclip", "navit"))
-        results[f"ratio_top1_navit_over_openclip_{k}"] = round(n / max(o, 1e-9), 3)
-        print(f"{k:>13} {100 * p:10.1f}% {100 * o:9.1f}% {100 * n:10.1f}% {n / max(o, 1e-9):6.2f}")
+    print(f"{'tokens/image':>13} {'pretrained':>17} {'open_clip':>17} {'navit-clip':>17} {'ratio':>6}")
+    for k in ["native", *map(str, BUDGET_TOKENS)]:
+        cells, means = [], {}
+        for side in ("pretrained", "openclip", "navit"):
+            xs = [r[side][f"top1_{k}"] for r in runs]
+            means[side] = statistics.fmean(xs)
+            cells.append(f"{100 * means[side]:5.1f} ({100 * min(xs):4.1f}..{100 * max(xs):4.1f})")
+            results[f"{side}_top1_{k}"] = round(means[side], 4)
+        ratio = means["navit"] / max(means["openclip"], 1e-9)
+        results[f"ratio_top1_navit_over_openclip_{k}"] = round(ratio, 3)
+        print(f"{k:>13} " + " ".join(f"{c:>17}" for c in cells) + f" {ratio:6.2f}")
+    own = [r["openclip"]["top1_96px"] for r in runs]
+    pre = [r["pretrained_top1_96px"] for r in runs]
+    steps = {side: statistics.fmean(r[side]["steps"] for r in runs) for side in ("openclip", "navit")}
     print(
-        f"open_clip's own 96 x 96 centre-crop eval: pretrained {100 * results['pretrained_top1_96px']:.1f}%, "
-        f"fine-tuned {100 * results['openclip']['top1_96px']:.1f}%; steps: open_clip {results['openclip']['steps']}, "
-        f"navit-clip {results['navit']['steps']} ({time.perf_counter() - t_start:.0f} s in all)"
+        f"open_clip's own 96 x 96 centre-crop eval: pretrained {100 * statistics.fmean(pre):.1f}%, fine-tuned "
+        f"{100 * statistics.fmean(own):.1f}%; steps (mean): open_clip {steps['openclip']:.0f}, navit-clip "
+        f"{steps['navit']:.0f} ({time.perf_counter() - t_start:.0f} s in all)"
     )
-    save_results("finetune_race", results)
+    save_results("finetune_race_ablation" if args.only_navit else "finetune_race", results)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHES = [
     "learning_race",
     "learning_race_digits",
+    "finetune_race",
     "demo",
     "packing",
     "vision_tower",
     "loss_memory",
+    "loss_scaling",
     "loader",
     "train_throughput",
     "train_throughput_e2e",

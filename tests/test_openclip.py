@@ -7,6 +7,7 @@ import json
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from timm.layers import resample_abs_pos_embed
 
@@ -97,6 +98,35 @@ def test_other_sizes_equal_openclip_with_a_timm_resampled_position_table(pair, h
         finally:
             oc.visual.positional_embedding.data = pos
         torch.testing.assert_close(navit.encode_image([image[0]]), want, **TOL)
+
+
+def test_a_training_step_has_open_clips_gradients():
+    """Same batch, same contrastive loss: every converted parameter's gradient equals open_clip's
+    (the folded class token's that of its class embedding, which open_clip's position 0 shares)."""
+    from open_clip.loss import ClipLoss
+
+    from navit_clip.convert import converted_state
+    from navit_clip.loss import clip_loss
+
+    oc = openclip_model("clip")
+    navit, cfg = from_openclip(oc, CONFIGS["clip"])
+    oc.train(), navit.train()
+    images = torch.randn(6, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    ids = open_clip.get_tokenizer("ViT-B-32", context_length=20)(
+        [f"caption {i} of a thing" for i in range(6)]
+    )
+    ClipLoss()(*oc(images, ids)).backward()
+    emb = navit.image_proj(navit.visual.encode_images(list(images), seq_len=6 * 49))  # one sequence
+    clip_loss(
+        F.normalize(emb, dim=-1), navit.encode_text(ids, normalize=True), None, navit.logit_scale
+    ).backward()
+    with torch.no_grad():  # open_clip's gradients through the converter's own mapping
+        for p in oc.parameters():
+            p.copy_(p.grad)
+    want = converted_state(oc, cfg)
+    want["visual.cls_token"] = oc.visual.class_embedding.detach()
+    for name, p in navit.named_parameters():  # measured: at most 7e-6 of a tensor's norm
+        assert float((p.grad - want[name]).norm() / want[name].norm()) < 2e-5, name
 
 
 def test_every_open_clip_config_converts_or_says_why_in_one_line():
@@ -286,3 +316,69 @@ def test_locked_fine_tune_from_a_converted_checkpoint_trains_checkpoints_and_res
     run(tmp_path / "resumed", **{"train.stop_at": 2})
     resumed = run(tmp_path / "resumed", **{"train.resume": "latest"})
     assert all(torch.equal(resumed["model"][k], end[k]) for k in end)
+
+
+def test_the_exported_encoder_of_a_converted_model_gives_open_clips_embeddings(converted, tmp_path):
+    """navit-clip export of a converted checkpoint: transformers' AutoModel and onnxruntime give
+    open_clip's own image embedding at its size, and agree with each other at another size."""
+    import onnxruntime as ort
+    from transformers import AutoModel
+
+    from navit_clip.export import export_encoder, load_exported_module
+    from navit_clip.packing import patchify
+
+    _, oc, ckpt = converted
+    out = export_encoder(ckpt, tmp_path / "export", onnx=True)
+    hf = AutoModel.from_pretrained(str(out), trust_remote_code=True).eval()
+    session = ort.InferenceSession(str(out / "encoder.onnx"))
+    layout = load_exported_module(out).token_layout
+    g = torch.Generator().manual_seed(5)
+    square, wide = torch.randn(3, 224, 224, generator=g), torch.randn(3, 128, 320, generator=g)
+    cut = [patchify(im, 32) for im in (square, wide)]
+    pixels, grid = torch.cat([p for p, _ in cut]), torch.tensor([[7, 7], [4, 10]])
+    with torch.no_grad():
+        want = oc.encode_image(square[None])[0]
+        got = hf(pixel_values=pixels, grid_hw=grid)["image_embeds"]
+    torch.testing.assert_close(got[0], want, **TOL)
+    coords, token_grid, seg = layout(grid)
+    feeds = {
+        "pixel_values": pixels,
+        "coords": coords,
+        "token_grid": token_grid,
+        "segment_ids": seg,
+        "grid_hw": grid,
+    }
+    onnx = session.run(["image_embeds"], {k: v.numpy() for k, v in feeds.items()})[0]
+    torch.testing.assert_close(torch.from_numpy(onnx), got, rtol=1e-4, atol=1e-5)
+
+
+def test_locking_unlocks_open_clips_groups_and_optionally_the_norms():
+    """The trainable parameters after locking, counted, are open_clip's lock_image_tower /
+    lock_text_tower's for every number of unlocked groups (open_clip keeps the class embedding and
+    position 0 as two tensors of width W where navit-clip folds them into one)."""
+    oc_cfg = CONFIGS["clip"]
+    W, depth = oc_cfg["vision_cfg"]["width"], oc_cfg["vision_cfg"]["layers"]
+    for groups in range(depth + 3):
+        oc = open_clip.CLIP(**oc_cfg)
+        navit, _ = from_openclip(oc, oc_cfg)
+        oc.lock_image_tower(unlocked_groups=groups)
+        oc.lock_text_tower(unlocked_layers=groups)
+        for tower in (navit.cfg.vision, navit.cfg.text):
+            tower.lock, tower.lock_unlocked_groups = True, groups
+        navit.lock_towers()
+
+        def trainable(model, prefixes):
+            return sum(
+                p.numel() for n, p in model.named_parameters() if p.requires_grad and n.startswith(prefixes)
+            )
+
+        folded = W if groups == depth + 2 else 0  # the first group unlocked: class embedding, counted once
+        assert trainable(navit, ("visual.", "image_proj.")) == trainable(oc, ("visual.",)) - folded, groups
+        oc_text = trainable(
+            oc, ("token_embedding", "positional_embedding", "transformer.", "ln_final", "text_projection")
+        )
+        assert trainable(navit, ("text.", "text_proj.")) == oc_text, groups
+    navit.cfg.vision.lock_unlocked_groups, navit.cfg.vision.lock_norms = 0, False
+    frozen = navit.lock_towers()
+    assert not any("norm" in n for n in frozen if n.startswith("visual."))
+    assert any(n.startswith("visual.blocks.0.attn") for n in frozen)
