@@ -20,18 +20,23 @@ from navit_clip.train import train
 DEMO = Path(__file__).resolve().parent / "configs" / "demo.yaml"  # found from any working directory
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> tuple[str, list[str]]:
+    """The command line -> (config file, overrides); README's commands are checked with it."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default=str(DEMO), help="YAML config (default: the CPU demo)")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint path")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_intermixed_args()  # overrides may come before and after the options
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the options
+    return args.config, list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+
+
+def main() -> None:
+    config, overrides = parse()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(config, overrides)
         cfg.validate()
         if cfg.data.shards:  # the demo makes its own when none are named
             cfg.data.check_files()

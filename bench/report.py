@@ -1,7 +1,8 @@
 """Run every benchmark in turn and write BENCHMARKS.md from their printed output (no hand-typed figures).
 
-python bench/report.py            # all benchmarks (about 10 minutes on 2 cores)
+python bench/report.py            # all benchmarks (about two hours on 2 cores: the races)
 python bench/report.py loader     # only some; the others keep their last recorded section
+python bench/report.py --headline # none: rewrite the headline table (here and in README.md) and notes
 """
 
 import os
@@ -39,6 +40,99 @@ COMMANDS = {  # sections run with arguments
     "learning_race_digits": ["learning_race.py", "--task", "digits", "--seeds", "0,1,2"],
 }
 NOTES = (ROOT / "bench" / "NOTES.md").read_text() if (ROOT / "bench" / "NOTES.md").exists() else ""
+HEADLINE = re.compile(r"<!-- headline -->\n.*?<!-- /headline -->\n", re.S)
+
+
+def _section(text: str, name: str) -> str:
+    m = re.search(rf"<!-- bench:{name} -->(.*?)<!-- /bench:{name} -->", text, re.S)
+    return m[1] if m else ""
+
+
+def _race(out: str) -> str:
+    rows = re.findall(r"^\s+(\d+)s\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)", out, re.M)
+    return "; ".join(f"{ours} % vs {peer} % at {t} s ({ratio}x)" for t, ours, _, peer, ratio in rows)
+
+
+def _finetune(out: str) -> str:
+    cell = r"[\d.]+ \(.*?\)"
+    found = re.findall(
+        rf"^\s+(native|36)\s+{cell}\s+([\d.]+) \(.*?\)\s+([\d.]+) \(.*?\)\s+([\d.]+)$", out, re.M
+    )
+    rows = {key: rest for key, *rest in found}
+    if len(rows) < 2:
+        return ""
+    (o_n, n_n, r_n), (o_36, n_36, r_36) = rows["native"], rows["36"]
+    return f"native size {n_n} % vs {o_n} % ({r_n}x); at the checkpoint's own 36 tokens {n_36} % vs {o_36} % ({r_36}x)"
+
+
+def _first(pattern: str, template: str):
+    def read(out: str) -> str:
+        m = re.search(pattern, out, re.M)
+        return template.format(*m.groups()) if m else ""
+
+    return read
+
+
+# One row a headline: (what is measured, the section it is read from, how it is read from the
+# section's pasted output). README.md and BENCHMARKS.md carry the same generated table.
+HEADLINES = [
+    (
+        "Shape task, ViT-Ti, equal training time: navit-clip @36 tokens vs open_clip (3 seeds)",
+        "learning_race",
+        _race,
+    ),
+    ("Real handwritten scans, same race (3 seeds)", "learning_race_digits", _race),
+    (
+        "Fine-tune an open_clip checkpoint, equal time: navit-clip recipe vs open_clip (3 seeds)",
+        "finetune_race",
+        _finetune,
+    ),
+    (
+        "`python train_clip.py` from a fresh checkout (CPU demo)",
+        "demo",
+        _first(r"train_clip.py: (\d+) s.*\n.*top-1 ([\d.]+)%", "{} s, zero-shot top-1 {} %"),
+    ),
+    (
+        "Image tower forward + backward, tokens/s vs open_clip (CPU, paper's size mix)",
+        "vision_tower",
+        _first(r"best on mixed: (\w+) at ([\d.]+)x", "{1}x ({0} attention)"),
+    ),
+    (
+        "Training step vs open_clip (CPU, NaViT recipe)",
+        "train_throughput",
+        _first(
+            r"ratio recipe / open_clip: images/s ([\d.]+)x, tokens/s ([\d.]+)x", "{}x images/s, {}x tokens/s"
+        ),
+    ),
+    (
+        "Loss memory saved for backward vs open_clip's ClipLoss (8 ranks, D = 512)",
+        "loss_memory",
+        _first(r"W=8 D=512: saved ours\s+([\d.]+) MiB peer\s+([\d.]+) MiB", "{} MiB vs {} MiB"),
+    ),
+    (
+        "Loss traffic at 1024 ranks (model): flat ring vs two-level ring, a step",
+        "loss_scaling",
+        _first(
+            r"^\s+1024\s+([\d.]+)\s+\d+\s+([\d.]+)\s+[\d.]+/([\d.]+)\s+\S+\s+([\d.]+)",
+            "{0} GB, {1} ms vs {2} GB between nodes, {3} ms",
+        ),
+    ),
+    (
+        "Padding of streaming first-fit packing at L = 1024 (paper: under 2 %)",
+        "packing",
+        _first(r"L= 1024.*?padding ([\d.]+)%", "{} %"),
+    ),
+]
+
+
+def headline(benchmarks: str) -> str:
+    """The headline table of BENCHMARKS.md's pasted sections: README.md quotes it, so a figure is
+    stated in one generated place (tests/test_docs.py checks the README's copy)."""
+    rows = ["| measured | result | details |", "|---|---|---|"]
+    for what, name, read in HEADLINES:
+        result = read(_section(benchmarks, name)) or "not measured yet"
+        rows.append(f"| {what} | {result} | [BENCHMARKS.md](BENCHMARKS.md#{name}) |")
+    return "<!-- headline -->\n" + "\n".join(rows) + "\n<!-- /headline -->\n"
 
 
 def section(name: str, output: str, seconds: float) -> str:
@@ -53,7 +147,9 @@ def command(name: str) -> list[str]:
 
 
 def main() -> None:
-    chosen = sys.argv[1:] or BENCHES
+    # --headline: no benchmark runs; BENCHMARKS.md and README.md's headline are written anew from the
+    # sections already pasted (after bench/NOTES.md or the headline rows changed)
+    chosen = [] if sys.argv[1:] == ["--headline"] else sys.argv[1:] or BENCHES
     path = ROOT / "BENCHMARKS.md"
     old = path.read_text() if path.exists() else ""
     sections = {m[1]: m[0] for m in re.finditer(r"<!-- bench:(\w+) -->.*?<!-- /bench:\1 -->\n", old, re.S)}
@@ -73,10 +169,19 @@ def main() -> None:
         f"torch {torch.__version__}, Python {platform.python_version()}, no GPU used."
     )
     body = "\n".join(sections[n] for n in BENCHES if n in sections)
+    if not chosen:  # the machine line belongs to the last run of benchmarks, not to this rewrite
+        machine = next(
+            (line for line in old.splitlines() if line.startswith("Machine of the last run")), machine
+        )
+    table = headline(body)
     path.write_text(
         f"# Benchmarks\n\nEvery figure below is the printed output of the command above it, "
-        f"pasted by `python bench/report.py`.\n{machine}\n\n{NOTES}\n{body}"
+        f"pasted by `python bench/report.py`.\n{machine}\n\n## Headline\n\n{table}\n{NOTES}\n{body}"
     )
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if HEADLINE.search(text):
+        readme.write_text(HEADLINE.sub(lambda _: table, text))
 
 
 if __name__ == "__main__":

@@ -292,7 +292,8 @@ def _convert_openclip(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `navit-clip` command line, every subcommand (tests parse the README's commands with it)."""
     parser = argparse.ArgumentParser(prog="navit-clip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions and which attention backend runs where")
@@ -378,7 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("out", help="the navit-clip checkpoint to write (.pt)")
     p.set_defaults(fn=_convert_openclip)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: one line (NAVIT_CLIP_TRACEBACK=1: the trace)

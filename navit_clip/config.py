@@ -278,7 +278,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ValueError(f"override {item!r}: {raw!r} is not a value (quote it: {key}='{raw}')") from None
+        _set_dotted(tree, key.strip(), value)
     for old, new in MOVED.items():
         if _get(tree, old) is not None:
             raise ValueError(f"{'.'.join(old)} is now {'.'.join(new)} ({MOVED_WHY}): rename it")

@@ -31,10 +31,8 @@ from navit_clip.model.vision import VisionConfig
 
 # open_clip config fields (vision_cfg / text_cfg) that change the architecture away from what converts,
 # with the value that converts
-VISION_PLAIN = {
-    "timm_model_name": None,
+PLAIN_BLOCK = {  # open_clip's CustomResidualAttentionBlock options, in either tower
     "ls_init_value": None,
-    "attentional_pool": False,
     "block_type": None,
     "qk_norm": False,
     "scaled_cosine_attn": False,
@@ -43,22 +41,16 @@ VISION_PLAIN = {
     "scale_attn": False,
     "scale_fc": False,
 }
+VISION_PLAIN = {"timm_model_name": None, "attentional_pool": False, **PLAIN_BLOCK}
 TEXT_PLAIN = {
     "hf_model_name": None,
     "hf_tokenizer_name": None,
-    "ls_init_value": None,
     "embed_cls": False,
     "no_causal_mask": False,
     "pool_type": "argmax",
     "proj_type": "linear",
     "proj_bias": False,
-    "block_type": None,
-    "qk_norm": False,
-    "scaled_cosine_attn": False,
-    "scale_heads": False,
-    "scale_attn_inner": False,
-    "scale_attn": False,
-    "scale_fc": False,
+    **PLAIN_BLOCK,
 }
 
 
