@@ -408,7 +408,7 @@ def test_precision_auto_is_resolved_before_training_and_recorded(small_shards, t
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["precision"] == expected
 
 
-def _train_on_rank(rank, world, shards, out, parallel, queue_path):
+def _train_on_rank(rank, world, shards, out, parallel, queue_path, extra=None):
     import json
 
     from navit_clip.train import train
@@ -425,6 +425,7 @@ def _train_on_rank(rank, world, shards, out, parallel, queue_path):
         "train.parallel": parallel,
         "train.activation_checkpointing": str(parallel == "fsdp").lower(),
         **evaluation,
+        **(extra or {}),
     }
     result = train(load_config("configs/demo.yaml", tiny_run(shards["train"], out, **overrides)))
     if rank == 0:
@@ -456,6 +457,38 @@ def test_ddp_and_fsdp_training_runs_agree(small_shards, tmp_path):
     assert ddp["n"] == fsdp["n"] == 48
     assert (fsdp["top1"], fsdp["top5"]) == (ddp["top1"], ddp["top5"])
     assert fsdp["tokens_per_image"] == ddp["tokens_per_image"]
+
+
+def test_locked_towers_train_alike_under_ddp_and_fsdp(small_shards, tmp_path):
+    """model.vision.lock (one group left: the projection) and model.text.lock (two) on 2 gloo ranks:
+    DDP and FSDP2 give the same losses, and the frozen weights are those of the first step's model."""
+    import json
+
+    lock = {
+        "model.vision.lock": "true",
+        "model.vision.lock_unlocked_groups": 1,
+        "model.text.lock": "true",
+        "model.text.lock_unlocked_groups": 2,
+        "eval.every": 0,
+    }
+    runs = {}
+    for parallel in ("ddp", "fsdp"):
+        path = tmp_path / f"{parallel}.json"
+        run_world(2, _train_on_rank, small_shards, str(tmp_path / parallel), parallel, str(path), lock)
+        runs[parallel] = json.loads(path.read_text())
+    torch.testing.assert_close(
+        torch.tensor(runs["fsdp"]["losses"]), torch.tensor(runs["ddp"]["losses"]), rtol=1e-5, atol=0
+    )
+    cfg = load_config("configs/demo.yaml", tiny_run(small_shards["train"], tmp_path / "x"))
+    torch.manual_seed(cfg.train.seed)
+    start = NaViTCLIP(cfg.model).state_dict()  # the weights every run starts from (train.build)
+    for parallel in ("ddp", "fsdp"):
+        end = torch.load(tmp_path / parallel / "step_00000003.pt", weights_only=True)
+        assert all(torch.equal(end["model"][k], start[k]) for k in start if k.startswith("visual."))
+        assert not torch.equal(end["model"]["image_proj.weight"], start["image_proj.weight"])
+        n_trainable = sum(1 for k in start if k.startswith(("image_proj.", "text_proj.", "logit_scale")))
+        n_trainable += sum(1 for k in start if k.startswith(("text.blocks.0.", "text.norm.")))  # depth 1
+        assert len(end["optimizer"]["state"]) == n_trainable, parallel
 
 
 def test_finite_data_runs_epoch_after_epoch(tmp_path):
