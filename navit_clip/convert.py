@@ -144,6 +144,8 @@ def navit_config(oc_cfg: dict, model: str = "the model") -> Config:
         init_logit_bias=float(oc_cfg.get("init_logit_bias") or -10.0),
     )
     cfg.data.patch_size = P
+    # what the checkpoint was trained on: `navit-clip eval` notes budgets past it (config.trained_side)
+    cfg.data.resolution.max_side, cfg.data.resolution.min_side = size, min(cfg.data.resolution.min_side, size)
     cfg.data.normalize = _normalize_of(oc_cfg.get("preprocess_cfg", {}), model)
     cfg.tokenizer.kind = "openclip"
     cfg.tokenizer.context_length = text.context_length

@@ -140,6 +140,11 @@ def test_every_open_clip_config_converts_or_says_why_in_one_line():
             refused.append(model)
     assert {"ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-B-32-quickgelu"} <= set(converted)
     assert {"convnext_base", "RN50", "coca_ViT-B-32"} <= set(refused)
+    cfg = navit_config(open_clip.get_model_config("ViT-L-14-336"), "ViT-L-14-336")
+    v = cfg.model.vision
+    assert (v.patch_size, v.max_grid, v.width, v.heads, v.depth, v.act) == (14, 24, 1024, 16, 24, "gelu")
+    assert cfg.data.resolution.max_side == 336  # eval's note on budgets past the trained size reads it
+    assert navit_config(open_clip.get_model_config("ViT-B-32-quickgelu")).model.text.act == "quick_gelu"
 
 
 @pytest.fixture(scope="module")
