@@ -192,12 +192,12 @@ def main() -> None:
     results: dict = {"b": B, "D": D, "world": WORLD, "ranks_per_node": NODE}
     print(f"measured: {WORLD} gloo processes on this machine, b={B}, D={D}, a forward + backward step")
     print(
-        f"{'topology':>18} {'MB intra':>9} {'MB inter':>9} {'hops intra':>11} {'hops inter':>11} {'ms':>8} {'loss':>10}"
+        f"{'topology':>18} {'MB intra':>9} {'MB inter':>9} {'chunk hops in':>14} {'out':>5} {'ms':>8} {'loss':>10}"
     )
     for name, r in rows.items():
         mb_intra, mb_inter = r.get("intra_bytes", 0) / 1e6, r.get("inter_bytes", 0) / 1e6
         print(
-            f"{name:>18} {mb_intra:9.2f} {mb_inter:9.2f} {r['hops']['intra']:11d} {r['hops']['inter']:11d} "
+            f"{name:>18} {mb_intra:9.2f} {mb_inter:9.2f} {r['hops']['intra']:14d} {r['hops']['inter']:5d} "
             f"{r['time_ms']:8.1f} {r['loss']:10.6f}"
         )
         results.update({f"{name}_{k}": v for k, v in r.items() if k != "hops"})
@@ -225,13 +225,17 @@ def main() -> None:
         )
 
     print(
-        f"\nmodel: b={B}, D={D}, nodes of 8; links: intra-node {LINKS['intra']['bandwidth_GBps']:.0f} GB/s, "
+        "\nmodel (msgs: sequential messages a step, chunks and their carries, both directions; "
+        "GB in/out: inside / between nodes)"
+    )
+    print(
+        f"model: b={B}, D={D}, nodes of 8; links: intra-node {LINKS['intra']['bandwidth_GBps']:.0f} GB/s, "
         f"{LINKS['intra']['latency_us']:.0f} us a hop; inter-node {LINKS['inter']['bandwidth_GBps']:.0f} GB/s, "
         f"{LINKS['inter']['latency_us']:.0f} us a hop; float32 chunks (bf16: half the chunk bytes)"
     )
     print(
-        f"{'ranks':>6} {'flat GB':>8} {'flat hops':>10} {'flat ms':>8} {'hier GB in/out':>15} "
-        f"{'hier hops in/out':>17} {'hier ms':>8} {'flat/hier':>9} {'AR B/16 GB, ms':>15} {'AR L/16 GB, ms':>15}"
+        f"{'ranks':>6} {'flat GB':>8} {'flat msgs':>10} {'flat ms':>8} {'hier GB in/out':>15} "
+        f"{'hier msgs in/out':>17} {'hier ms':>8} {'flat/hier':>9} {'AR B/16 GB, ms':>15} {'AR L/16 GB, ms':>15}"
     )
     for world in (8, 16, 32, 64, 128, 256, 512, 1024):
         m = model(world, 8, 4)

@@ -322,16 +322,20 @@ def with_init_from(tree: dict) -> dict:
     given = tree.get("model") or {}
     model, replaced = {}, []
     for section in ("", "vision", "text"):
-        theirs = saved["model"].get(section, {}) if section else saved["model"]
-        ours = given.get(section) or {} if section else given
-        target = model.setdefault(section, {}) if section else model
+        if section:
+            theirs, ours = saved["model"].get(section, {}), given.get(section) or {}
+            target = model.setdefault(section, {})
+        else:
+            theirs, ours, target = saved["model"], given, model
         for key, value in theirs.items():
             if not isinstance(value, dict) and key not in RUN_MODEL_KEYS[section]:
                 target[key] = value
         for key, value in ours.items():
-            if key in RUN_MODEL_KEYS[section]:
+            if isinstance(value, dict):
+                continue  # a section: its own pass
+            if key in RUN_MODEL_KEYS[section] or key not in theirs:  # the run's, or unknown: named later
                 target[key] = value
-            elif not isinstance(value, dict) and key in theirs and theirs[key] != value:
+            elif theirs[key] != value:
                 replaced.append(
                     f"model.{section + '.' if section else ''}{key}={value!r} (checkpoint: {theirs[key]!r})"
                 )

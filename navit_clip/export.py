@@ -28,8 +28,10 @@ MODULE_FILES = [
     (HERE / "model" / "layers.py", "navit_layers.py"),
     (HERE / "model" / "posemb.py", "navit_posemb.py"),
 ]
-# the architecture fields of VisionConfig (attn_backend says how training attends)
-VISION_KEYS = tuple(f.name for f in fields(VisionConfig) if f.name != "attn_backend")
+# the architecture fields of VisionConfig (attn_backend says how training attends, lock* what it trains)
+VISION_KEYS = tuple(
+    f.name for f in fields(VisionConfig) if f.name != "attn_backend" and not f.name.startswith("lock")
+)
 
 
 def load_exported_module(folder: str | Path):

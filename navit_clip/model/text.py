@@ -36,8 +36,8 @@ class TextConfig:
     ln_eps: float = 1e-5
     act: str = "gelu"  # gelu | quick_gelu (OpenAI's CLIP weights)
     # Locking (open_clip's --lock-text): groups [token and position embeddings], each block but the
-    # last, [last block, final norm, pooling probe]; lock_unlocked_groups of them from the end stay trainable (the text
-    # projection counts as the last group); lock_norms=false keeps every LayerNorm trainable too.
+    # last, [last block, final norm, pooling probe], and the text projection; the last
+    # lock_unlocked_groups of them stay trainable; lock_norms=false keeps every LayerNorm trainable.
     lock: bool = False
     lock_unlocked_groups: int = 0
     lock_norms: bool = True

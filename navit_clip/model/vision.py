@@ -53,9 +53,9 @@ class VisionConfig:
     cls_token: bool = False  # one learned class token per image, placed before its patches (CLIP's ViT)
     act: str = "gelu"  # gelu | quick_gelu (OpenAI's CLIP weights)
     # Locking (open_clip's --lock-image): frozen parameters get no gradient and no optimiser state.
-    # The tower's groups are [patch embedding, class token, positions, ln_pre], each block but the last,
-    # [last block, final norm, head]; lock_unlocked_groups of them, counted from the end, stay trainable (the image projection
-    # counts as the last group); lock_norms=false keeps every LayerNorm trainable too.
+    # The tower's groups are [patch embedding, class token, positions, ln_pre], each block but the
+    # last, [last block, final norm, head], and the image projection; the last lock_unlocked_groups
+    # of them stay trainable; lock_norms=false keeps every LayerNorm trainable too.
     lock: bool = False
     lock_unlocked_groups: int = 0
     lock_norms: bool = True
