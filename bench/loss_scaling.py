@@ -50,8 +50,8 @@ LINKS = {
 PARAMS = {"B/16": 150e6, "L/16": 428e6}  # CLIP B/16 (86M image + 63M text), L/16 (304M + 123M)
 
 
-def _count(traffic: Counter, node: int):
-    """Wrap _Ring.start_shift: bytes and hops of every send, by the link it takes."""
+def _count(traffic: Counter):
+    """Wrap _Ring.start_shift: bytes and messages of every send, by the link it takes."""
     original = L._Ring.start_shift
 
     def counted(self, tensors, first_tag=0):
@@ -85,7 +85,7 @@ def _rank(rank: int, world: int, store: str, out: str) -> None:
     T = F.normalize(I + 0.5 * torch.randn(B, D, generator=g), dim=-1)
     t = torch.tensor(4.0)
     traffic: Counter = Counter()
-    _count(traffic, NODE)
+    _count(traffic)
     rows = {}
     for name, topology, comm in (
         ("flat", "ring", "float32"),

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from navit_clip.data.pipeline import DataConfig
+from navit_clip.loss import COMM_DTYPES, TOPOLOGIES
 from navit_clip.model.clip import ModelConfig
 from navit_clip.packing import ResolutionPolicy
 
@@ -41,12 +42,12 @@ class LossConfig:
             raise ValueError(f"loss.kind={self.kind!r} must be 'softmax' or 'sigmoid'")
         if self.tile_size < 1:
             raise ValueError(f"loss.tile_size={self.tile_size} must be positive")
-        if self.topology not in ("ring", "hierarchical", "auto"):
-            raise ValueError(f"loss.topology={self.topology!r} must be ring, hierarchical or auto")
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"loss.topology={self.topology!r} must be one of {TOPOLOGIES}")
         if self.group_size < 0:
             raise ValueError(f"loss.group_size={self.group_size} must be >= 0 (0: LOCAL_WORLD_SIZE)")
-        if self.comm_dtype not in ("float32", "bf16"):
-            raise ValueError(f"loss.comm_dtype={self.comm_dtype!r} must be float32 or bf16")
+        if self.comm_dtype not in COMM_DTYPES:
+            raise ValueError(f"loss.comm_dtype={self.comm_dtype!r} must be one of {tuple(COMM_DTYPES)}")
 
 
 @dataclass
