@@ -237,7 +237,7 @@ def _eval(args: argparse.Namespace) -> int:
     info = init_distributed(args.device)
     cfg = config_of(args.checkpoint)
     model = create_model(args.checkpoint, info.device)
-    tokenizer = get_tokenizer(args.checkpoint)
+    tokenizer = get_tokenizer(args.checkpoint, args.tokenizer)
     out = Path(args.out or Path(args.checkpoint).parent / "eval")
     results: dict = {"checkpoint": str(args.checkpoint)}
     if args.data:
@@ -283,7 +283,7 @@ def _export(args: argparse.Namespace) -> int:
 def _convert_openclip(args: argparse.Namespace) -> int:
     from navit_clip.convert import convert_openclip
 
-    out = convert_openclip(args.model, args.pretrained, args.out)
+    out = convert_openclip(args.model, args.pretrained, args.out, args.tokenizer)
     print(
         f"wrote {out}: evaluate it with `navit-clip eval {out} --data ...`, export it with "
         f"`navit-clip export {out} DIR`, fine-tune it with `python train_clip.py --config "
@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-seqs", type=int, default=8)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default="", help="output folder (default: CHECKPOINT_FOLDER/eval)")
+    p.add_argument(
+        "--tokenizer", default="", help="the checkpoint's tokenizer file or folder, where it names none here"
+    )
     p.set_defaults(fn=_eval)
 
     p = sub.add_parser(
@@ -367,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "convert-openclip",
-        help="an open_clip ViT checkpoint -> a navit-clip checkpoint computing the same embeddings",
+        help="an open_clip checkpoint (its ViTs, timm ViT / NaFlexViT towers: SigLIP, SigLIP2) -> a "
+        "navit-clip checkpoint computing the same embeddings",
     )
     p.add_argument(
         "model", help="open_clip model name (ViT-B-32, ViT-L-14-quickgelu, ...) or its config .json"
@@ -378,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the checkpoint file (.safetensors, .bin, .pt); none: random weights (for tests)",
     )
     p.add_argument("out", help="the navit-clip checkpoint to write (.pt)")
+    p.add_argument(
+        "--tokenizer",
+        default="",
+        help="the model's tokenizer where it is not open_clip's BPE: a local Hugging Face folder, "
+        "tokenizer.json or SentencePiece .model (optional: train and eval can name it later)",
+    )
     p.set_defaults(fn=_convert_openclip)
     return parser
 

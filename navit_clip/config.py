@@ -24,6 +24,7 @@ from navit_clip.data.pipeline import DataConfig
 from navit_clip.loss import COMM_DTYPES, TOPOLOGIES
 from navit_clip.model.clip import ModelConfig
 from navit_clip.packing import ResolutionPolicy
+from navit_clip.tokenizer import CLEANS
 
 
 @dataclass
@@ -53,14 +54,24 @@ class LossConfig:
 @dataclass
 class TokenizerConfig:
     kind: str = "openclip"  # openclip (BPE shipped with open_clip) | sentencepiece | hf
-    path: str = ""  # sentencepiece .model file, or a local Hugging Face tokenizer folder
+    # sentencepiece .model file, or a local Hugging Face tokenizer folder or tokenizer.json. A checkpoint
+    # converted without one has none: the commands that tokenize ask for it (tokenizer.path=...)
+    path: str = ""
     context_length: int = 32
+    # navit: [bos] ids [eos], padded | hf: the HF tokenizer's own special tokens and padding, as open_clip's
+    # HFTokenizer (SigLIP checkpoints)
+    layout: str = "navit"
+    clean: str = "none"  # none | whitespace | lower | canonicalize (open_clip's cleaning before tokenizing)
+    pad_with_eos: bool = False  # a .model file pads with its end-of-text id (big_vision's SigLIP layout)
+    source: str = ""  # where a converted checkpoint's tokenizer comes from (e.g. a hub name), for messages
 
     def validate(self) -> None:
         if self.kind not in ("openclip", "sentencepiece", "hf"):
             raise ValueError(f"tokenizer.kind={self.kind!r} must be openclip, sentencepiece or hf")
-        if self.kind != "openclip" and not self.path:
-            raise ValueError(f"tokenizer.kind={self.kind!r} needs tokenizer.path (a local file or folder)")
+        if self.layout not in ("navit", "hf"):
+            raise ValueError(f"tokenizer.layout={self.layout!r} must be navit or hf")
+        if self.clean not in CLEANS:
+            raise ValueError(f"tokenizer.clean={self.clean!r} is not one of {CLEANS}")
         if self.context_length < 2:
             raise ValueError(f"tokenizer.context_length={self.context_length} must be at least 2")
 
@@ -301,7 +312,7 @@ RUN_MODEL_KEYS = {
 
 def with_init_from(tree: dict) -> dict:
     """With model.init_from, the config tree whose model architecture, tokenizer and image
-    normalisation are the checkpoint's: the weights only fit the model they were trained (or converted)
+    normalisation (and, unless the run names one, loss kind) are the checkpoint's: the weights only fit the model they were trained (or converted)
     as, and the model only understands the tokens and pixels it was trained on. The run's own choices
     (RUN_MODEL_KEYS: attention backend, locking) stay the config's. Model fields the config states
     differently are replaced, with one warning naming them."""
@@ -341,8 +352,15 @@ def with_init_from(tree: dict) -> dict:
                     f"model.{section + '.' if section else ''}{key}={value!r} (checkpoint: {theirs[key]!r})"
                 )
     tree["model"] = model
-    tree["tokenizer"] = saved.get("tokenizer", {})
+    # the checkpoint's tokenizer; where the file lies on this machine is the run's to say
+    run_path = (tree.get("tokenizer") or {}).get("path")
+    tree["tokenizer"] = dict(saved.get("tokenizer", {}))
+    if run_path:
+        tree["tokenizer"]["path"] = run_path
     tree.setdefault("data", {})["normalize"] = saved.get("data", {}).get("normalize", "clip")
+    # the objective the checkpoint was trained with (SigLIP's sigmoid), unless the run names one
+    if "kind" not in (tree.get("loss") or {}) and "kind" in saved.get("loss", {}):
+        tree.setdefault("loss", {})["kind"] = saved["loss"]["kind"]
     if replaced:
         logging.getLogger(__name__).warning(
             "model.init_from=%s: the model is the checkpoint's; these config values are replaced: %s",

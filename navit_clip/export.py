@@ -60,12 +60,13 @@ def export_encoder(
     config = {k: getattr(v, k) for k in VISION_KEYS}
     config.update(
         embed_dim=cfg.model.embed_dim,
+        image_proj=cfg.model.image_proj,
         model_type="navit_encoder",
         architectures=["NaViTModel"],
         auto_map={"AutoConfig": "modeling_navit.NaViTConfig", "AutoModel": "modeling_navit.NaViTModel"},
     )
     state = {k.removeprefix("visual."): t for k, t in model.state_dict().items() if k.startswith("visual.")}
-    state["image_proj.weight"] = model.image_proj.weight.detach()
+    state.update({f"image_proj.{k}": t for k, t in model.image_proj.state_dict().items()})
     save_file({k: t.contiguous() for k, t in state.items()}, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(config, indent=1))
     mean, std = NORMALIZE[cfg.data.normalize]
@@ -92,6 +93,7 @@ def export_encoder(
         text_cfg = {
             "text": asdict(cfg.model.text),
             "embed_dim": cfg.model.embed_dim,
+            "text_proj": cfg.model.text_proj,
             "tokenizer": asdict(cfg.tokenizer),
         }
         (out / "text_config.json").write_text(json.dumps(text_cfg, indent=1))

@@ -37,17 +37,27 @@ def config_of(source: str | Path | Config) -> Config:
     return saved_config(yaml.safe_load(run_cfg.read_text()))
 
 
-def get_tokenizer(source: str | Path | Config):
+def _is_checkpoint(source: str | Path | Config) -> bool:
+    return not isinstance(source, Config) and Path(source).suffix not in (".yaml", ".yml")
+
+
+def get_tokenizer(source: str | Path | Config, path: str | Path | None = None):
+    """The tokenizer of a config or checkpoint; `path` says where its file lies on this machine (a
+    checkpoint converted without one names none)."""
     cfg = config_of(source)
-    return tokenizer_for(cfg)
+    if path:
+        cfg.tokenizer.path = str(path)
+    return tokenizer_for(cfg, fixed_vocab=_is_checkpoint(source))
 
 
 def create_model(source: str | Path | Config, device: str | torch.device = "cpu") -> NaViTCLIP:
-    """The model of a config (fresh weights) or of a checkpoint (its weights), in eval mode."""
+    """The model of a config (fresh weights) or of a checkpoint (its weights, its saved vocabulary:
+    no tokenizer needed), in eval mode."""
     cfg = config_of(source)
-    tokenizer_for(cfg)
+    if not _is_checkpoint(source):
+        tokenizer_for(cfg)
     model = NaViTCLIP(cfg.model)
-    if not isinstance(source, Config) and Path(source).suffix not in (".yaml", ".yml"):
+    if _is_checkpoint(source):
         state = torch.load(source, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
     return model.to(device).eval()

@@ -42,6 +42,21 @@ class OpenCLIPTokenizer:
         return self.inner(texts, context_length=self.context_length)
 
 
+CLEANS = ("none", "whitespace", "lower", "canonicalize")  # open_clip's text cleaning functions
+
+
+def clean_fn(clean: str):
+    """open_clip's text cleaning before tokenizing (its HFTokenizer's `clean`): canonicalize is
+    big_vision's (lower case, punctuation removed), what SigLIP's checkpoints were trained on."""
+    if clean not in CLEANS:
+        raise ValueError(f"tokenizer.clean={clean!r} is not one of {CLEANS}")
+    if clean == "none":
+        return None
+    from open_clip.tokenizer import get_clean_fn
+
+    return get_clean_fn(clean)
+
+
 class _IdsTokenizer:
     """Shared layout for tokenizers that produce id lists: [bos] ids [eos], truncated, padded."""
 
@@ -49,11 +64,14 @@ class _IdsTokenizer:
     pad_id: int
     bos_id: int | None
     eos_id: int | None
+    clean = None
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         raise NotImplementedError
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
+        if self.clean is not None:
+            texts = [self.clean(t) for t in texts]
         K = self.context_length
         out = torch.full((len(texts), K), self.pad_id, dtype=torch.long)
         head = [self.bos_id] if self.bos_id is not None else []
@@ -65,9 +83,11 @@ class _IdsTokenizer:
 
 
 class SentencePieceTokenizer(_IdsTokenizer):
-    """A SentencePiece model file. Without a pad piece, padding gets an extra embedding row."""
+    """A SentencePiece model file. Without a pad piece, padding gets an extra embedding row;
+    `pad_with_eos` pads with the end-of-text id instead (big_vision's SigLIP layout: eos sticky,
+    pad value = eos)."""
 
-    def __init__(self, model_file: str | Path, context_length: int):
+    def __init__(self, model_file: str | Path, context_length: int, pad_with_eos: bool = False, clean="none"):
         import sentencepiece as spm
 
         if not Path(model_file).exists():
@@ -81,21 +101,54 @@ class SentencePieceTokenizer(_IdsTokenizer):
         self.num_embeddings = vocab if self.sp.pad_id() >= 0 else vocab + 1
         self.bos_id = None
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        if pad_with_eos and self.eos_id is not None:
+            self.pad_id, self.num_embeddings = self.eos_id, vocab
+        self.clean = clean_fn(clean)
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts)
 
 
+def load_hf_tokenizer(path: str | Path):
+    """A local Hugging Face tokenizer: a folder transformers can load (read with local_files_only:
+    never downloads), or a `tokenizer.json` file (its folder when a tokenizer_config.json sits beside
+    it, else the file alone, its padding token read from the file's padding settings or its
+    <pad> / [PAD] token)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"Hugging Face tokenizer {path} does not exist (nothing is downloaded)")
+    if path.is_dir() or (path.parent / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(
+            str(path if path.is_dir() else path.parent), local_files_only=True
+        )
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    padding = tok.backend_tokenizer.padding
+    pad = (
+        padding["pad_token"]
+        if padding
+        else next((t for t in ("<pad>", "[PAD]") if t in tok.get_vocab()), None)
+    )
+    if pad is not None:
+        tok.pad_token = pad
+    return tok
+
+
 class HFTokenizer(_IdsTokenizer):
-    """Any tokenizer folder transformers can load, read with local_files_only (never downloads)."""
+    """A local Hugging Face tokenizer (`load_hf_tokenizer`). layout=navit: [bos] ids [eos] as the
+    other tokenizers; layout=hf: the tokenizer's own call (its special tokens, padding to the
+    context, truncation), which is what open_clip's HFTokenizer returns (SigLIP's checkpoints)."""
 
-    def __init__(self, path: str | Path, context_length: int):
-        from transformers import AutoTokenizer
-
-        if not Path(path).exists():
-            raise ValueError(f"Hugging Face tokenizer folder {path} does not exist (nothing is downloaded)")
-        self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    def __init__(self, path: str | Path, context_length: int, layout: str = "navit", clean: str = "none"):
+        self.tok = load_hf_tokenizer(path)
+        self.layout, self.clean = layout, clean_fn(clean)
         self.context_length = context_length
+        if layout == "hf" and self.tok.pad_token_id is None:
+            raise ValueError(
+                f"Hugging Face tokenizer {path} names no padding token; give the folder with its "
+                "tokenizer_config.json (special_tokens_map.json)"
+            )
         vocab = len(self.tok)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else vocab
         self.num_embeddings = vocab if self.tok.pad_token_id is not None else vocab + 1
@@ -105,23 +158,62 @@ class HFTokenizer(_IdsTokenizer):
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.tok(texts, add_special_tokens=False)["input_ids"]
 
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        if self.layout != "hf":
+            return super().__call__(texts)
+        if self.clean is not None:
+            texts = [self.clean(t) for t in texts]
+        return self.tok(
+            texts, return_tensors="pt", max_length=self.context_length, padding="max_length", truncation=True
+        ).input_ids
 
-def tokenizer_for(cfg):
-    """The tokenizer a `Config` names, with its vocabulary size and pad id written into
-    `cfg.model.text` (the one place the text tower's embedding table learns them)."""
-    tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path, cfg.tokenizer.context_length)
-    cfg.model.text.vocab_size, cfg.model.text.pad_id = tokenizer.num_embeddings, tokenizer.pad_id
+
+def tokenizer_for(cfg, fixed_vocab: bool = False):
+    """The tokenizer a `Config` names, with its pad id (and vocabulary size) written into
+    `cfg.model.text` (the one place the text tower learns them). With `fixed_vocab` (a model whose
+    weights exist: a checkpoint, model.init_from) the embedding table keeps its size and the
+    tokenizer must fit in it."""
+    t = cfg.tokenizer
+    tokenizer = build_tokenizer(t.kind, t.path, t.context_length, t.layout, t.clean, t.pad_with_eos, t.source)
+    text = cfg.model.text
+    if fixed_vocab and tokenizer.num_embeddings > text.vocab_size:
+        raise ValueError(
+            f"tokenizer {t.path or t.kind} has {tokenizer.num_embeddings} ids but the model's text tower "
+            f"embeds {text.vocab_size}: it is not this checkpoint's tokenizer"
+        )
+    if not fixed_vocab:
+        text.vocab_size = tokenizer.num_embeddings
+    text.pad_id = tokenizer.pad_id
+    # trailing padding may be cut only where the tower never reads it (causal, pooled at the text's end)
+    tokenizer.trim_padding = text.causal
     return tokenizer
 
 
-def build_tokenizer(kind: str, path: str = "", context_length: int = 32):
+def build_tokenizer(
+    kind: str,
+    path: str = "",
+    context_length: int = 32,
+    layout: str = "navit",
+    clean: str = "none",
+    pad_with_eos: bool = False,
+    source: str = "",
+):
+    """A tokenizer of `kind`; hf and sentencepiece read the local file at `path` (a `.model` file is
+    SentencePiece whichever of the two is named). `source` names where a checkpoint's tokenizer comes
+    from, for the error when no path is given."""
     if kind == "openclip":
         return OpenCLIPTokenizer(context_length)
-    if kind == "sentencepiece":
-        return SentencePieceTokenizer(path, context_length)
-    if kind == "hf":
-        return HFTokenizer(path, context_length)
-    raise ValueError(f"tokenizer kind {kind!r} must be openclip, sentencepiece or hf")
+    if kind not in ("sentencepiece", "hf"):
+        raise ValueError(f"tokenizer kind {kind!r} must be openclip, sentencepiece or hf")
+    if not path:
+        whose = f" (this checkpoint's: {source})" if source else ""
+        raise ValueError(
+            f"tokenizer.kind={kind} needs tokenizer.path{whose}: a local Hugging Face tokenizer folder, "
+            "tokenizer.json or SentencePiece .model file (nothing is downloaded)"
+        )
+    if str(path).endswith(".model"):
+        return SentencePieceTokenizer(path, context_length, pad_with_eos, clean)
+    return HFTokenizer(path, context_length, layout, clean)
 
 
 def train_sentencepiece(captions: Iterable[str], out_prefix: str | Path, vocab_size: int = 32000) -> Path:

@@ -241,7 +241,7 @@ def resolve(cfg: Config, info: DistInfo):
     cfg.validate()  # before any work, the demo's data generation included
     if cfg.demo:
         prepare_demo(cfg, info)
-    tokenizer = tokenizer_for(cfg)
+    tokenizer = tokenizer_for(cfg, fixed_vocab=bool(cfg.model.init_from))
     cfg.train.precision = resolve_precision(cfg.train.precision, info.device)
     cfg.validate()
     return tokenizer

@@ -30,6 +30,7 @@ def rel(a, b):
         ("rope2d+fractional", "mean", False),
         ("rope2d", "map", False),
         ("learned2d", "cls", True),  # a converted open_clip ViT's options (tests/test_openclip.py)
+        ("learned2d", "siglip", True),  # a converted SigLIP2 NaFlex's options (tests/test_siglip.py)
     ],
 )
 def exported(request, tmp_path_factory):
@@ -47,6 +48,18 @@ def exported(request, tmp_path_factory):
         cfg.model.text.act = "quick_gelu"
     cfg.model.text.width, cfg.model.text.depth, cfg.model.text.heads = 32, 1, 4
     cfg.model.embed_dim = 24
+    if pool == "siglip":  # MAP head with biases, no projection, bilinear table, tanh GELU, SigLIP's text
+        v.pool, v.max_grid, v.bias, v.qk_norm, v.act, v.posemb_interp = (
+            "map",
+            3,
+            True,
+            False,
+            "gelu_tanh",
+            "bilinear",
+        )
+        cfg.model.embed_dim, cfg.model.image_proj, cfg.model.text_proj = 32, "none", "linear_bias"
+        cfg.model.text.causal, cfg.model.text.pool, cfg.model.text.act = False, "last", "gelu_tanh"
+        cfg.model.logit_bias = True
     torch.manual_seed(0)
     model = NaViTCLIP(cfg.model).eval()
     ckpt = root / "step_00000001.pt"

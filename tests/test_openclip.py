@@ -242,7 +242,7 @@ def test_what_does_not_convert_is_one_line_naming_it(converted, tmp_path, capsys
     torch.save(wider, tmp_path / "other_size.bin")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     cases = {
-        "convnext_base": ["convnext_base", "timm_model_name"],
+        "convnext_base": ["convnext_base", "ConvNeXt"],
         "RN50": ["RN50", "ResNet"],
         "missing.pt": ["missing key", "visual.ln_post.weight"],
         "other_size.bin": ["text_projection", "shape"],

@@ -353,7 +353,9 @@ class PackedImageText(IterableDataset):
                     labels[b, e] = examples[i].label
         text = None
         if self.tokenizer is not None:
-            ids = trim_padding(self.tokenizer(captions), self.tokenizer.pad_id)
+            ids = self.tokenizer(captions)
+            if getattr(self.tokenizer, "trim_padding", True):  # not for bidirectional text towers
+                ids = trim_padding(ids, self.tokenizer.pad_id)
             text = torch.zeros(B, E, ids.shape[-1], dtype=ids.dtype)
             if where:
                 bb, ee = torch.tensor(where).T

@@ -33,6 +33,10 @@ class NaViTConfig(PretrainedConfig):
         ln_pre=False,
         cls_token=False,
         act="gelu",
+        posemb_interp="bicubic",
+        fc_norm=False,
+        patch_bias=None,
+        image_proj="linear",
         embed_dim=512,
         **kwargs,
     ):
@@ -41,6 +45,8 @@ class NaViTConfig(PretrainedConfig):
         self.max_grid, self.pool, self.ln_eps, self.embed_dim = max_grid, pool, ln_eps, embed_dim
         self.rope_span, self.rope_mode, self.ln_pre = rope_span, rope_mode, ln_pre
         self.cls_token, self.act = cls_token, act
+        self.posemb_interp, self.fc_norm, self.patch_bias = posemb_interp, fc_norm, patch_bias
+        self.image_proj = image_proj
         super().__init__(**kwargs)
 
 

@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 try:  # inside a package (Hugging Face remote code) or as plain modules next to each other
-    from .navit_layers import build_tower, embed_tokens, mean_pool
+    from .navit_layers import build_tower, embed_tokens, mean_pool, projection
     from .navit_posemb import FactorizedPosEmb, rope2d_positions, with_rope2d
 except ImportError:
-    from navit_layers import build_tower, embed_tokens, mean_pool
+    from navit_layers import build_tower, embed_tokens, mean_pool, projection
     from navit_posemb import FactorizedPosEmb, rope2d_positions, with_rope2d
 
 CONFIG_KEYS = (
@@ -57,6 +57,10 @@ CONFIG_KEYS = (
     "ln_pre",
     "cls_token",
     "act",
+    "posemb_interp",
+    "fc_norm",
+    "patch_bias",
+    "image_proj",
     "embed_dim",
 )
 _DTYPES = {
@@ -106,8 +110,9 @@ class NaViTEncoderMixin:
     def _build(self, cfg: dict) -> None:
         self.navit_config = dict(cfg)
         c = SimpleNamespace(**cfg)
-        build_tower(self, c, FactorizedPosEmb(c.posemb, c.width, c.max_grid))
-        self.image_proj = nn.Linear(c.width, c.embed_dim, bias=False)
+        posemb = FactorizedPosEmb(c.posemb, c.width, c.max_grid, interp=cfg.get("posemb_interp", "bicubic"))
+        build_tower(self, c, posemb)
+        self.image_proj = projection(cfg.get("image_proj", "linear"), c.width, c.embed_dim)
 
     def forward_tokens(
         self,
@@ -147,7 +152,9 @@ class NaViTEncoderMixin:
             )
         for block in self.blocks:
             x_1TD = block(x_1TD, attend)
-        x_1TD = self.norm(x_1TD)
+        fc_norm = self.navit_config.get("fc_norm", False)  # the final norm after pooling (timm's)
+        if not fc_norm:
+            x_1TD = self.norm(x_1TD)
         x_TD = x_1TD[0]
         pool = self.navit_config["pool"]
         if is_cls is not None:  # pool=cls reads the class tokens, the others pool the patches alone
@@ -157,6 +164,8 @@ class NaViTEncoderMixin:
             pooled_nD = self.head(x_TD, segment_ids, torch.ones(n, dtype=torch.bool, device=x_TD.device))
         elif pool == "mean":
             pooled_nD = mean_pool(x_TD, segment_ids, n)
+        if fc_norm:
+            pooled_nD = self.norm(pooled_nD)
         return x_TD, pooled_nD, self.image_proj(pooled_nD)
 
     def forward(self, pixel_values: torch.Tensor, grid_hw: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -228,7 +237,9 @@ class NaViTTextEncoder(nn.Module):
         except ImportError:
             from navit_text import TextConfig, TextTransformer
         self.text = TextTransformer(TextConfig(**config["text"]))
-        self.text_proj = nn.Linear(config["text"]["width"], config["embed_dim"], bias=False)
+        self.text_proj = projection(
+            config.get("text_proj", "linear"), config["text"]["width"], config["embed_dim"]
+        )
         self.logit_scale = nn.Parameter(torch.zeros(1))
 
     @classmethod

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from navit_clip.model.layers import PROJECTIONS, projection
 from navit_clip.model.text import TextConfig, TextTransformer
 from navit_clip.model.vision import NaViT, VisionConfig
 from navit_clip.packing import PackedBatch
@@ -28,6 +29,10 @@ class ModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     logit_bias: bool = False  # a learnable bias for the sigmoid (SigLIP) loss
     init_logit_bias: float = -10.0
+    # each tower's projection into the embedding space (layers.PROJECTIONS): linear (CLIP's, no bias),
+    # linear_bias (SigLIP's text tower), none (SigLIP's image towers: width == embed_dim)
+    image_proj: str = "linear"
+    text_proj: str = "linear"
     # Start from these weights: a navit-clip checkpoint, e.g. one `navit-clip convert-openclip` wrote.
     # Its model architecture, tokenizer and image normalisation are the run's (config.load_config).
     init_from: str = ""
@@ -37,6 +42,14 @@ class ModelConfig:
         self.text.validate()
         if self.embed_dim < 1:
             raise ValueError(f"model.embed_dim={self.embed_dim} must be positive")
+        for name, width in (("image_proj", self.vision.width), ("text_proj", self.text.width)):
+            kind = getattr(self, name)
+            if kind not in PROJECTIONS:
+                raise ValueError(f"model.{name}={kind!r} is not one of {PROJECTIONS}")
+            if kind == "none" and width != self.embed_dim:
+                raise ValueError(
+                    f"model.{name}=none needs model.embed_dim={self.embed_dim} equal to the tower's width {width}"
+                )
 
 
 class NaViTCLIP(nn.Module):
@@ -46,13 +59,16 @@ class NaViTCLIP(nn.Module):
         self.cfg = cfg
         self.visual = NaViT(cfg.vision)
         self.text = TextTransformer(cfg.text)
-        self.image_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
-        self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
+        self.image_proj = projection(cfg.image_proj, cfg.vision.width, cfg.embed_dim)
+        self.text_proj = projection(cfg.text_proj, cfg.text.width, cfg.embed_dim)
         # shape [1], not 0-d: FSDP2 shards parameters along dim 0
         self.logit_scale = nn.Parameter(torch.full((1,), cfg.init_logit_scale))
         self.logit_bias = nn.Parameter(torch.full((1,), cfg.init_logit_bias)) if cfg.logit_bias else None
         for proj, width in ((self.image_proj, cfg.vision.width), (self.text_proj, cfg.text.width)):
-            nn.init.normal_(proj.weight, std=width**-0.5)
+            if isinstance(proj, nn.Linear):
+                nn.init.normal_(proj.weight, std=width**-0.5)
+                if proj.bias is not None:
+                    nn.init.zeros_(proj.bias)
 
     # The public encode_* methods are entry points only (nothing in the model calls them), so that
     # FSDP2 can treat each as a forward (navit_clip.distributed.wrap_model registers them); the
@@ -68,7 +84,10 @@ class NaViTCLIP(nn.Module):
         ):
             if not cfg.lock:
                 continue
-            groups = [*tower.lock_groups(), list(proj.parameters())]
+            if tower is self.visual:
+                groups = tower.lock_groups(list(proj.parameters()))
+            else:
+                groups = [*tower.lock_groups(), list(proj.parameters())]
             for i, group in enumerate(groups):
                 for param in group:
                     param.requires_grad_(i >= len(groups) - cfg.lock_unlocked_groups)

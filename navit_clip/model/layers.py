@@ -55,7 +55,13 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation: what SigLIP2's towers (timm's `gelu_tanh`, open_clip's
+    act_kwargs approximate=tanh) were trained with."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh}
 
 
 class Mlp(nn.Module):
@@ -254,14 +260,32 @@ def class_token_layout(segment_ids_BL: torch.Tensor, E: int) -> tuple[torch.Tens
     return dest_BL, cls_BE
 
 
+PROJECTIONS = ("linear", "linear_bias", "none")
+
+
+def projection(kind: str, width: int, embed_dim: int) -> nn.Module:
+    """A tower's projection into the shared embedding space: linear (CLIP's, no bias), linear_bias
+    (SigLIP's text projection), or none (SigLIP's image towers: the pooled feature is the embedding)."""
+    if kind not in PROJECTIONS:
+        raise ValueError(f"projection {kind!r} is not one of {PROJECTIONS}")
+    if kind == "none":
+        if width != embed_dim:
+            raise ValueError(f"a tower of width {width} has no projection, so embed_dim must be {width}")
+        return nn.Identity()
+    return nn.Linear(width, embed_dim, bias=kind == "linear_bias")
+
+
 def build_tower(module: nn.Module, cfg, posemb: nn.Module) -> None:
     """Attach the NaViT modules to `module`. The training model and the exported encoder both build
     themselves here, so their parameter names (and checkpoints) always match."""
     P = cfg.patch_size
     cls_token = getattr(cfg, "cls_token", False)
     # With a class token the patch projection has no bias, as in CLIP's ViT (open_clip's conv1): a bias
-    # there adds one vector to every patch token, what the position table already can.
-    module.patch_embed = nn.Linear(P * P * 3, cfg.width, bias=cfg.bias and not cls_token)
+    # there adds one vector to every patch token, what the position table already can. patch_bias
+    # states it where a checkpoint decides (timm's ViTs: a bias unless pre-norm).
+    patch_bias = getattr(cfg, "patch_bias", None)
+    patch_bias = cfg.bias and not cls_token if patch_bias is None else patch_bias
+    module.patch_embed = nn.Linear(P * P * 3, cfg.width, bias=patch_bias)
     module.cls_token = nn.Parameter(torch.randn(cfg.width) * cfg.width**-0.5) if cls_token else None
     module.posemb = posemb
     # open_clip's ln_pre: without it the first block sees raw patch projections whose scale follows the

@@ -22,8 +22,9 @@ Variants:
                 only longer ones shrunk to span it (position interpolation).
     learned2d   one learned 2D table of max_grid x max_grid positions (not factorized: ViT's and
                 CLIP's, so an open_clip ViT converts into it), resampled to each image's own rows x
-                columns with antialiased bicubic interpolation (timm's `resample_abs_pos_embed`,
-                NaFlexViT's rule); read unchanged at the table's own grid.
+                columns with antialiased interpolation: bicubic (timm's `resample_abs_pos_embed`,
+                what fixed-size ViTs do at another size) or bilinear (`posemb_interp`: timm's
+                NaFlexViT SigLIP models, per image); read unchanged at the table's own grid.
     rope2d+T    rope2d and the additive table T (one of the others) together, e.g.
                 rope2d+fractional: relative offsets inside attention, absolute place in the input.
 """
@@ -59,11 +60,22 @@ def _cubic_aa(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
-def resample_weights(index_T: torch.Tensor, size_T: torch.Tensor, table_size: int) -> torch.Tensor:
-    """Row `index` of a table of `table_size` rows resized to `size` rows by antialiased bicubic
-    interpolation, as weights over the table's rows [T, table_size] (each token its own output size).
+def _triangle(x: torch.Tensor) -> torch.Tensor:
+    """The linear kernel torch's antialiased bilinear resize uses."""
+    return (1 - x.abs()).clamp(min=0)
 
-    The same weights as `F.interpolate(..., mode="bicubic", antialias=True, align_corners=False)`
+
+INTERP_KERNELS = {"bicubic": _cubic_aa, "bilinear": _triangle}
+
+
+def resample_weights(
+    index_T: torch.Tensor, size_T: torch.Tensor, table_size: int, interp: str = "bicubic"
+) -> torch.Tensor:
+    """Row `index` of a table of `table_size` rows resized to `size` rows by antialiased `interp`
+    (bicubic or bilinear) interpolation, as weights over the table's rows [T, table_size] (each token
+    its own output size).
+
+    The same weights as `F.interpolate(..., mode=interp, antialias=True, align_corners=False)`
     (torch's separable kernel: the filter widened by the scale when shrinking, weights cut at the
     table's edges and renormalised), written as tensor ops so that every token of a packed batch is
     resampled to its own image's grid in one product, with no per-size loop or host sync, and it
@@ -75,16 +87,18 @@ def resample_weights(index_T: torch.Tensor, size_T: torch.Tensor, table_size: in
     widen_T1 = scale_T1.clamp(min=1.0)  # the filter is stretched only when shrinking
     center_T1 = scale_T1 * (index_T.to(torch.float32)[:, None] + 0.5)
     j_G = torch.arange(G, device=index_T.device, dtype=torch.float32)
-    w_TG = _cubic_aa((j_G - center_T1 + 0.5) / widen_T1)
+    w_TG = INTERP_KERNELS[interp]((j_G - center_T1 + 0.5) / widen_T1)
     return w_TG / w_TG.sum(-1, keepdim=True)
 
 
-def resample_table(table_GGD: torch.Tensor, coords_L2: torch.Tensor, grid_L2: torch.Tensor) -> torch.Tensor:
+def resample_table(
+    table_GGD: torch.Tensor, coords_L2: torch.Tensor, grid_L2: torch.Tensor, interp: str = "bicubic"
+) -> torch.Tensor:
     """The 2D table [G, G, D] resampled to each token's image grid (h, w), read at its (row, col):
     [L, D], float32. Padding (grid 0 x 0) reads a finite mix it never uses."""
     G, D = table_GGD.shape[0], table_GGD.shape[-1]
-    wy_LG = resample_weights(coords_L2[:, 0], grid_L2[:, 0], G)
-    wx_LG = resample_weights(coords_L2[:, 1], grid_L2[:, 1], G)
+    wy_LG = resample_weights(coords_L2[:, 0], grid_L2[:, 0], G, interp)
+    wx_LG = resample_weights(coords_L2[:, 1], grid_L2[:, 1], G, interp)
     w_LGG = wy_LG[:, :, None] * wx_LG[:, None, :]
     return w_LGG.reshape(-1, G * G) @ table_GGD.to(torch.float32).reshape(G * G, D)
 
@@ -105,10 +119,15 @@ class FactorizedPosEmb(nn.Module):
     plain rope2d). `rope`: whether attention rotates queries and keys too (kinds rope2d, rope2d+T).
     """
 
-    def __init__(self, kind: str, dim: int, max_grid: int = 64, fourier_features: int = 64):
+    def __init__(
+        self, kind: str, dim: int, max_grid: int = 64, fourier_features: int = 64, interp: str = "bicubic"
+    ):
         super().__init__()
         if kind not in POSEMB_KINDS:
             raise ValueError(f"posemb={kind!r} is not one of {POSEMB_KINDS}")
+        if interp not in INTERP_KERNELS:
+            raise ValueError(f"posemb_interp={interp!r} is not one of {tuple(INTERP_KERNELS)}")
+        self.interp = interp
         if dim % 2:
             raise ValueError(f"width {dim} must be even for factorized position embeddings")
         self.rope = kind.startswith("rope2d")
@@ -148,7 +167,9 @@ class FactorizedPosEmb(nn.Module):
         if self.kind == "none":  # plain rope2d: positions enter inside attention only (with_rope2d)
             return torch.zeros((), device=coords_BL2.device)
         if self.kind == "learned2d":
-            pos_LD = resample_table(self.table, coords_BL2.reshape(-1, 2), grid_BL2.reshape(-1, 2))
+            pos_LD = resample_table(
+                self.table, coords_BL2.reshape(-1, 2), grid_BL2.reshape(-1, 2), self.interp
+            )
             return pos_LD.view(*coords_BL2.shape[:-1], -1)
         return self._axis(coords_BL2[..., 0], grid_BL2[..., 0], "y") + self._axis(
             coords_BL2[..., 1], grid_BL2[..., 1], "x"

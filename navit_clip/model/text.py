@@ -1,4 +1,5 @@
-"""CLIP-style text transformer: causal pre-LN blocks, pooled at the end-of-text token or by attention.
+"""CLIP-style text transformer: causal pre-LN blocks, pooled at the end-of-text token or by attention;
+or SigLIP's: bidirectional over the whole padded context, pooled at its last (or first) position.
 
 torch only: this file is also shipped inside an export folder (as navit_text.py).
 
@@ -23,6 +24,9 @@ except ImportError:
     import navit_layers as layers
 
 
+POOLS = ("eot", "map", "last", "first")
+
+
 @dataclass
 class TextConfig:
     vocab_size: int = 49408  # embedding rows; the tokenizer's `num_embeddings`
@@ -33,8 +37,12 @@ class TextConfig:
     heads: int = 8
     mlp_ratio: float = 4.0
     pool: str = "eot"  # eot: the last non-padding token (causal: it has seen the whole text) | map
+    #                    | last / first: the context's last / first position (SigLIP's, with causal=false)
     ln_eps: float = 1e-5
-    act: str = "gelu"  # gelu | quick_gelu (OpenAI's CLIP weights)
+    act: str = "gelu"  # gelu | quick_gelu (OpenAI's CLIP weights) | gelu_tanh (SigLIP2's)
+    # false: every position attends to the whole context, padding included (SigLIP's text towers, open_clip's
+    # no_causal_mask): captions are then computed at the full context_length, padded with pad_id
+    causal: bool = True
     # Locking (open_clip's --lock-text): groups [token and position embeddings], each block but the
     # last, [last block, final norm, pooling probe], and the text projection; the last
     # lock_unlocked_groups of them stay trainable; lock_norms=false keeps every LayerNorm trainable.
@@ -45,8 +53,13 @@ class TextConfig:
     def validate(self) -> None:
         if self.width % self.heads:
             raise ValueError(f"text.width={self.width} is not divisible by text.heads={self.heads}")
-        if self.pool not in ("eot", "map"):
-            raise ValueError(f"text.pool={self.pool!r} must be 'eot' or 'map'")
+        if self.pool not in POOLS:
+            raise ValueError(f"text.pool={self.pool!r} must be one of {POOLS}")
+        if self.pool in ("last", "first") and self.causal:
+            raise ValueError(
+                f"model.text.pool={self.pool} reads a fixed position of the padded context: it needs "
+                "model.text.causal=false (SigLIP's text tower)"
+            )
         if self.act not in layers.ACTIVATIONS:
             raise ValueError(f"model.text.act={self.act!r} is not one of {tuple(layers.ACTIVATIONS)}")
         if self.lock_unlocked_groups < 0:
@@ -92,9 +105,9 @@ def caption_lengths(ids_NK: torch.Tensor, pad_id: int) -> torch.Tensor:
     return ((ids_NK != pad_id) * position_K).amax(1).clamp(min=1)
 
 
-def _causal_padded(q_NKHd: torch.Tensor, k_NKHd: torch.Tensor, v_NKHd: torch.Tensor) -> torch.Tensor:
+def _padded_attention(q_NKHd, k_NKHd, v_NKHd, causal: bool) -> torch.Tensor:
     o_NHKd = layers.sdpa(
-        q_NKHd.transpose(1, 2), k_NKHd.transpose(1, 2), v_NKHd.transpose(1, 2), is_causal=True
+        q_NKHd.transpose(1, 2), k_NKHd.transpose(1, 2), v_NKHd.transpose(1, 2), is_causal=causal
     )
     return o_NHKd.transpose(1, 2)
 
@@ -137,9 +150,12 @@ class TextTransformer(nn.Module):
         return [[*self.token_embed.parameters(), self.pos_embed], *blocks, last]
 
     def forward(self, ids_NK: torch.Tensor) -> torch.Tensor:
-        """Packed: only real tokens are computed. The captions' tokens are concatenated (shortest
+        """Causal: packed, only real tokens are computed. The captions' tokens are concatenated (shortest
         captions first, equal lengths adjacent) and attend causally within their own caption, so the
-        cost follows the tokens, not N x K. Equal to `forward_padded` within float rounding."""
+        cost follows the tokens, not N x K. Equal to `forward_padded` within float rounding.
+        Bidirectional (causal=false): `forward_padded`, every caption at the full context."""
+        if not self.cfg.causal:
+            return self.forward_padded(ids_NK)
         N, K = ids_NK.shape
         starts_N = torch.arange(N, device=ids_NK.device) * K
         captions = layers.by_length(
@@ -161,12 +177,19 @@ class TextTransformer(nn.Module):
 
     def forward_padded(self, ids_NK: torch.Tensor) -> torch.Tensor:
         """Every caption computed at the full K tokens (static shapes, no host sync: for tracing and
-        as the reference the packed `forward` is tested against)."""
+        as the reference the packed `forward` is tested against). A bidirectional tower pads the ids
+        back to its context_length first (the data pipeline trims columns that are padding in every
+        row): its padding is attended to, so the full context is what it was trained on."""
+        if not self.cfg.causal:
+            ids_NK = F.pad(ids_NK, (0, self.cfg.context_length - ids_NK.shape[1]), value=self.cfg.pad_id)
         N, K = ids_NK.shape
         x_NKD = self.token_embed(ids_NK) + self.pos_embed[:K]
+        attend = partial(_padded_attention, causal=self.cfg.causal)
         for block in self.blocks:
-            x_NKD = block(x_NKD, _causal_padded)
+            x_NKD = block(x_NKD, attend)
         x_NKD = self.norm(x_NKD)
+        if self.cfg.pool in ("last", "first"):
+            return x_NKD[:, -1 if self.cfg.pool == "last" else 0]
         len_N = caption_lengths(ids_NK, self.cfg.pad_id)
         if self.probe is None:
             return x_NKD[torch.arange(N, device=ids_NK.device), len_N - 1]

@@ -24,7 +24,14 @@ from navit_clip.model.layers import (
     mean_pool,
     slot_index,
 )
-from navit_clip.model.posemb import POSEMB_KINDS, ROPE_MODES, FactorizedPosEmb, rope2d_positions, with_rope2d
+from navit_clip.model.posemb import (
+    INTERP_KERNELS,
+    POSEMB_KINDS,
+    ROPE_MODES,
+    FactorizedPosEmb,
+    rope2d_positions,
+    with_rope2d,
+)
 from navit_clip.packing import PackedBatch, grid_size, pack_images, unpack_slots
 
 
@@ -46,16 +53,32 @@ class VisionConfig:
     # 0: patch indices. A training config that omits rope_span gets its data's longest side (config.py).
     rope_span: float = 16.0
     rope_mode: str = "cap"
+    # antialiased kernel resampling the learned2d table to each image's grid: bicubic (timm's
+    # resample_abs_pos_embed, fixed-size ViTs) | bilinear (timm's NaFlexViT SigLIP models)
+    posemb_interp: str = "bicubic"
     pool: str = "map"  # map | mean | cls (the class token's output; needs cls_token)
+    # the final LayerNorm after pooling instead of on every token before it (timm's fc_norm, the
+    # default of its avg-pooled ViTs); per-token features then come out un-normed, as timm's do
+    fc_norm: bool = False
+    patch_bias: bool | None = None  # a bias in the patch projection; None: bias and not cls_token
     attn_backend: str = "auto"  # dense | grouped | flex | varlen | auto
     ln_eps: float = 1e-6
     ln_pre: bool = False  # LayerNorm on the input tokens, before the first block (open_clip's ln_pre)
     cls_token: bool = False  # one learned class token per image, placed before its patches (CLIP's ViT)
-    act: str = "gelu"  # gelu | quick_gelu (OpenAI's CLIP weights)
+    act: str = "gelu"  # gelu | quick_gelu (OpenAI's CLIP weights) | gelu_tanh (SigLIP2's)
     # Locking (open_clip's --lock-image): frozen parameters get no gradient and no optimiser state.
-    # The tower's groups are [patch embedding, class token, positions, ln_pre], each block but the
-    # last, [last block, final norm, head], and the image projection; the last lock_unlocked_groups
-    # of them stay trainable; lock_norms=false keeps every LayerNorm trainable too.
+    # lock_grouping=openclip (open_clip's own ViT): the groups are [patch embedding, class token,
+    # positions, ln_pre], each block but the last, [last block, final norm, head], and the image
+    # projection. lock_grouping=timm (a converted timm tower, as open_clip's TimmModel.lock groups it
+    # with timm's group_matcher): [patch embedding, class token, positions, ln_pre], each block but the
+    # last, [last block, final norm], [pooling head, fc_norm] (lock_proj below for the projection);
+    # timm_naflex: the same with ln_pre in the last block's group (NaFlexViT's matcher). The last
+    # lock_unlocked_groups of them stay trainable; lock_norms=false keeps every LayerNorm trainable.
+    lock_grouping: str = "openclip"
+    # whether the image projection locks with the tower: true for open_clip's ViTs (its own last group)
+    # and a timm tower's own classifier head (in the pooling head's group); false for open_clip's head
+    # after a timm trunk, which TimmModel.lock never locks
+    lock_proj: bool = True
     lock: bool = False
     lock_unlocked_groups: int = 0
     lock_norms: bool = True
@@ -72,6 +95,14 @@ class VisionConfig:
             raise ValueError("model.vision.pool=cls needs model.vision.cls_token=true")
         if self.act not in ACTIVATIONS:
             raise ValueError(f"model.vision.act={self.act!r} is not one of {tuple(ACTIVATIONS)}")
+        if self.posemb_interp not in INTERP_KERNELS:
+            raise ValueError(
+                f"model.vision.posemb_interp={self.posemb_interp!r} is not one of {tuple(INTERP_KERNELS)}"
+            )
+        if self.lock_grouping not in ("openclip", "timm", "timm_naflex"):
+            raise ValueError(
+                f"model.vision.lock_grouping={self.lock_grouping!r} must be openclip, timm or timm_naflex"
+            )
         if self.lock_unlocked_groups < 0:
             raise ValueError(f"model.vision.lock_unlocked_groups={self.lock_unlocked_groups} must be >= 0")
         if self.rope_span < 0:
@@ -115,7 +146,9 @@ class NaViT(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        build_tower(self, cfg, FactorizedPosEmb(cfg.posemb, cfg.width, cfg.max_grid))
+        build_tower(
+            self, cfg, FactorizedPosEmb(cfg.posemb, cfg.width, cfg.max_grid, interp=cfg.posemb_interp)
+        )
         init_weights(self)
 
     def forward(self, batch: PackedBatch) -> VisionOutput:
@@ -139,7 +172,8 @@ class NaViT(nn.Module):
             attend = with_rope2d(attend, pos, self.cfg.width // self.cfg.heads)
         for block in self.blocks:
             x = block(x, attend)
-        x = self.norm(x)
+        if not self.cfg.fc_norm:
+            x = self.norm(x)
         slot_BL = slot_index(seg_BL, E)
         slot_N = plan.to_flat(slot_BL)[0] if plan.flat else slot_BL.flatten()
         if plan.flat:
@@ -152,20 +186,30 @@ class NaViT(nn.Module):
             pooled = self.head(x_ND, slot_N, batch.slot_valid.flatten())
         else:  # the mean of one token is that token: pool=cls reads each class token's output
             pooled = mean_pool(x_ND, slot_N, B * E)
+        if self.cfg.fc_norm:
+            pooled = self.norm(pooled)
         pooled_BED = pooled.view(B, E, -1)
         lay_out = partial(plan.from_flat, x) if plan.flat else lambda: x
         if dest_BL is not None:  # the patch tokens, back in the batch's own [B, L] layout
             lay_out = partial(_patch_tokens, lay_out, dest_BL)
         return VisionOutput(pooled=pooled_BED, slot_valid=batch.slot_valid, lay_out=lay_out)
 
-    def lock_groups(self) -> list[list[nn.Parameter]]:
-        """The tower's parameters in open_clip's lock groups, first to last (see VisionConfig.lock)."""
-        first = [*self.patch_embed.parameters(), *self.posemb.parameters(), *self.ln_pre.parameters()]
+    def lock_groups(self, proj: list[nn.Parameter] = ()) -> list[list[nn.Parameter]]:
+        """The tower's parameters, and its projection's `proj` where they lock with it, in its lock
+        groups, first to last (see VisionConfig.lock_grouping)."""
+        proj = list(proj) if self.cfg.lock_proj else []
+        first = [*self.patch_embed.parameters(), *self.posemb.parameters()]
         if self.cls_token is not None:
             first.append(self.cls_token)
         blocks = [list(b.parameters()) for b in self.blocks]
-        last = [*blocks.pop(), *self.norm.parameters(), *(self.head.parameters() if self.head else [])]
-        return [first, *blocks, last]
+        head = list(self.head.parameters()) if self.head is not None else []
+        if self.cfg.lock_grouping.startswith("timm"):  # `^norm` joins the last block; the rest comes last
+            last, pool = list(blocks[-1]), [*head, *proj]
+            (last if self.cfg.lock_grouping == "timm_naflex" else first).extend(self.ln_pre.parameters())
+            (pool if self.cfg.fc_norm else last).extend(self.norm.parameters())
+            return [g for g in (first, *blocks[:-1], last, pool) if g]
+        first.extend(self.ln_pre.parameters())
+        return [g for g in (first, *blocks[:-1], [*blocks[-1], *self.norm.parameters(), *head], proj) if g]
 
     def encode_images(
         self, images: Sequence[torch.Tensor], seq_len: int = 256, max_images: int = 8
