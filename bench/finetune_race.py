@@ -20,6 +20,7 @@ checkpoint at another size. open_clip's own 96 x 96 centre-crop accuracy is prin
     python bench/finetune_race.py                       -> bench/results/finetune_race.json (3 seeds)
     python bench/finetune_race.py --seeds 0 --pretrain 120 --budget 60
     python bench/finetune_race.py --only-navit data.token_drop.kind=none      (an ablation of (b))
+    python bench/finetune_race.py --seeds 0 --wise-ft 0.3,0.5,0.7            (+ WiSE-FT of (b), evaluated)
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ from learning_race import (
 from safetensors.torch import save_file
 
 from navit_clip.convert import convert_openclip, from_openclip
+from navit_clip.factory import config_of, create_model
 from navit_clip.tokenizer import tokenizer_for
 from navit_clip.train import resolve_precision
+from navit_clip.wiseft import wise_ft
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP = 20
@@ -91,8 +94,18 @@ def one_race(args, seed: int, data: dict, device, precision: str, oc_precision: 
         str(work / "vit-ti.json"), work / "pretrained.safetensors", work / "converted.pt"
     )
     overrides = [*RECIPE, f"model.init_from={converted}", f"train.lr={args.lr}", f"train.warmup={WARMUP}"]
-    b = run_navit(data, [args.budget], overrides + args.overrides, device, seed=seed + 1, precision=precision)
+    finetuned = work / "finetuned.pt"
+    b = run_navit(
+        data, [args.budget], overrides + args.overrides, device, str(finetuned), seed + 1, precision
+    )
     out["navit"] = b[f"at_{args.budget:.0f}s"]
+    for alpha in args.wise_ft:  # WiSE-FT of (b) with the converted start: `navit-clip wise-ft`, evaluated
+        mixed = wise_ft(converted, finetuned, work / f"wise_{alpha:g}.pt", alpha)
+        cfg = config_of(mixed)
+        model = create_model(mixed, device)
+        tok = tokenizer_for(cfg, fixed_vocab=True)
+        out[f"wise_{alpha:g}"] = navit_zeroshot(model, tok, cfg, data, device, BUDGET_TOKENS)
+        print(f"  wise-ft alpha {alpha:g}: {out[f'wise_{alpha:g}']}")
     if not args.only_navit:
         saved.write_text(json.dumps(out))
     return out
@@ -111,6 +124,12 @@ def main() -> None:
         action="store_true",
         help="ablations: reuse each seed's last pretrained checkpoint and open_clip figures, rerun (b) only",
     )
+    ap.add_argument(
+        "--wise-ft",
+        default="",
+        type=lambda text: [float(a) for a in text.split(",") if a],
+        help="comma-separated alphas: also evaluate (b) weight-space ensembled with its start (navit-clip wise-ft)",
+    )
     ap.add_argument("overrides", nargs="*", help="navit-clip config overrides for (b), section.key=value")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -126,22 +145,29 @@ def main() -> None:
         "lr": args.lr,
         "seeds": seeds,
         "navit_overrides": args.overrides,
+        "wise_ft_alphas": args.wise_ft,
         "runs": runs,
     }
     print(
         f"\nzero-shot top-1 after {args.pretrain:.0f} s of open_clip pretraining + {args.budget:.0f} s of "
         f"fine-tuning, mean of {len(seeds)} seed(s) (min..max)"
     )
-    print(f"{'tokens/image':>13} {'pretrained':>17} {'open_clip':>17} {'navit-clip':>17} {'ratio':>6}")
+    wise = [f"wise_{a:g}" for a in args.wise_ft]
+    head = "".join(f" {name:>17}" for name in ("pretrained", "open_clip", "navit-clip", *wise))
+    print(f"{'tokens/image':>13}{head} {'ratio':>6}")
     for k in ["native", *map(str, BUDGET_TOKENS)]:
         cells, means = [], {}
-        for side in ("pretrained", "openclip", "navit"):
+        for side in ("pretrained", "openclip", "navit", *wise):
             xs = [r[side][f"top1_{k}"] for r in runs]
             means[side] = statistics.fmean(xs)
             cells.append(f"{100 * means[side]:5.1f} ({100 * min(xs):4.1f}..{100 * max(xs):4.1f})")
             results[f"{side}_top1_{k}"] = round(means[side], 4)
         ratio = means["navit"] / max(means["openclip"], 1e-9)
         results[f"ratio_top1_navit_over_openclip_{k}"] = round(ratio, 3)
+        for side in wise:
+            results[f"ratio_top1_{side}_over_openclip_{k}"] = round(
+                means[side] / max(means["openclip"], 1e-9), 3
+            )
         print(f"{k:>13} " + " ".join(f"{c:>17}" for c in cells) + f" {ratio:6.2f}")
     own = [r["openclip"]["top1_96px"] for r in runs]
     pre = [r["pretrained_top1_96px"] for r in runs]

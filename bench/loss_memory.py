@@ -6,8 +6,10 @@ World sizes 2, 4 and 8 (gloo on CPU, one thread per rank), 1024 valid slots per 
             embeddings included;
     peak    the rise of the process's peak resident memory over one forward+backward (VmHWM after
             /proc/self/clear_refs; glibc is told to return large blocks to the OS at once);
-    time    median seconds per forward+backward.
-Figures are the maximum over ranks (memory) and rank 0's median (time).
+    time    median seconds per forward+backward over REPEATS repetitions, ours and open_clip's
+            alternating (A B A B ...: drift and other load fall on both alike), with the spread
+            (min..max) of each and of the per-pair ratio ours / peer.
+Figures are the maximum over ranks (memory) and rank 0's timings (time).
 
     python bench/loss_memory.py     -> bench/results/loss_memory.json
 """
@@ -15,6 +17,7 @@ Figures are the maximum over ranks (memory) and rank 0's median (time).
 import json
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -26,7 +29,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from common import save_results
 
-B_LOCAL, REPEATS, TILE = 1024, 3, 1024
+B_LOCAL, REPEATS, TILE = 1024, 9, 1024
 
 
 def _status_kb(field: str) -> int:
@@ -67,6 +70,7 @@ def _rank(rank: int, world: int, port: int, dims: list[int], out_path: str) -> N
         g = torch.Generator().manual_seed(rank)
         I0 = F.normalize(torch.randn(B_LOCAL, D, generator=g), dim=-1)
         T0 = F.normalize(torch.randn(B_LOCAL, D, generator=g), dim=-1)
+        steps = {}
         for name in ("ours", "peer"):
 
             def step(I0=I0, T0=T0, name=name):
@@ -79,22 +83,31 @@ def _rank(rank: int, world: int, port: int, dims: list[int], out_path: str) -> N
             step().backward()  # warm-up
             dist.barrier()
             saved, peak = _measure(step)
-            times = []
-            for _ in range(REPEATS):
+            steps[name], results[(name, D)] = step, (saved, peak)
+        times = {"ours": [], "peer": []}
+        for _ in range(REPEATS):  # alternating: whatever else loads the machine falls on both
+            for name in ("ours", "peer"):
                 dist.barrier()
                 t0 = time.perf_counter()
-                step().backward()
-                times.append(time.perf_counter() - t0)
-            results[(name, D)] = (saved, peak, sorted(times)[len(times) // 2])
+                steps[name]().backward()
+                times[name].append(time.perf_counter() - t0)
+        for name in ("ours", "peer"):
+            results[(name, D)] += (times[name], [a / b for a, b in zip(times["ours"], times["peer"])])
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:
         merged = {}
         for key in results:
+            times, pair_ratios = results[key][2], results[key][3]
             merged[f"{key[0]}_{key[1]}"] = {
                 "saved": max(r[key][0] for r in gathered),
                 "peak": max(r[key][1] for r in gathered),
-                "time": results[key][2],
+                "time": statistics.median(times),
+                "time_min": min(times),
+                "time_max": max(times),
+                "ratio_median": statistics.median(pair_ratios),
+                "ratio_min": min(pair_ratios),
+                "ratio_max": max(pair_ratios),
             }
         Path(out_path).write_text(json.dumps(merged))
     dist.barrier()
@@ -134,11 +147,20 @@ def main() -> None:
             results[f"ratio_saved_memory_peer_over_ours_{sfx}"] = peer["saved"] / ours["saved"]
             results[f"ratio_peak_memory_peer_over_ours_{sfx}"] = peer["peak"] / max(ours["peak"], 1)
             results[f"ratio_time_ours_over_peer_{sfx}"] = ours["time"] / peer["time"]
+            results[f"ratio_time_ours_over_peer_pairs_min_{sfx}"] = ours["ratio_min"]
+            results[f"ratio_time_ours_over_peer_pairs_max_{sfx}"] = ours["ratio_max"]
+            for side, r in (("ours", ours), ("peer", peer)):
+                results[f"time_{side}_s_min_{sfx}"], results[f"time_{side}_s_max_{sfx}"] = (
+                    r["time_min"],
+                    r["time_max"],
+                )
             print(
                 f"W={W} D={D}: saved ours {ours['saved'] / 2**20:6.1f} MiB peer {peer['saved'] / 2**20:6.1f} MiB "
                 f"(peer/ours {peer['saved'] / ours['saved']:5.1f}x) | peak ours {ours['peak'] / 2**20:6.1f} MiB "
-                f"peer {peer['peak'] / 2**20:6.1f} MiB | time ours {ours['time']:.3f}s peer {peer['time']:.3f}s "
-                f"(ours/peer {ours['time'] / peer['time']:.2f}x)",
+                f"peer {peer['peak'] / 2**20:6.1f} MiB | time (median of {REPEATS}, min..max) ours "
+                f"{ours['time']:.3f}s ({ours['time_min']:.3f}..{ours['time_max']:.3f}) peer {peer['time']:.3f}s "
+                f"({peer['time_min']:.3f}..{peer['time_max']:.3f}), ours/peer {ours['time'] / peer['time']:.2f}x "
+                f"(pairs {ours['ratio_min']:.2f}..{ours['ratio_max']:.2f})",
                 flush=True,
             )
     save_results("loss_memory", results)

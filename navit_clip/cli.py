@@ -292,13 +292,15 @@ def _convert_openclip(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `navit-clip` command line, every subcommand (tests parse the README's commands with it)."""
-    parser = argparse.ArgumentParser(prog="navit-clip", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="versions and which attention backend runs where")
-    p.set_defaults(fn=_info)
+def _wise_ft(args: argparse.Namespace) -> int:
+    from navit_clip.wiseft import wise_ft
 
+    out = wise_ft(args.start, args.finetuned, args.out, args.alpha)
+    print(f"wrote {out} = {1 - args.alpha:g} x {args.start} + {args.alpha:g} x {args.finetuned}")
+    return 0
+
+
+def _data_parsers(sub) -> None:
     p = sub.add_parser("make-shards", help="write webdataset shards from an image folder or a CSV/TSV")
     p.add_argument("source", help="folder of IMG.ext + IMG.txt, or a .csv/.tsv with path and caption columns")
     p.add_argument("out_dir")
@@ -328,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-captions", type=int, default=0, help="stop after this many captions (0: all)")
     p.set_defaults(fn=_train_tokenizer)
 
+
+def _eval_parser(sub) -> None:
     p = sub.add_parser(
         "eval", help="zero-shot classification (and retrieval) of a checkpoint, at token budgets"
     )
@@ -356,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=_eval)
 
+
+def _checkpoint_parsers(sub) -> None:
+    """The commands that turn one checkpoint into another artefact: export, convert-openclip, wise-ft."""
     p = sub.add_parser(
         "export", help="export the image encoder for VLMs (safetensors, torch-only module, HF, ONNX)"
     )
@@ -373,9 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an open_clip checkpoint (its ViTs, timm ViT / NaFlexViT towers: SigLIP, SigLIP2) -> a "
         "navit-clip checkpoint computing the same embeddings",
     )
-    p.add_argument(
-        "model", help="open_clip model name (ViT-B-32, ViT-L-14-quickgelu, ...) or its config .json"
-    )
+    p.add_argument("model", help="open_clip model name (ViT-B-32, ViT-B-16-SigLIP2, ...) or its config .json")
     p.add_argument(
         "--pretrained",
         default="",
@@ -389,6 +394,26 @@ def build_parser() -> argparse.ArgumentParser:
         "tokenizer.json or SentencePiece .model (optional: train and eval can name it later)",
     )
     p.set_defaults(fn=_convert_openclip)
+
+    p = sub.add_parser(
+        "wise-ft", help="weight-space ensemble of a fine-tuned checkpoint with its start (WiSE-FT)"
+    )
+    p.add_argument("start", help="the checkpoint the fine-tune started from (e.g. a converted one)")
+    p.add_argument("finetuned", help="the fine-tuned checkpoint")
+    p.add_argument("out", help="the checkpoint to write (.pt)")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the fine-tuned model, 0..1")
+    p.set_defaults(fn=_wise_ft)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `navit-clip` command line, every subcommand (tests parse the commands of README.md and docs/ with it)."""
+    parser = argparse.ArgumentParser(prog="navit-clip", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions and which attention backend runs where")
+    p.set_defaults(fn=_info)
+    _data_parsers(sub)
+    _eval_parser(sub)
+    _checkpoint_parsers(sub)
     return parser
 
 

@@ -194,6 +194,11 @@ class Config:
                 f"data.patch_size={self.data.patch_size} differs from model.vision.patch_size="
                 f"{self.model.vision.patch_size}; the patch size is the model's: set model.vision.patch_size"
             )
+        if self.data.normalize != self.model.normalize:
+            raise ValueError(
+                f"data.normalize={self.data.normalize!r} differs from model.normalize="
+                f"{self.model.normalize!r}; the normalisation is the model's: set model.normalize"
+            )
         if self.model.text.context_length != self.tokenizer.context_length:
             raise ValueError(
                 f"model.text.context_length={self.model.text.context_length} differs from "
@@ -357,7 +362,9 @@ def with_init_from(tree: dict) -> dict:
     tree["tokenizer"] = dict(saved.get("tokenizer", {}))
     if run_path:
         tree["tokenizer"]["path"] = run_path
-    tree.setdefault("data", {})["normalize"] = saved.get("data", {}).get("normalize", "clip")
+    # the checkpoint's pixel normalisation (saved as data.normalize before model.normalize existed)
+    norm = saved["model"].get("normalize") or saved.get("data", {}).get("normalize", "clip")
+    tree["model"]["normalize"] = tree.setdefault("data", {})["normalize"] = norm
     # the objective the checkpoint was trained with (SigLIP's sigmoid), unless the run names one
     if "kind" not in (tree.get("loss") or {}) and "kind" in saved.get("loss", {}):
         tree.setdefault("loss", {})["kind"] = saved["loss"]["kind"]
@@ -371,11 +378,18 @@ def with_init_from(tree: dict) -> dict:
 
 
 def _with_derived(cfg: Config, tree: dict) -> Config:
-    """Fill the fields stated elsewhere, where the config does not give them: data.patch_size is the
-    model's (a copy may be given: then equal); with rope_mode=cap, model.vision.rope_span is the
+    """Fill the fields stated elsewhere, where the config does not give them: data.patch_size and
+    data.normalize are the model's (a copy may be given: then equal); with rope_mode=cap, model.vision.rope_span is the
     longest image side the training data can have, in patches (`trained_side`)."""
     if _get(tree, ("data", "patch_size")) is None:
         cfg.data.patch_size = cfg.model.vision.patch_size
+    # the pixel normalisation is the model's; configs and checkpoints that state it as data.normalize
+    # only (before model.normalize existed) give it to the model
+    given = _get(tree, ("data", "normalize"))
+    if _get(tree, ("model", "normalize")) is None and given is not None:
+        cfg.model.normalize = given
+    elif given is None:
+        cfg.data.normalize = cfg.model.normalize
     v = cfg.model.vision
     if v.rope_mode == "cap" and _get(tree, ("model", "vision", "rope_span")) is None:
         v.rope_span = float(trained_side(cfg.data.resolution, v.patch_size))

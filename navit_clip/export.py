@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from navit_clip.data.pipeline import NORMALIZE
 from navit_clip.factory import config_of, create_model
+from navit_clip.model.clip import NORMALIZE
 from navit_clip.model.vision import VisionConfig
 
 HERE = Path(__file__).parent
@@ -69,7 +69,7 @@ def export_encoder(
     state.update({f"image_proj.{k}": t for k, t in model.image_proj.state_dict().items()})
     save_file({k: t.contiguous() for k, t in state.items()}, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    mean, std = NORMALIZE[cfg.data.normalize]
+    mean, std = NORMALIZE[cfg.model.normalize]  # the model's own preprocessing
     (out / "preprocessor_config.json").write_text(
         json.dumps(
             {

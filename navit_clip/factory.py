@@ -79,11 +79,11 @@ def create_model_and_transforms(
     cfg = config_of(source)
     model = create_model(cfg if isinstance(source, Config) else source, device)
     v = cfg.model.vision
-    train_tf = make_preprocess(cfg.data.resolution, v.patch_size, cfg.data.seq_len, cfg.data.normalize)
+    train_tf = make_preprocess(cfg.data.resolution, v.patch_size, cfg.data.seq_len, cfg.model.normalize)
     policy = (
         ResolutionPolicy("native", max_side=eval_max_side)
         if eval_max_side
         else ResolutionPolicy("budget", tokens=eval_tokens)
     )
-    val_tf = make_preprocess(policy, v.patch_size, 1 << 20, cfg.data.normalize)
+    val_tf = make_preprocess(policy, v.patch_size, 1 << 20, cfg.model.normalize)
     return model, train_tf, val_tf

@@ -93,15 +93,21 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
 
 def prepare_demo(cfg: Config, info: DistInfo) -> None:
     """Point data and eval at the generated demo shards (generated once, by rank 0), where the user
-    gave none: a `data.shards` given on the command line is never replaced."""
+    gave no data.shards. With the user's own data.shards nothing is replaced: evaluation runs on what
+    the user names (eval.shards) or is skipped with one line saying how to add it."""
     if info.is_main:
         ensure_demo_data(cfg.demo_root)
     if info.distributed:
         torch.distributed.barrier()
     paths = ensure_demo_data(cfg.demo_root)  # already complete: returns the paths at once
-    if cfg.data.shards and info.is_main:
-        log.info("demo: training on the given data.shards; evaluating on the demo's held-out set")
-    cfg.data.shards = cfg.data.shards or paths["train"]
+    if cfg.data.shards:  # the user's data: the demo's glyphs would measure nothing about it
+        if not cfg.eval.shards and info.is_main:
+            log.warning(
+                "zero-shot evaluation skipped: data.shards is your data; name labelled held-out data "
+                "with eval.shards=SHARDS eval.classnames=FILE (or run `navit-clip eval CKPT --data FOLDER`)"
+            )
+        return
+    cfg.data.shards = paths["train"]
     cfg.eval.shards = cfg.eval.shards or paths["heldout"]
     cfg.eval.classnames = cfg.eval.classnames or paths["classnames"]
     if cfg.eval.templates == ["a photo of a {}."]:

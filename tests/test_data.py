@@ -10,8 +10,9 @@ import webdataset as wds
 from PIL import Image
 
 from navit_clip.data.decode import BadSample, decode_image
-from navit_clip.data.pipeline import CLIP_MEAN, CLIP_STD, DataConfig, PackedImageText, make_loader
+from navit_clip.data.pipeline import DataConfig, PackedImageText, make_loader
 from navit_clip.data.shards import pairs_from_folder, pairs_from_table, write_shards
+from navit_clip.model.clip import CLIP_MEAN, CLIP_STD
 from navit_clip.packing import ResolutionPolicy, TokenDropConfig, sample_drop_rate, target_size
 
 P = 16
@@ -404,11 +405,23 @@ def test_sources_without_a_usable_sample_stop_with_the_reasons_not_hang(tmp_path
         assert "no usable sample" in str(err.value) and name in str(err.value)
 
 
+def test_glob_patterns_name_the_same_shards_as_brace_ranges(tmp_path):
+    """`shards/*.tar` (users type both) reads the files a brace range names, sorted, mixed with
+    ranges and `::` lists too."""
+    shards, _, _ = write_corpus(tmp_path, n_shards=3)
+    braced = config(str(tmp_path / "shard-{0000..0002}.tar")).sources()
+    assert config(str(tmp_path / "shard-*.tar")).sources() == braced
+    assert config(str(tmp_path / "shard-000[0-2].tar")).sources() == braced
+    mixed = config(f"{tmp_path / 'shard-0000.tar'}::{tmp_path / 'shard-000[12].tar'}").sources()
+    assert mixed == braced
+    config(str(tmp_path / "shard-*.tar")).check_files()
+
+
 def test_missing_files_and_bad_fields_are_errors_before_any_work(tmp_path):
     shards, _, _ = write_corpus(tmp_path, n_shards=2)
     with pytest.raises(ValueError, match=r"1 of 3 shard files do not exist: .*shard-0002.tar"):
         PackedImageText(config(str(tmp_path / "shard-{0000..0002}.tar")), tokenizer=toy_tokenizer)
-    with pytest.raises(ValueError, match="do not exist"):
+    with pytest.raises(ValueError, match=r"pattern '.*nothing-\*.tar' matches no file"):
         PackedImageText(config(str(tmp_path / "nothing-*.tar"), resampled=True))
     for field, value in (
         ("max_aspect", 0),

@@ -1,4 +1,5 @@
-"""The README's commands parse, its Python examples run, and its headline figures are BENCHMARKS.md's."""
+"""The commands of README.md and docs/*.md parse, their Python examples run, and the README's headline
+figures are BENCHMARKS.md's."""
 
 import importlib.util
 import re
@@ -10,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DOCS = {path.name: path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
 # programs a README line may start with that are not navit-clip's to parse
 EXTERNAL = {"pip", "tensorboard"}
 
@@ -26,9 +28,10 @@ def _module(path: Path):
 
 
 def readme_commands() -> list[list[str]]:
-    """Every command line of the README's bash blocks, continuations joined, comments dropped."""
+    """Every command line of the bash blocks of the README and the docs pages, continuations joined,
+    comments dropped."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+    for block in re.findall(r"```bash\n(.*?)```", "\n".join(DOCS.values()), re.S):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             if words:
@@ -75,17 +78,35 @@ def test_every_readme_command_parses(words):
 
 
 def test_readme_python_examples_run():
-    """The tower and loss examples (the VLM example runs in tests/test_export.py, on an export)."""
-    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
-    ran, scope = 0, {}
-    for code in blocks:
-        if "LlamaForCausalLM" in code:
-            continue
-        if "from navit_clip.packing" not in code:  # the packing example goes on from the tower's
-            scope = {}
-        exec(compile(code, "README.md", "exec"), scope)
-        ran += 1
+    """The tower and loss examples of every page (the VLM example runs in tests/test_export.py, on an
+    export)."""
+    ran = 0
+    for name, text in DOCS.items():
+        scope = {}
+        for code in re.findall(r"```python\n(.*?)```", text, re.S):
+            if "LlamaForCausalLM" in code:
+                continue
+            if "from navit_clip.packing" not in code:  # the packing example goes on from the tower's
+                scope = {}
+            exec(compile(code, name, "exec"), scope)
+            ran += 1
     assert ran >= 3
+
+
+def test_the_readme_is_a_newcomers_page():
+    """At most 250 lines, the set-up commands in its first 30, a link to every docs page, and no
+    figure outside the generated headline table (docs pages state none either)."""
+    lines = README.splitlines()
+    assert len(lines) <= 250
+    assert 'pip install -e ".[dev]"' in "\n".join(lines[:30]) and "python train_clip.py" in "\n".join(
+        lines[:30]
+    )
+    for page in (ROOT / "docs").glob("*.md"):
+        assert f"](docs/{page.name})" in README, page.name
+    table = re.search(r"<!-- headline -->.*<!-- /headline -->", README, re.S).group(0)
+    outside = README.replace(table, "")
+    for name, text in {"README.md": outside, **{k: v for k, v in DOCS.items() if k != "README.md"}}.items():
+        assert not re.search(r"\d+(\.\d+)? ?%|\d\.\d+x\b", text), f"{name} states a figure"
 
 
 def test_headline_figures_are_benchmarks_md_s():

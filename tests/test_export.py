@@ -189,14 +189,14 @@ def test_readme_vlm_example_runs(exported, tmp_path, monkeypatch):
     from pathlib import Path
 
     _, out = exported
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "docs" / "export.md").read_text()
     code = next(
         block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "LlamaForCausalLM" in block
     )
     (tmp_path / "exported").symlink_to(out)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/export.md", "exec"), scope)
     assert scope["logits"].shape[1] == scope["tokens"].shape[0] + 3
     sys.modules.pop("navit_encoder", None)
 

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from navit_clip.data.demo import draw_shape
-from navit_clip.data.pipeline import CLIP_MEAN, CLIP_STD, normalize_patches
+from navit_clip.data.pipeline import normalize_patches
 from navit_clip.model import NaViT, VisionConfig
+from navit_clip.model.clip import CLIP_MEAN, CLIP_STD
 from navit_clip.packing import pack_images, unpack_slots
 
 SHAPES = ("circle", "cross", "triangle")

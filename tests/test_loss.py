@@ -252,10 +252,10 @@ def test_readme_loss_example_runs_and_the_open_clip_convention_cannot_be_confuse
 
     from open_clip.loss import ClipLoss
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "docs" / "loss.md").read_text()
     code = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "ContrastiveLoss" in b)
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/loss.md", "exec"), scope)
     torch.testing.assert_close(scope["same"], scope["loss"])
     ref = ClipLoss()(scope["image_emb"], scope["text_emb"], scope["logit_scale"].exp())
     torch.testing.assert_close(scope["loss"], ref, rtol=1e-6, atol=1e-6)

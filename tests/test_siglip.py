@@ -303,7 +303,9 @@ def test_every_siglip_and_siglip2_config_converts_as_its_timm_tower():
             False,
             "sigmoid",
         ), name
-        assert cfg.data.normalize == "half", name  # SigLIP's mean = std = 0.5, from timm's pretrained cfg
+        assert cfg.model.normalize == cfg.data.normalize == "half", (
+            name
+        )  # SigLIP's mean = std = 0.5, from timm's pretrained cfg
     so400m = navit_config(open_clip.get_model_config("ViT-SO400M-14-SigLIP2"), "so400m").model
     assert (so400m.vision.width, so400m.vision.depth, so400m.vision.heads, so400m.vision.patch_size) == (
         1152,
@@ -542,15 +544,15 @@ def test_locking_trains_what_open_clip_locks_for_every_number_of_unlocked_groups
         assert trainable(navit, ("text.", "text_proj.")) == trainable(oc, ("text.",)), groups
 
 
-def test_the_readme_table_of_converting_configs_is_what_converts():
-    """The README's counts by family are conversion_table()'s, and each example it names falls on
+def test_the_docs_table_of_converting_configs_is_what_converts():
+    """docs/converting.md's counts by family are conversion_table()'s, and each example it names falls on
     its side (a README that drifts from the code fails here)."""
     import re
     from pathlib import Path
 
     from navit_clip.convert import conversion_table
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "docs" / "converting.md").read_text()
     table = conversion_table()
     for fam, (converts, refused) in table.items():
         row = next(line for line in readme.splitlines() if line.startswith(f"| {fam} |"))

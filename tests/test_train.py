@@ -594,15 +594,24 @@ def test_data_skips_are_counted_per_window_and_in_total(tmp_path, caplog, capsys
     assert f"skipped {sum(total.values())} bad samples over the run" in capsys.readouterr().out
 
 
-def test_demo_never_replaces_the_shards_a_user_gave(small_shards, tmp_path, monkeypatch):
+def test_demo_never_replaces_the_shards_a_user_gave(small_shards, tmp_path, monkeypatch, caplog):
+    """The user's data.shards under the default (demo) config: trained on as given, and evaluated on
+    what the user names, never on the demo's glyphs; with nothing named, one line says how."""
     import navit_clip.train as train_module
 
     monkeypatch.setattr(
         train_module, "ensure_demo_data", lambda root: small_shards
     )  # no 8000-image generation
     cfg = load_config("configs/demo.yaml", tiny_run("mine-{0..3}.tar", tmp_path, demo="true"))
+    with caplog.at_level("WARNING"):
+        train_module.prepare_demo(cfg, DistInfo())
+    assert cfg.data.shards == "mine-{0..3}.tar" and cfg.eval.shards == "" and not cfg.eval.classnames
+    (line,) = [r.getMessage() for r in caplog.records if "evaluation skipped" in r.getMessage()]
+    assert "eval.shards=" in line and "eval.classnames=" in line
+    overrides = tiny_run("mine-{0..3}.tar", tmp_path, demo="true") + ["eval.shards=held.tar"]
+    cfg = load_config("configs/demo.yaml", overrides + ["eval.classnames=names.txt"])
     train_module.prepare_demo(cfg, DistInfo())
-    assert cfg.data.shards == "mine-{0..3}.tar" and cfg.eval.shards == small_shards["heldout"]
+    assert (cfg.eval.shards, cfg.eval.classnames) == ("held.tar", "names.txt")
     cfg = load_config("configs/demo.yaml", tiny_run("''", tmp_path, demo="true"))
     train_module.prepare_demo(cfg, DistInfo())
     assert cfg.data.shards == small_shards["train"]
@@ -619,6 +628,7 @@ def test_command_line_from_any_folder_with_overrides_around_resume_and_one_line_
         ("eval.every=-1",): "eval.every=-1",
         ("data.shards=/no/such/train-{0..2}.tar",): "data.shards: 3 of 3 shard files do not exist",
         ("eval.shards=/no/such/heldout.tar",): "eval.shards: 1 of 1",
+        ("data.shards=/no/such/*.tar",): "data.shards: data shards pattern '/no/such/*.tar' matches no file",
     }
     for args, field in cases.items():
         proc = subprocess.run([sys.executable, script, *args], cwd=tmp_path, capture_output=True, text=True)

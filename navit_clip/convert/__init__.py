@@ -25,8 +25,7 @@ import torch
 from navit_clip.config import Config, to_dict
 from navit_clip.convert import openclip_vit, text, timm_vit
 from navit_clip.convert.weights import read_weights
-from navit_clip.data.pipeline import NORMALIZE
-from navit_clip.model.clip import ModelConfig, NaViTCLIP
+from navit_clip.model.clip import NORMALIZE, ModelConfig, NaViTCLIP
 
 __all__ = ["convert_openclip", "from_openclip", "load_openclip", "navit_config", "read_weights"]
 
@@ -85,7 +84,9 @@ def navit_config(oc_cfg: dict, model: str = "the model", visual: torch.nn.Module
     cfg.data.patch_size = vision.patch_size
     # what the checkpoint was trained on: `navit-clip eval` notes budgets past it (config.trained_side)
     cfg.data.resolution.max_side, cfg.data.resolution.min_side = size, min(cfg.data.resolution.min_side, size)
-    cfg.data.normalize = _normalize_of(oc_cfg.get("preprocess_cfg", {}), model, *mean_std)
+    cfg.model.normalize = cfg.data.normalize = _normalize_of(
+        oc_cfg.get("preprocess_cfg", {}), model, *mean_std
+    )
     cfg.tokenizer = tokenizer
     if cfg.model.logit_bias:
         cfg.loss.kind = "sigmoid"
@@ -94,7 +95,7 @@ def navit_config(oc_cfg: dict, model: str = "the model", visual: torch.nn.Module
 
 
 def _normalize_of(preprocess_cfg: dict, model: str, mean=None, std=None) -> str:
-    """The data.normalize name of the model's pixel normalisation: its config's preprocess_cfg, else
+    """The model.normalize name of the model's pixel normalisation: its config's preprocess_cfg, else
     its timm tower's pretrained config, else CLIP's."""
     mean = tuple(preprocess_cfg.get("mean", mean or NORMALIZE["clip"][0]))
     std = tuple(preprocess_cfg.get("std", std or NORMALIZE["clip"][1]))
@@ -211,7 +212,7 @@ def convert_openclip(
 
 
 def family(model: str, oc_cfg: dict) -> str:
-    """The README's family of an open_clip config: SigLIP2, SigLIP, timm tower or open_clip ViT."""
+    """The docs' family of an open_clip config: SigLIP2, SigLIP, timm tower or open_clip ViT."""
     if "SigLIP2" in model:
         return "SigLIP2"
     if "SigLIP" in model and "nllb" not in model:
@@ -220,7 +221,7 @@ def family(model: str, oc_cfg: dict) -> str:
 
 
 def conversion_table() -> dict[str, tuple[list[str], list[str]]]:
-    """Every open_clip config by family: (those that convert, those refused). The README's table."""
+    """Every open_clip config by family: (those that convert, those refused): docs/converting.md's table."""
     import open_clip
 
     table: dict[str, tuple[list[str], list[str]]] = {}

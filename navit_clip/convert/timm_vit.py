@@ -71,21 +71,9 @@ def _is_identity(m) -> bool:
     return m is None or isinstance(m, (nn.Identity, nn.Dropout))
 
 
-def vision_config(trunk_model: nn.Module, image_size, model: str) -> tuple[VisionConfig, str, int]:
-    """The VisionConfig of open_clip's TimmModel `trunk_model` (meta or real), its image projection kind
-    (open_clip's head, or timm's own head used as the projection) and the image size it was made for."""
-    VisionTransformer, NaFlexVit, Block, Attention, Mlp, PatchEmbed, AttentionPoolLatent = _family()
-    trunk, head = trunk_model.trunk, trunk_model.head
-    name = type(trunk).__name__
-
-    def refuse(what: str):
-        raise ValueError(f"{model}'s image tower (timm {name}) has {what}; it does not convert")
-
-    naflex = type(trunk) is NaFlexVit
-    if type(trunk) is not VisionTransformer and not naflex:
-        refuse("no plain ViT / NaFlexViT trunk (ConvNeXt, EVA, FastViT, ... are other architectures)")
-    if getattr(trunk, "num_reg_tokens", 0):
-        refuse(f"{trunk.num_reg_tokens} register token(s)")
+def _embedding(trunk, naflex: bool, refuse) -> tuple[int, int, int, str]:
+    """(patch size, table side, width, table interpolation) of the patch and position embedding."""
+    _, _, _, _, _, PatchEmbed, _ = _family()
     embed = trunk.embeds if naflex else trunk.patch_embed
     if naflex:
         if getattr(trunk, "rope", None) is not None:
@@ -114,22 +102,21 @@ def vision_config(trunk_model: nn.Module, image_size, model: str) -> tuple[Visio
             refuse(f"a {type(embed).__name__} patch embedding (a plain patchify-and-project converts)")
         if trunk.pos_embed is None:
             refuse("no position embedding")
-        Gh, Gw = embed.grid_size
-        W = trunk.embed_dim
-        interp = "bicubic"
+        (Gh, Gw), W, interp = embed.grid_size, trunk.embed_dim, "bicubic"
+        if trunk.pos_embed.shape[1] != Gh * Gw + (trunk.has_class_token and not trunk.no_embed_class):
+            refuse(f"a position table of {trunk.pos_embed.shape[1]} rows for a {Gh} x {Gw} grid")
     if Gh != Gw:
         refuse(f"a non-square {Gh} x {Gw} position table")
-    P = embed.patch_size[0]
     if embed.patch_size[0] != embed.patch_size[1]:
         refuse(f"non-square patches {embed.patch_size}")
-    has_cls = trunk.has_class_token
-    if not naflex and trunk.pos_embed.shape[1] != Gh * Gw + (has_cls and not trunk.no_embed_class):
-        refuse(f"a position table of {trunk.pos_embed.shape[1]} rows for a {Gh} x {Gw} grid")
+    return embed.patch_size[0], Gh, W, interp
 
-    blocks = list(trunk.blocks)
+
+def _blocks(blocks: list, model: str, refuse) -> tuple[list[nn.Module], str]:
+    """The blocks' LayerNorms and their one activation, every block checked to be a plain pre-LN one."""
+    _, _, Block, Attention, Mlp, _, _ = _family()
     if not blocks:
         refuse("no blocks")
-    b0 = blocks[0]
     norms = []
     for i, b in enumerate(blocks):
         if type(b) is not Block or type(b.attn) is not Attention or type(b.mlp) is not Mlp:
@@ -143,85 +130,101 @@ def vision_config(trunk_model: nn.Module, image_size, model: str) -> tuple[Visio
         if getattr(b.attn, "qkv", None) is None or getattr(b.mlp, "fc1", None) is None:
             refuse("separate q / k / v projections or a gated MLP")
         norms += [b.norm1, b.norm2]
-    attn_pool = getattr(trunk, "attn_pool", None)
-    final_norm = trunk.fc_norm if not _is_identity(trunk.fc_norm) else trunk.norm
-    norms += [final_norm] + ([trunk.norm_pre] if not _is_identity(trunk.norm_pre) else [])
-    if attn_pool is not None:
-        if type(attn_pool) is not AttentionPoolLatent:
-            refuse(f"a {type(attn_pool).__name__} pooling head")
-        if attn_pool.latent_len != 1 or attn_pool.pos_embed is not None or attn_pool.mlp is None:
-            refuse("an attention-pool head with several latents, a position table or no MLP")
-        if not (_is_identity(attn_pool.q_norm) and _is_identity(attn_pool.k_norm)):
-            refuse("qk-norm in the attention-pool head")
-        if (
-            attn_pool.num_heads != b0.attn.num_heads
-            or attn_pool.mlp.fc1.out_features != b0.mlp.fc1.out_features
-        ):
-            refuse("an attention-pool head with other heads or MLP width than the blocks")
-        if not isinstance(attn_pool.q, nn.Linear):
-            refuse("an attention-pool head without a query projection")
-        norms.append(attn_pool.norm)
-        if _act(attn_pool.mlp.act, "attention-pool", model) != _act(b0.mlp.act, "MLP", model):
-            refuse("another activation in the attention-pool head than in the blocks")
-        pool = "map"
-    elif trunk.global_pool == "avg":
-        pool = "mean"
-    elif trunk.global_pool == "token" and has_cls:
-        pool = "cls"
-    else:
-        refuse(f"global_pool={trunk.global_pool!r} (map, avg or token converts)")
-    if getattr(trunk, "pool_include_prefix", False) and has_cls and pool != "cls":
-        refuse("pooling that includes the class token")
-    if _is_identity(trunk.norm) == _is_identity(trunk.fc_norm):
-        refuse("no final norm (or two)")
-    for n in norms:
-        if type(n) not in (nn.LayerNorm,) and type(n).__name__ not in ("LayerNorm", "LayerNormFp32"):
-            refuse(f"a {type(n).__name__} (LayerNorm converts)")
-    eps = {float(n.eps) for n in norms}
-    if len(eps) > 1:
-        refuse(f"LayerNorms of different eps {sorted(eps)}")
-    biased = [b0.attn.qkv.bias is not None, b0.attn.proj.bias is not None]
-    biased += [b0.mlp.fc1.bias is not None, b0.mlp.fc2.bias is not None]
-    if attn_pool is not None:
-        biased += [
-            attn_pool.q.bias is not None,
-            attn_pool.kv.bias is not None,
-            attn_pool.proj.bias is not None,
-        ]
-    if len(set(biased)) > 1:
-        refuse("biases in some dense layers and not others")
     acts = {_act(b.mlp.act, "MLP", model) for b in blocks}
     if len(acts) > 1:
         refuse(f"activations {sorted(acts)} in different blocks")
-    H = b0.attn.num_heads
+    return norms, acts.pop()
+
+
+def _pooling(trunk, b0, act: str, model: str, refuse) -> tuple[str, list[nn.Module], list[bool]]:
+    """The pool kind, the pooling head's LayerNorms and whether its dense layers have biases."""
+    _, _, _, _, _, _, AttentionPoolLatent = _family()
+    ap = getattr(trunk, "attn_pool", None)
+    if ap is None:
+        if trunk.global_pool == "avg":
+            return "mean", [], []
+        if trunk.global_pool == "token" and trunk.has_class_token:
+            return "cls", [], []
+        refuse(f"global_pool={trunk.global_pool!r} (map, avg or token converts)")
+    if type(ap) is not AttentionPoolLatent:
+        refuse(f"a {type(ap).__name__} pooling head")
+    if ap.latent_len != 1 or ap.pos_embed is not None or ap.mlp is None:
+        refuse("an attention-pool head with several latents, a position table or no MLP")
+    if not (_is_identity(ap.q_norm) and _is_identity(ap.k_norm)):
+        refuse("qk-norm in the attention-pool head")
+    if ap.num_heads != b0.attn.num_heads or ap.mlp.fc1.out_features != b0.mlp.fc1.out_features:
+        refuse("an attention-pool head with other heads or MLP width than the blocks")
+    if not isinstance(ap.q, nn.Linear):
+        refuse("an attention-pool head without a query projection")
+    if _act(ap.mlp.act, "attention-pool", model) != act:
+        refuse("another activation in the attention-pool head than in the blocks")
+    return "map", [ap.norm], [layer.bias is not None for layer in (ap.q, ap.kv, ap.proj)]
+
+
+def vision_config(trunk_model: nn.Module, image_size, model: str) -> tuple[VisionConfig, str, int]:
+    """The VisionConfig of open_clip's TimmModel `trunk_model` (meta or real), its image projection kind
+    (open_clip's head, or timm's own head used as the projection) and the image size it was made for."""
+    VisionTransformer, NaFlexVit, *_ = _family()
+    trunk = trunk_model.trunk
+
+    def refuse(what: str):
+        raise ValueError(
+            f"{model}'s image tower (timm {type(trunk).__name__}) has {what}; it does not convert"
+        )
+
+    naflex = type(trunk) is NaFlexVit
+    if type(trunk) is not VisionTransformer and not naflex:
+        refuse("no plain ViT / NaFlexViT trunk (ConvNeXt, EVA, FastViT, ... are other architectures)")
+    if getattr(trunk, "num_reg_tokens", 0):
+        refuse(f"{trunk.num_reg_tokens} register token(s)")
+    P, G, W, interp = _embedding(trunk, naflex, refuse)
+    blocks = list(trunk.blocks)
+    norms, act = _blocks(blocks, model, refuse)
+    b0 = blocks[0]
+    pool, pool_norms, pool_biases = _pooling(trunk, b0, act, model, refuse)
+    if getattr(trunk, "pool_include_prefix", False) and trunk.has_class_token and pool != "cls":
+        refuse("pooling that includes the class token")
+    if _is_identity(trunk.norm) == _is_identity(trunk.fc_norm):
+        refuse("no final norm (or two)")
+    norms += [trunk.norm if _is_identity(trunk.fc_norm) else trunk.fc_norm, *pool_norms]
+    norms += [] if _is_identity(trunk.norm_pre) else [trunk.norm_pre]
+    if any(type(n).__name__ not in ("LayerNorm", "LayerNormFp32") for n in norms):
+        refuse(
+            f"a {next(type(n).__name__ for n in norms if type(n).__name__ != 'LayerNorm')} (LayerNorm converts)"
+        )
+    eps = {float(n.eps) for n in norms}
+    if len(eps) > 1:
+        refuse(f"LayerNorms of different eps {sorted(eps)}")
+    biases = [l.bias is not None for l in (b0.attn.qkv, b0.attn.proj, b0.mlp.fc1, b0.mlp.fc2)] + pool_biases
+    if len(set(biases)) > 1:
+        refuse("biases in some dense layers and not others")
     hidden = b0.mlp.fc1.out_features
+    if int(W * (hidden / W)) != hidden:
+        refuse(f"an MLP width {hidden} that width x ratio does not give back")
     vision = VisionConfig(
         patch_size=P,
         width=W,
         depth=len(blocks),
-        heads=H,
+        heads=b0.attn.num_heads,
         mlp_ratio=hidden / W,
         qk_norm=False,
-        bias=biased[0],
+        bias=biases[0],
         posemb="learned2d",
-        max_grid=Gh,
+        max_grid=G,
         posemb_interp=interp,
         pool=pool,
         fc_norm=not _is_identity(trunk.fc_norm),
-        patch_bias=embed.proj.bias is not None,
+        patch_bias=(trunk.embeds if naflex else trunk.patch_embed).proj.bias is not None,
         ln_eps=eps.pop(),
         ln_pre=not _is_identity(trunk.norm_pre),
-        cls_token=has_cls,
-        act=acts.pop(),
-        # open_clip's TimmModel.lock: timm's group_matcher's groups, the projection never locked
+        cls_token=trunk.has_class_token,
+        act=act,
+        # open_clip's TimmModel.lock: timm's group_matcher's groups; timm's own head locks, open_clip's never
         lock_grouping="timm_naflex" if naflex else "timm",
+        lock_proj=not _is_identity(trunk.head),
     )
-    vision.lock_proj = not _is_identity(trunk.head)  # timm's own head locks; open_clip's never does
-    if int(W * vision.mlp_ratio) != hidden:
-        refuse(f"an MLP width {hidden} that width x ratio does not give back")
-    proj = _projection(trunk, head, model, refuse)
-    size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
-    return vision, proj, size
+    proj = _projection(trunk, trunk_model.head, model, refuse)
+    return vision, proj, image_size[0] if isinstance(image_size, (list, tuple)) else image_size
 
 
 def _projection(trunk, head, model, refuse) -> str:

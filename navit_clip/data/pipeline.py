@@ -9,6 +9,7 @@ K text context length.
 
 from __future__ import annotations
 
+import glob
 import logging
 import random
 from collections import Counter
@@ -24,6 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from navit_clip.data.decode import IMAGE_EXTS, BadSample, decode_image, find_caption, find_image
+from navit_clip.model.clip import CLIP_MEAN, CLIP_STD, NORMALIZE
 from navit_clip.packing import (
     PackedBatch,
     ResolutionPolicy,
@@ -38,10 +40,6 @@ from navit_clip.packing import (
 from navit_clip.tokenizer import trim_padding
 
 log = logging.getLogger(__name__)
-
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-NORMALIZE = {"clip": (CLIP_MEAN, CLIP_STD), "half": (HALF_MEAN, HALF_STD)}  # data.normalize -> (mean, std)
 
 
 @dataclass
@@ -63,7 +61,9 @@ class DataConfig:
     resampled: bool = True  # endless, shards drawn with replacement (pretraining); False: one epoch
     shuffle_buffer: int = 1000
     pack_factor: float = 2.0  # pack when the buffer holds this many batches' worth of tokens
-    normalize: str = "clip"  # clip | half (0.5 / 0.5)
+    normalize: str = (
+        "clip"  # the model's (model.normalize, model.clip.NORMALIZE); a copy may be given: then equal
+    )
     max_pixels: int = 50_000_000
     max_aspect: float = 20.0
     num_workers: int = 2
@@ -116,7 +116,7 @@ class DataConfig:
                 (item["urls"], float(item.get("weight", 1.0))) if isinstance(item, dict) else (item, 1.0)
             )
             urls = [u for part in str(pattern).split("::") for u in braceexpand.braceexpand(part)]
-            out.append((urls, weight))
+            out.append(([path for u in urls for path in _globbed(u)], weight))
         return out
 
     def check_files(self, name: str = "data.shards") -> None:
@@ -124,13 +124,28 @@ class DataConfig:
         `name` (remote URLs and `pipe:` commands are opened by webdataset when read)."""
         if isinstance(self.shards, str) and Path(self.shards).is_dir():
             return
-        for urls, _ in self.sources():
+        try:
+            sources = self.sources()
+        except ValueError as e:  # a glob pattern that matches nothing: name the setting
+            raise ValueError(f"{name}: {e}") from None
+        for urls, _ in sources:
             missing = [
                 u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()
             ]
             if missing:
                 shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
                 raise ValueError(f"{name}: {len(missing)} of {len(urls)} shard files do not exist: {shown}")
+
+
+def _globbed(url: str) -> list[str]:
+    """A local glob pattern (`shards/*.tar`, users type them beside brace ranges) as its files, sorted;
+    a pattern that matches nothing is an error naming it. URLs and other paths pass as they are."""
+    if "://" in url or url.startswith("pipe:") or not any(c in url for c in "*?["):
+        return [url]
+    found = sorted(glob.glob(url))
+    if not found:
+        raise ValueError(f"data shards pattern {url!r} matches no file")
+    return found
 
 
 @dataclass

@@ -20,6 +20,12 @@ from navit_clip.model.text import TextConfig, TextTransformer
 from navit_clip.model.vision import NaViT, VisionConfig
 from navit_clip.packing import PackedBatch
 
+# The pixel normalisation a model was trained with, by name (model.normalize -> (mean, std)): the model
+# owns its preprocessing; the data pipeline and the exporter read it from here.
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # SigLIP's, and timm's inception constants
+NORMALIZE = {"clip": (CLIP_MEAN, CLIP_STD), "half": (HALF_MEAN, HALF_STD)}
+
 
 @dataclass
 class ModelConfig:
@@ -33,6 +39,7 @@ class ModelConfig:
     # linear_bias (SigLIP's text tower), none (SigLIP's image towers: width == embed_dim)
     image_proj: str = "linear"
     text_proj: str = "linear"
+    normalize: str = "clip"  # the pixel normalisation the model expects (NORMALIZE); data.normalize follows
     # Start from these weights: a navit-clip checkpoint, e.g. one `navit-clip convert-openclip` wrote.
     # Its model architecture, tokenizer and image normalisation are the run's (config.load_config).
     init_from: str = ""
@@ -42,6 +49,8 @@ class ModelConfig:
         self.text.validate()
         if self.embed_dim < 1:
             raise ValueError(f"model.embed_dim={self.embed_dim} must be positive")
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"model.normalize={self.normalize!r} must be one of {tuple(NORMALIZE)}")
         for name, width in (("image_proj", self.vision.width), ("text_proj", self.text.width)):
             kind = getattr(self, name)
             if kind not in PROJECTIONS:
