@@ -7,8 +7,9 @@ open_clip model, its own loop and loss):
   (a) open_clip continues from that checkpoint for `--budget` seconds, as open_clip_train fine-tunes:
      square 96 x 96 images (resize + centre crop), batch 64;
   (b) `navit-clip convert-openclip` of the same checkpoint continues for the same `--budget` seconds
-     with the NaViT recipe (model.init_from): native aspect ratios, longer side ~ U(48, 128) px, Beta
-     token dropping (mean 0.25), 8 packed sequences of 256 tokens a step.
+     with navit-clip's fine-tune recipe (model.init_from, configs/finetune_openclip.yaml's): native
+     aspect ratios, longer side ~ U(72, 128) px around the checkpoint's 96 px, no token dropping,
+     8 packed sequences of 256 tokens a step.
 Both continue with the same optimiser settings (AdamW, lr `--lr`, betas (0.9, 0.98), eps 1e-6, weight
 decay 0.1 on weight matrices, 20 warm-up steps, then a cosine over the budget).
 All three models are evaluated zero-shot on the same held-out folder by the same code: at native size
@@ -53,8 +54,16 @@ from navit_clip.wiseft import wise_ft
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP = 20
-# navit-clip's recipe without its model: the architecture is the checkpoint's (model.init_from)
-RECIPE = [o for o in NAVIT if not o.startswith(("model.", "tokenizer."))]
+# navit-clip's fine-tune recipe (configs/finetune_openclip.yaml's, at this checkpoint's size): the
+# pretraining recipe without its model (the architecture is the checkpoint's, model.init_from), no
+# token dropping, and image sides sampled around the checkpoint's own 96 px (0.75x..1.33x: 72..128)
+# instead of from 48 px (bench/NOTES.md: "fine-tune recipe"; at 36 tokens 0.70x -> 1.18x, one seed)
+TRAINED_SIDE = OPENCLIP_CONFIG["vision_cfg"]["image_size"]
+RECIPE = [o for o in NAVIT if not o.startswith(("model.", "tokenizer."))] + [
+    "data.token_drop.kind=none",
+    f"data.resolution.min_side={round(0.75 * TRAINED_SIDE)}",
+    f"data.resolution.max_side={round(4 / 3 * TRAINED_SIDE)}",
+]
 
 
 def zeroshot_of_openclip(oc_model, data: dict, device) -> dict:

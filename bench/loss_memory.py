@@ -149,11 +149,9 @@ def main() -> None:
             results[f"ratio_time_ours_over_peer_{sfx}"] = ours["time"] / peer["time"]
             results[f"ratio_time_ours_over_peer_pairs_min_{sfx}"] = ours["ratio_min"]
             results[f"ratio_time_ours_over_peer_pairs_max_{sfx}"] = ours["ratio_max"]
-            for side, r in (("ours", ours), ("peer", peer)):
-                results[f"time_{side}_s_min_{sfx}"], results[f"time_{side}_s_max_{sfx}"] = (
-                    r["time_min"],
-                    r["time_max"],
-                )
+            for side, fig in (("ours", ours), ("peer", peer)):
+                results[f"time_{side}_s_min_{sfx}"] = fig["time_min"]
+                results[f"time_{side}_s_max_{sfx}"] = fig["time_max"]
             print(
                 f"W={W} D={D}: saved ours {ours['saved'] / 2**20:6.1f} MiB peer {peer['saved'] / 2**20:6.1f} MiB "
                 f"(peer/ours {peer['saved'] / ours['saved']:5.1f}x) | peak ours {ours['peak'] / 2**20:6.1f} MiB "
