@@ -167,7 +167,9 @@ def run_navit(
         batch = next(batches).to(device)
         with autocast:
             out = model(batch.images, batch.text)
-        loss = loss_fn(out["image_emb"], out["text_emb"], out["valid"], out["logit_scale"])
+        loss = loss_fn(  # logit_bias: a SigLIP model's (loss.kind=sigmoid), e.g. a converted SigLIP2
+            out["image_emb"], out["text_emb"], out["valid"], out["logit_scale"], out.get("logit_bias")
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(
