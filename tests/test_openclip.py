@@ -8,6 +8,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from openclip_utils import finetune_overrides, perturbed
 from PIL import Image
 from timm.layers import resample_abs_pos_embed
 
@@ -43,11 +44,7 @@ CONFIGS = {
 def openclip_model(name: str, std: float = 0.05):
     """open_clip's CLIP of CONFIGS[name], every weight perturbed (its inits leave zeros and ones)."""
     torch.manual_seed(0)
-    oc = open_clip.CLIP(**CONFIGS[name]).eval()
-    with torch.no_grad():
-        for p in oc.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return oc
+    return perturbed(open_clip.CLIP(**CONFIGS[name]), std)
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -278,29 +275,17 @@ def test_locked_fine_tune_from_a_converted_checkpoint_trains_checkpoints_and_res
 
     def run(out, **extra):
         overrides = {
-            "demo": False,
-            "data.shards": data["train"],
-            "eval.shards": "''",
-            "train.output_dir": str(out),
-            "model.init_from": str(init),
             "model.vision.lock": True,
             "model.vision.lock_unlocked_groups": 1,
             "model.text.lock": True,
             "model.text.lock_unlocked_groups": 2,
             "model.vision.width": 999,  # replaced by the checkpoint's, with a warning
             "data.seq_len": 128,
-            "data.batch_seqs": 2,
-            "data.num_workers": 0,
-            "data.resolution.kind": "side_sampling",
             "data.resolution.min_side": 64,
             "data.resolution.max_side": 160,
-            "train.steps": 4,
-            "train.warmup": 1,
-            "train.ckpt_every": 2,
-            "train.log_every": 1,
             **extra,
         }
-        cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+        cfg = load_config(None, finetune_overrides(data["train"], out, init, **overrides))
         assert cfg.model.vision.width == 64 and cfg.tokenizer.context_length == 20
         train(cfg)
         return torch.load(latest_checkpoint(out), weights_only=True)

@@ -18,6 +18,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from openclip_utils import finetune_overrides, perturbed
 from timm.layers import resample_abs_pos_embed
 from timm.models import register_model
 from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
@@ -129,11 +130,7 @@ def openclip_model(name: str, std: float = 0.05):
     """open_clip's model of CONFIGS[name], every weight perturbed (its inits leave zeros and ones)."""
     torch.manual_seed(0)
     cfg = {k: v for k, v in CONFIGS[name].items() if k != "custom_text"}
-    oc = open_clip.CustomTextCLIP(**cfg).eval()
-    with torch.no_grad():
-        for p in oc.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return oc
+    return perturbed(open_clip.CustomTextCLIP(**cfg), std)
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -465,27 +462,15 @@ def test_converted_siglip_fine_tunes_locked_resumes_and_exports(converted_siglip
 
     def run(out, **extra):
         overrides = {
-            "demo": False,
-            "data.shards": data["train"],
-            "eval.shards": "''",
-            "train.output_dir": str(out),
-            "model.init_from": str(init),
             "tokenizer.path": str(hf),
             "model.vision.lock": True,
             "model.vision.lock_unlocked_groups": 2,  # the last block with the norm and MAP head
             "data.seq_len": 144,
-            "data.batch_seqs": 2,
-            "data.num_workers": 0,
-            "data.resolution.kind": "side_sampling",
             "data.resolution.min_side": 48,
             "data.resolution.max_side": 128,
-            "train.steps": 4,
-            "train.warmup": 1,
-            "train.ckpt_every": 2,
-            "train.log_every": 1,
             **extra,
         }
-        cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+        cfg = load_config(None, finetune_overrides(data["train"], out, init, **overrides))
         assert cfg.loss.kind == "sigmoid" and cfg.model.text.vocab_size == 300
         train(cfg)
         return torch.load(latest_checkpoint(out), weights_only=True)
