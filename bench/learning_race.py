@@ -225,6 +225,35 @@ OPENCLIP_CONFIG = {
 }
 
 
+def openclip_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """AdamW as open_clip_train.main builds it: no weight decay on gains, biases, norms, logit_scale."""
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    named = list(model.named_parameters())
+    return torch.optim.AdamW(
+        [
+            {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": SHARED["weight_decay"]},
+        ],
+        lr=lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
+
+
+def openclip_batches(data: dict, seed: int, train_tf, tok):
+    """open_clip's webdataset stream of (images, token ids) batches, resampled, one loader worker."""
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(data["train"], seed=seed, deterministic=True),
+        wds.tarfile_to_samples(),
+        wds.shuffle(500, initial=250, seed=seed),
+        wds.decode("pil"),
+        wds.to_tuple("jpg;png", "txt"),
+        wds.map_tuple(train_tf, lambda t: tok([t])[0]),
+        wds.batched(OPENCLIP_BATCH),
+    )
+    return iter(torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=1, prefetch_factor=2))
+
+
 def run_openclip(
     data: dict,
     budgets: list[float],
@@ -242,31 +271,11 @@ def run_openclip(
     train_tf = open_clip.image_transform(OPENCLIP_SIZE, is_train=True)
     val_tf = open_clip.image_transform(OPENCLIP_SIZE, is_train=False)
     tok = open_clip.get_tokenizer("ViT-B-32", context_length=32)
-    # open_clip's own rule (open_clip_train.main): no weight decay on gains, biases, norms, logit_scale
-    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
-    named = list(model.named_parameters())
-    opt = torch.optim.AdamW(
-        [
-            {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-            {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": SHARED["weight_decay"]},
-        ],
-        lr=lr,
-        betas=(0.9, 0.98),
-        eps=1e-6,
-    )
+    opt = openclip_optimizer(model, lr)
     sched = Schedule(opt, warmup, budgets[-1])
     loss_fn = ClipLoss()
     autocast = autocast_for(precision, device)
-    pipeline = wds.DataPipeline(
-        wds.ResampledShards(data["train"], seed=seed, deterministic=True),
-        wds.tarfile_to_samples(),
-        wds.shuffle(500, initial=250, seed=seed),
-        wds.decode("pil"),
-        wds.to_tuple("jpg;png", "txt"),
-        wds.map_tuple(train_tf, lambda t: tok([t])[0]),
-        wds.batched(OPENCLIP_BATCH),
-    )
-    batches = iter(torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=1, prefetch_factor=2))
+    batches = openclip_batches(data, seed, train_tf, tok)
     classnames = Path(data["classnames"]).read_text().split()
     templates = list(data["templates"])
     held = list(folder_samples(data["heldout_folder"]))

@@ -70,6 +70,58 @@ def step_time(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def build(device, backends: list[str], num_seqs: int):
+    """The packed batches of each workload, open_clip's images and ViT, and one NaViT per backend."""
+    torch.manual_seed(0)
+    batches = {w: packed_batch(w, num_seqs) for w in ("mixed", "large", "square")}
+    real = {w: int((b.segment_ids > 0).sum()) for w, b in batches.items()}
+    batches = {w: b.to(device) for w, b in batches.items()}
+    n_images = max(1, round(real["mixed"] / 197))
+    pixels = torch.randn(n_images, 3, 224, 224, device=device)
+    peer = VisionTransformer(224, P, WIDTH, DEPTH, HEADS, MLP, output_dim=WIDTH).to(device)
+    config = dict(
+        patch_size=P, width=WIDTH, depth=DEPTH, heads=HEADS, mlp_ratio=MLP, qk_norm=False, bias=True
+    )
+    ours = {b: NaViT(VisionConfig(**config, pool="map", attn_backend=b)).to(device) for b in backends}
+    return batches, real, pixels, peer, ours
+
+
+def fastest(fns: dict, device) -> dict[str, float]:
+    """Each step's fastest time over REPEATS rounds after WARMUP, the steps alternating within a round
+    (noise on a shared machine only adds time)."""
+    times = {k: [] for k in fns}
+    for i in range(WARMUP + REPEATS):
+        for k, fn in fns.items():
+            dt = step_time(fn, device)
+            if i >= WARMUP:
+                times[k].append(dt)
+    return {k: min(v) for k, v in times.items()}
+
+
+def report(results: dict, fns: dict, tps: dict, fps: dict, med: dict, backends: list[str], workloads) -> None:
+    """Print and record tokens/s and FLOP/s of every step, its ratios and the best backend a workload."""
+    for k in fns:
+        results[f"tokens_per_s_{k}"] = tps[k]
+        line = f"{k:22s} {tps[k]:9.0f} tokens/s  ({1e3 * med[k]:.0f} ms/step)"
+        results[f"gflops_per_s_{k}"] = fps[k] / 1e9
+        line += f"  {fps[k] / 1e9:5.1f} GFLOP/s"
+        if k != "open_clip":
+            results[f"ratio_tokens_per_s_{k}"] = tps[k] / tps["open_clip"]
+            results[f"ratio_flops_per_s_{k}"] = fps[k] / fps["open_clip"]
+            line += f"  tokens/s ratio vs open_clip {tps[k] / tps['open_clip']:.2f}x, FLOP/s ratio {fps[k] / fps['open_clip']:.2f}x"
+        print(line)
+    for w in workloads:
+        best = max(backends, key=lambda b: tps[f"ours_{b}_{w}"])
+        results[f"best_backend_{w}"] = best
+        results[f"ratio_tokens_per_s_best_{w}"] = tps[f"ours_{best}_{w}"] / tps["open_clip"]
+        results[f"ratio_flops_per_s_best_{w}"] = fps[f"ours_{best}_{w}"] / fps["open_clip"]
+        print(
+            f"best on {w}: {best} at {results[f'ratio_tokens_per_s_best_{w}']:.2f}x open_clip's tokens/s, "
+            f"{results[f'ratio_flops_per_s_best_{w}']:.2f}x its FLOP/s"
+        )
+    results["ratio_tokens_per_s_best"] = results["ratio_tokens_per_s_best_mixed"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -84,29 +136,8 @@ def main() -> None:
     backends = ["dense", "grouped"]
     if device.type == "cuda":
         backends += ["flex", "varlen"] if bf16 else ["flex"]  # varlen is flash attention: half precision only
-    torch.manual_seed(0)
-    batches = {w: packed_batch(w, args.num_seqs) for w in ("mixed", "large", "square")}
-    real = {w: int((b.segment_ids > 0).sum()) for w, b in batches.items()}
-    batches = {w: b.to(device) for w, b in batches.items()}
-    n_images = max(1, round(real["mixed"] / 197))
-    pixels = torch.randn(n_images, 3, 224, 224, device=device)
-    peer = VisionTransformer(224, P, WIDTH, DEPTH, HEADS, MLP, output_dim=WIDTH).to(device)
-    ours = {
-        b: NaViT(
-            VisionConfig(
-                patch_size=P,
-                width=WIDTH,
-                depth=DEPTH,
-                heads=HEADS,
-                mlp_ratio=MLP,
-                qk_norm=False,
-                bias=True,
-                pool="map",
-                attn_backend=b,
-            )
-        ).to(device)
-        for b in backends
-    }
+    batches, real, pixels, peer, ours = build(device, backends, args.num_seqs)
+    n_images = pixels.shape[0]
 
     def run_peer():
         with autocast:
@@ -126,13 +157,7 @@ def main() -> None:
         for b, m in ours.items():
             fns[f"ours_{b}_{w}"] = run_ours(m, batch)
             tokens[f"ours_{b}_{w}"] = real[w]
-    times = {k: [] for k in fns}
-    for i in range(WARMUP + REPEATS):
-        for k, fn in fns.items():
-            dt = step_time(fn, device)
-            if i >= WARMUP:
-                times[k].append(dt)
-    med = {k: min(v) for k, v in times.items()}  # the fastest step: noise on a shared machine only adds time
+    med = fastest(fns, device)
     tps = {k: tokens[k] / med[k] for k in fns}
     lengths = {  # tokens of every packed image
         w: torch.stack([(b.segment_ids == e + 1).sum(1) for e in range(MAX_IMAGES)], 1)[b.slot_valid].tolist()
@@ -165,26 +190,7 @@ def main() -> None:
             f"({100 * batch.padding_fraction:.1f}% padding, {real[w] / batch.num_images:.0f} tokens/image)"
         )
     print(f"open_clip: {n_images} images x 197 tokens")
-    for k in fns:
-        results[f"tokens_per_s_{k}"] = tps[k]
-        line = f"{k:22s} {tps[k]:9.0f} tokens/s  ({1e3 * med[k]:.0f} ms/step)"
-        results[f"gflops_per_s_{k}"] = fps[k] / 1e9
-        line += f"  {fps[k] / 1e9:5.1f} GFLOP/s"
-        if k != "open_clip":
-            results[f"ratio_tokens_per_s_{k}"] = tps[k] / tps["open_clip"]
-            results[f"ratio_flops_per_s_{k}"] = fps[k] / fps["open_clip"]
-            line += f"  tokens/s ratio vs open_clip {tps[k] / tps['open_clip']:.2f}x, FLOP/s ratio {fps[k] / fps['open_clip']:.2f}x"
-        print(line)
-    for w in batches:
-        best = max(ours, key=lambda b: tps[f"ours_{b}_{w}"])
-        results[f"best_backend_{w}"] = best
-        results[f"ratio_tokens_per_s_best_{w}"] = tps[f"ours_{best}_{w}"] / tps["open_clip"]
-        results[f"ratio_flops_per_s_best_{w}"] = fps[f"ours_{best}_{w}"] / fps["open_clip"]
-        print(
-            f"best on {w}: {best} at {results[f'ratio_tokens_per_s_best_{w}']:.2f}x open_clip's tokens/s, "
-            f"{results[f'ratio_flops_per_s_best_{w}']:.2f}x its FLOP/s"
-        )
-    results["ratio_tokens_per_s_best"] = results["ratio_tokens_per_s_best_mixed"]
+    report(results, fns, tps, fps, med, list(ours), list(batches))
     save_results("vision_tower" if device.type == "cpu" else f"vision_tower_{device.type}", results)
 
 
