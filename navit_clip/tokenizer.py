@@ -69,9 +69,11 @@ class _IdsTokenizer:
     def _encode(self, texts: list[str]) -> list[list[int]]:
         raise NotImplementedError
 
+    def _cleaned(self, texts: list[str]) -> list[str]:
+        return texts if self.clean is None else [self.clean(t) for t in texts]
+
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        if self.clean is not None:
-            texts = [self.clean(t) for t in texts]
+        texts = self._cleaned(texts)
         K = self.context_length
         out = torch.full((len(texts), K), self.pad_id, dtype=torch.long)
         head = [self.bos_id] if self.bos_id is not None else []
@@ -161,10 +163,12 @@ class HFTokenizer(_IdsTokenizer):
     def __call__(self, texts: list[str]) -> torch.Tensor:
         if self.layout != "hf":
             return super().__call__(texts)
-        if self.clean is not None:
-            texts = [self.clean(t) for t in texts]
         return self.tok(
-            texts, return_tensors="pt", max_length=self.context_length, padding="max_length", truncation=True
+            self._cleaned(texts),
+            return_tensors="pt",
+            max_length=self.context_length,
+            padding="max_length",
+            truncation=True,
         ).input_ids
 
 
