@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import statistics
 import time
@@ -44,11 +45,13 @@ import torch
 import webdataset as wds
 from common import save_results
 from open_clip.loss import ClipLoss
+from PIL import Image
+from trainer_peers import check_openclip_src, naflex_zeroshot, run_trainer
 
 from navit_clip.checkpoint import load_weights
 from navit_clip.config import load_config, to_dict
 from navit_clip.data.demo import TASKS, ensure_demo_data
-from navit_clip.data.pipeline import PackedImageText, folder_samples, make_loader
+from navit_clip.data.pipeline import PackedImageText, folder_files, make_loader
 from navit_clip.loss import ContrastiveLoss
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.packing import ResolutionPolicy
@@ -87,6 +90,7 @@ NAVIT = [  # the race's navit-clip: the ViT-Ti shape and the NaViT recipe, defau
     f"train.grad_clip={SHARED['grad_clip']}",
 ]
 OPENCLIP_BATCH, OPENCLIP_SIZE = 64, 96
+NAVIT_TOKENS_PER_STEP = 8 * 256  # data.batch_seqs x data.seq_len: the NaFlex peer's token budget a batch
 BUDGET_TOKENS = (16, 36, 64, 144, 256)
 
 
@@ -107,10 +111,15 @@ class Schedule:
         return f
 
 
-def race(name: str, step_fn, eval_fn, budgets: list[float], log_every: int = 20) -> dict:
-    """Train with `step_fn(step) -> dict of curves` until each budget (training seconds), evaluating there."""
+def race(
+    name: str, step_fn, eval_fn, budgets: list[float], started: float, totals=dict, log_every: int = 20
+) -> dict:
+    """Train with `step_fn(step) -> dict of curves` until each budget, evaluating there. The clock counts
+    from `started` (perf_counter when the side began building its model and data) and stops while
+    evaluating: the rule bench/openclip_launch.py applies to open_clip's trainers. `totals()`: counts
+    (images, tokens) recorded with each budget's figures."""
     out: dict = {"curve": []}
-    elapsed, step = 0.0, 0
+    elapsed, step = time.perf_counter() - started, 0
     for budget in budgets:
         while elapsed < budget:
             t0 = time.perf_counter()
@@ -126,7 +135,7 @@ def race(name: str, step_fn, eval_fn, budgets: list[float], log_every: int = 20)
         t0 = time.perf_counter()
         acc = eval_fn(budget == budgets[-1])
         print(f"  {name} at {budget:.0f}s ({step} steps): {acc} (eval {time.perf_counter() - t0:.0f}s)")
-        out[f"at_{budget:.0f}s"] = {"steps": step, **acc}
+        out[f"at_{budget:.0f}s"] = {"steps": step, "train_s": round(elapsed, 2), **totals(), **acc}
     return out
 
 
@@ -139,6 +148,7 @@ def run_navit(
     seed: int = 0,
     precision: str = "fp32",
 ) -> dict:
+    started = time.perf_counter()
     # before the user's overrides, which win
     seeded = [f"train.seed={seed}", f"data.seed={seed}", f"train.precision={precision}"]
     cfg = load_config(
@@ -162,9 +172,14 @@ def run_navit(
         f"grad_clip {tc.grad_clip}, {tc.precision}"
     )
 
+    counts = {"images": 0, "image_tokens": 0, "token_slots": 0}  # slots: tokens + padding
+
     def step_fn(step: int, elapsed: float) -> dict:
         sched.set(step, elapsed)
         batch = next(batches).to(device)
+        counts["images"] += batch.stats["images"]
+        counts["image_tokens"] += batch.stats["tokens"]
+        counts["token_slots"] += batch.images.patches.shape[0] * batch.images.patches.shape[1]
         with autocast:
             out = model(batch.images, batch.text)
         loss = loss_fn(  # logit_bias: a SigLIP model's (loss.kind=sigmoid), e.g. a converted SigLIP2
@@ -188,7 +203,7 @@ def run_navit(
     def eval_fn(last: bool) -> dict:
         return navit_zeroshot(model, tok, cfg, data, device, BUDGET_TOKENS if last else (36,))
 
-    result = race("navit", step_fn, eval_fn, budgets)
+    result = race("navit", step_fn, eval_fn, budgets, started, lambda: dict(counts))
     if save:  # a checkpoint `navit-clip eval` reads, for looking at the raced model afterwards
         torch.save({"model": model.state_dict(), "config": to_dict(cfg)}, save)
         print(f"saved navit-clip's final weights to {save}")
@@ -243,9 +258,9 @@ def openclip_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimiz
 def openclip_batches(data: dict, seed: int, train_tf, tok):
     """open_clip's webdataset stream of (images, token ids) batches, resampled, one loader worker."""
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(data["train"], seed=seed, deterministic=True),
+        wds.ResampledShards(data["train"], worker_seed=lambda: seed, deterministic=True),  # any webdataset
         wds.tarfile_to_samples(),
-        wds.shuffle(500, initial=250, seed=seed),
+        wds.shuffle(500, initial=250, rng=random.Random(seed)),
         wds.decode("pil"),
         wds.to_tuple("jpg;png", "txt"),
         wds.map_tuple(train_tf, lambda t: tok([t])[0]),
@@ -266,6 +281,7 @@ def run_openclip(
     warmup: int = SHARED["warmup"],
 ) -> dict:
     """open_clip's model and loss in its trainer's loop; `model`: start from it (trained in place)."""
+    started = time.perf_counter()
     torch.manual_seed(seed)
     model = (model if model is not None else open_clip.CLIP(**OPENCLIP_CONFIG)).to(device)
     train_tf = open_clip.image_transform(OPENCLIP_SIZE, is_train=True)
@@ -276,13 +292,16 @@ def run_openclip(
     loss_fn = ClipLoss()
     autocast = autocast_for(precision, device)
     batches = openclip_batches(data, seed, train_tf, tok)
-    classnames = Path(data["classnames"]).read_text().split()
-    templates = list(data["templates"])
-    held = list(folder_samples(data["heldout_folder"]))
+
+    counts = {"images": 0, "image_tokens": 0, "token_slots": 0}
+    per_image = (OPENCLIP_SIZE // OPENCLIP_CONFIG["vision_cfg"]["patch_size"]) ** 2
 
     def step_fn(step: int, elapsed: float) -> dict:
         sched.set(step, elapsed)
         images, texts = next(batches)
+        counts["images"] += len(images)
+        counts["image_tokens"] += len(images) * per_image
+        counts["token_slots"] += len(images) * per_image
         with autocast:  # forward and loss, as open_clip_train runs them under --precision amp_bf16
             image_features, text_features, logit_scale = model(images.to(device), texts.to(device))
             loss = loss_fn(image_features, text_features, logit_scale)
@@ -294,32 +313,37 @@ def run_openclip(
             model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         return {"loss": loss.item(), "grad_norm": norm.item(), "logit_scale": model.logit_scale.exp().item()}
 
-    @torch.no_grad()
     def eval_fn(last: bool) -> dict:
-        import io
+        return {"top1_96px": openclip_zeroshot(model, tok, val_tf, data, device)}
 
-        from PIL import Image
+    return race("open_clip", step_fn, eval_fn, budgets, started, lambda: dict(counts))
 
-        model.eval()
-        classifier = build_classifier(model, tok, classnames, templates, device)
-        correct = 0
-        for i in range(0, len(held), 128):
-            chunk = held[i : i + 128]
-            ims = [
-                val_tf(
-                    Image.open(
-                        io.BytesIO(next(v for k, v in s.items() if k not in ("__key__", "cls")))
-                    ).convert("RGB")
-                )
-                for s in chunk
-            ]
-            emb = model.encode_image(torch.stack(ims).to(device), normalize=True)
-            labels = torch.tensor([int(s["cls"]) for s in chunk], device=device)
-            correct += int(((emb @ classifier).argmax(1) == labels).sum())
-        model.train()
-        return {"top1_96px": round(correct / len(held), 4)}
 
-    return race("open_clip", step_fn, eval_fn, budgets)
+@torch.no_grad()
+def openclip_zeroshot(model, tok, val_tf, data: dict, device) -> float:
+    """open_clip's zero-shot top-1 on the held-out folder: its val transform (96 x 96), open_clip's
+    own classifier recipe (templates averaged, normalised); the model is left in train mode."""
+    model.eval()
+    classnames = Path(data["classnames"]).read_text().split()
+    classifier = build_classifier(model, tok, classnames, list(data["templates"]), device)
+    correct, n = 0, 0
+    for chunk in _chunks(heldout_images(data), 128):
+        ims = torch.stack([val_tf(Image.open(path).convert("RGB")) for path, _ in chunk])
+        emb = model.encode_image(ims.to(device), normalize=True)
+        labels = torch.tensor([label for _, label in chunk], device=device)
+        correct, n = correct + int(((emb @ classifier).argmax(1) == labels).sum()), n + len(chunk)
+    model.train()
+    return round(correct / n, 4)
+
+
+def heldout_images(data: dict) -> list[list]:
+    """[path, label] of every held-out image, in navit-clip's folder order (labels as its classnames)."""
+    return [[str(path), label] for label, path in folder_files(data["heldout_folder"])]
+
+
+def _chunks(xs: list, n: int):
+    for i in range(0, len(xs), n):
+        yield xs[i : i + n]
 
 
 def race_data(task: str, root: str | None) -> dict:
@@ -345,74 +369,118 @@ def _spread(xs: list[float]) -> str:
     return f"{100 * mean:.1f} ± {100 * sd:.1f} % ({100 * min(xs):.1f}..{100 * max(xs):.1f})"
 
 
+PEERS = ("plain", "openclip_train", "naflex")
+PEER_METRIC = {"plain": "top1_96px", "openclip_train": "top1_96px", "naflex": "top1_36"}  # 36 tokens each
+
+
+def run_peers(
+    data: dict, budgets: list[float], peers: list[str], seed: int, device, precision: str, src
+) -> dict:
+    """Each peer's results at each budget, keyed f"{peer}_at_{budget}s" (and its curve)."""
+    run: dict = {}
+    for peer in peers:
+        if peer == "plain":
+            result = run_openclip(data, budgets, SHARED["grad_clip"], device, seed, precision)
+        else:
+            result = run_trainer_peer(peer, data, budgets, seed, device, precision, src)
+        run.update({f"{peer}_{k}": v for k, v in result.items()})
+    return run
+
+
+def run_trainer_peer(
+    peer: str, data: dict, budgets: list[float], seed: int, device, precision: str, src
+) -> dict:
+    """open_clip_train.main (the release, or open_clip main's --use-naflex) to each budget, then its
+    checkpoints evaluated: the release's with open_clip's val transform, NaFlex's at each token budget."""
+    hp = {**SHARED, "batch": OPENCLIP_BATCH, "workers": 1, "tokens_per_batch": NAVIT_TOKENS_PER_STEP}
+    weights = run_trainer(peer, OPENCLIP_CONFIG, data, budgets, seed, device, precision, hp, src)
+    out: dict = {}
+    for b in budgets:
+        t0 = time.perf_counter()
+        if peer == "naflex":
+            tokens = BUDGET_TOKENS if b == budgets[-1] else (36,)
+            acc = naflex_zeroshot(src, OPENCLIP_CONFIG, weights[b], data, heldout_images(data), tokens)
+        else:
+            model = open_clip.CLIP(**OPENCLIP_CONFIG)
+            model.load_state_dict(weights[b]["state_dict"])
+            tok = open_clip.get_tokenizer("ViT-B-32", context_length=32)
+            val_tf = open_clip.image_transform(OPENCLIP_SIZE, is_train=False)
+            acc = {"top1_96px": openclip_zeroshot(model.to(device), tok, val_tf, data, device)}
+        print(
+            f"  {peer} at {b:.0f}s ({weights[b]['steps']} steps): {acc} (eval {time.perf_counter() - t0:.0f}s)"
+        )
+        out[f"at_{b:.0f}s"] = {k: v for k, v in weights[b].items() if k != "state_dict"} | acc
+    return out
+
+
 def summarise(runs: list[dict], budgets: list[float]) -> dict:
-    """The headline table: navit-clip at 36 tokens per image (open_clip's 96 x 96 / 16^2: equal
-    inference compute) and native, against open_clip, per budget; with several seeds, the means and
-    their spread, and the ratio of the means."""
+    """The headline: navit-clip at 36 tokens per image (open_clip's 96 x 96 / 16^2, NaFlex's 36-token
+    budget: equal inference compute) and native, against each peer and the best of them, per budget;
+    with several seeds, means, their spread, and the ratio of the means."""
     out = {}
-    print(
-        f"\n{'budget':>8} {'navit@36':>9} {'navit native':>13} {'open_clip':>10} {'ratio@36':>9} {'ratio native':>13}"
-    )
+    peers = [p for p in PEERS if f"{p}_at_{budgets[0]:.0f}s" in runs[0]]
+    print(f"\n{'budget':>8} {'navit@36':>9} {'native':>7} " + " ".join(f"{p:>15}" for p in peers))
     for b in budgets:
         key = f"at_{b:.0f}s"
         ours = [r[f"navit_{key}"]["top1_36"] for r in runs]
         native = [r[f"navit_{key}"]["top1_native"] for r in runs]
-        peer = [max(r[f"openclip_{key}"]["top1_96px"], 1e-9) for r in runs]
-        m_ours, m_native, m_peer = (statistics.fmean(x) for x in (ours, native, peer))
-        out[f"ratio_top1_navit_over_openclip_{b:.0f}s"] = round(m_ours / m_peer, 3)
-        out[f"ratio_top1_native_navit_over_openclip_{b:.0f}s"] = round(m_native / m_peer, 3)
+        means = {p: statistics.fmean(max(r[f"{p}_{key}"][PEER_METRIC[p]], 1e-9) for r in runs) for p in peers}
+        best = max(means, key=means.get)
+        m_ours, m_native = statistics.fmean(ours), statistics.fmean(native)
         print(
-            f"{b:7.0f}s {100 * m_ours:8.1f}% {100 * m_native:12.1f}% {100 * m_peer:9.1f}% "
-            f"{m_ours / m_peer:9.2f} {m_native / m_peer:13.2f}"
+            f"{b:7.0f}s {100 * m_ours:8.1f}% {100 * m_native:6.1f}% "
+            + " ".join(f"{100 * means[p]:14.1f}%" for p in peers)
         )
+        print(
+            f"lead at {b:.0f}s: navit@36 {100 * m_ours:.1f} % vs best peer {best} {100 * means[best]:.1f} % "
+            f"({m_ours / means[best]:.2f}x); native {m_native / means[best]:.2f}x"
+        )
+        out[f"best_peer_{b:.0f}s"] = best
+        out[f"ratio_top1_navit_over_best_{b:.0f}s"] = round(m_ours / means[best], 3)
+        out[f"ratio_top1_native_navit_over_best_{b:.0f}s"] = round(m_native / means[best], 3)
+        for p in peers:
+            out[f"ratio_top1_navit_over_{p}_{b:.0f}s"] = round(m_ours / means[p], 3)
         if len(runs) > 1:
             out[f"navit_top1_36_{key}"] = ours
-            out[f"openclip_top1_96px_{key}"] = peer
-            print(f"{'':9}navit@36 {_spread(ours)}; open_clip {_spread(peer)}; {len(runs)} seeds")
-    last = [r[f"navit_at_{budgets[-1]:.0f}s"] for r in runs]
-    keys = [k for k in last[0] if k.startswith("top1_")]
-    print(
-        "navit-clip top-1 by tokens per image at the last budget"
-        + (f" (mean of {len(runs)} seeds)" if len(runs) > 1 else "")
-        + ": "
-        + ", ".join(f"{k[5:]} {100 * statistics.fmean(r[k] for r in last):.1f}%" for k in keys)
-    )
+            print(f"{'':9}navit@36 {_spread(ours)}; {len(runs)} seeds")
+            for p in peers:
+                xs = [r[f"{p}_{key}"][PEER_METRIC[p]] for r in runs]
+                out[f"{p}_{PEER_METRIC[p]}_{key}"] = xs
+                print(f"{'':9}{p} {_spread(xs)}")
+    throughput(runs, budgets[-1], ["navit", *peers])
+    for side in ["navit"] + [p for p in peers if p == "naflex"]:
+        last = [r[f"{side}_at_{budgets[-1]:.0f}s"] for r in runs]
+        keys = [k for k in last[0] if k.startswith("top1_")]
+        print(
+            f"{side} top-1 by tokens per image at the last budget"
+            + (f" (mean of {len(runs)} seeds)" if len(runs) > 1 else "")
+            + ": "
+            + ", ".join(f"{k[5:]} {100 * statistics.fmean(r[k] for r in last):.1f}%" for k in keys)
+        )
     return out
 
 
+def throughput(runs: list[dict], budget: float, sides: list[str]) -> None:
+    """What each side fed its image tower by the last budget: images/s, image tokens/s and the
+    fraction of token slots that were padding (mean over seeds)."""
+    print(f"by {budget:.0f}s (mean of {len(runs)}): side, steps, images/s, image tokens/s, padding")
+    for side in sides:
+        at = [r[f"{side}_at_{budget:.0f}s"] for r in runs]
+        if "image_tokens" not in at[0]:
+            continue
+        m = {
+            k: statistics.fmean(a[k] for a in at)
+            for k in ("steps", "train_s", "images", "image_tokens", "token_slots")
+        }
+        pad = 1 - m["image_tokens"] / max(m["token_slots"], 1)
+        print(
+            f"  {side:15} {m['steps']:6.0f} {m['images'] / m['train_s']:8.1f} "
+            f"{m['image_tokens'] / m['train_s']:9.0f} {100 * pad:6.1f}%"
+        )
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budgets", default="90,180", help="training seconds at which both are evaluated")
-    ap.add_argument("--only", choices=("navit", "openclip"), help="run one side (ablations)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--task", choices=("shapes", "digits"), default="shapes", help="the dataset (see above)")
-    ap.add_argument(
-        "--data", help="where the task's data is generated (default bench/results/race_data[_digits])"
-    )
-    ap.add_argument("--name", help="results file name (default learning_race[_digits])")
-    ap.add_argument(
-        "--seeds",
-        default="0",
-        help="comma-separated seeds: each is a full race (model init and data order on both sides); "
-        "with several, the table gives means, their spread, and the ratio of the means",
-    )
-    ap.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default="auto",
-        help="both sides train in it (evaluation in float32); auto: bf16 autocast where the device "
-        "multiplies bf16 natively (a CPU with AMX, CUDA), else fp32",
-    )
-    ap.add_argument(
-        "--openclip-precision",
-        choices=("auto", "same", "fp32", "bf16"),
-        default="auto",
-        help="open_clip's precision; auto: fp32 on CPU (its best here: bf16 gave it no more steps and "
-        "7.6 points less at 90 s, bench/NOTES.md), navit-clip's elsewhere",
-    )
-    ap.add_argument("--save", help="write navit-clip's final weights here (a checkpoint for navit-clip eval)")
-    ap.add_argument("overrides", nargs="*", help="navit-clip config overrides (section.key=value)")
-    args = ap.parse_args()
+    args = parse_args()
     random.seed(0)
     budgets = sorted(float(b) for b in args.budgets.split(","))
     device = torch.device(args.device)
@@ -420,11 +488,17 @@ def main() -> None:
     oc_precision = {"same": precision, "auto": "fp32" if device.type == "cpu" else precision}.get(
         args.openclip_precision, args.openclip_precision
     )
+    peers = [] if args.only == "navit" else [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        raise SystemExit(f"--peers: unknown {sorted(unknown)}; choose from {', '.join(PEERS)}")
+    if "naflex" in peers and check_openclip_src(args.openclip_src) is None:
+        peers.remove("naflex")
     t0 = time.perf_counter()
     data = race_data(args.task, args.data)
     print(
         f"{args.task} data in {data['root']} ({time.perf_counter() - t0:.0f}s); budgets {budgets} s on {device}, "
-        f"navit-clip in {precision}, open_clip in {oc_precision}"
+        f"navit-clip in {precision}, peers {peers} in {oc_precision}"
     )
     seeds = [int(x) for x in args.seeds.split(",")]
     results: dict = {
@@ -435,6 +509,8 @@ def main() -> None:
         "openclip_precision": oc_precision,
         "navit_overrides": args.overrides,
         "seeds": seeds,
+        "peers": peers,
+        "openclip_src": args.openclip_src if "naflex" in peers else None,
     }
     runs = []
     for seed in seeds:
@@ -444,22 +520,66 @@ def main() -> None:
         if args.only != "openclip":
             nav = run_navit(data, budgets, args.overrides, device, args.save, seed, precision)
             run.update({f"navit_{k}": v for k, v in nav.items()})
-        if args.only != "navit":
-            oc = run_openclip(data, budgets, SHARED["grad_clip"], device, seed, oc_precision)
-            run.update({f"openclip_{k}": v for k, v in oc.items()})
+        run.update(run_peers(data, budgets, peers, seed, device, oc_precision, args.openclip_src))
         runs.append(run)
     results.update(runs[0] if len(runs) == 1 else {"runs": runs})
-    if args.only is None:
+    if args.only is None and peers:
         results.update(summarise(runs, budgets))
     elif len(runs) > 1:
-        side = "navit" if args.only == "navit" else "openclip"
-        metric = "top1_36" if side == "navit" else "top1_96px"
-        for b in budgets:
-            xs = [r[f"{side}_at_{b:.0f}s"][metric] for r in runs]
-            print(f"{side} at {b:.0f}s, {metric}: {_spread(xs)} over seeds {seeds}")
+        for side in ["navit"] if args.only == "navit" else peers:
+            metric = PEER_METRIC.get(side, "top1_36")
+            for b in budgets:
+                xs = [r[f"{side}_at_{b:.0f}s"][metric] for r in runs]
+                print(f"{side} at {b:.0f}s, {metric}: {_spread(xs)} over seeds {seeds}")
     save_results(
         args.name or ("learning_race" if args.task == "shapes" else f"learning_race_{args.task}"), results
     )
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budgets", default="90,180", help="training seconds at which both are evaluated")
+    ap.add_argument("--only", choices=("navit", "openclip"), help="run navit-clip or the peers (ablations)")
+    ap.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help="comma-separated: plain (open_clip's model and loss in a loop here), openclip_train (the "
+        "release's trainer), naflex (open_clip main's --use-naflex, needs --openclip-src)",
+    )
+    ap.add_argument(
+        "--openclip-src",
+        default=os.environ.get("OPENCLIP_SRC"),
+        help="an open_clip main checkout (2026-05 or later) for the naflex peer (default $OPENCLIP_SRC)",
+    )
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--task", choices=("shapes", "digits"), default="shapes", help="the dataset (see above)")
+    ap.add_argument(
+        "--data", help="where the task's data is generated (default bench/results/race_data[_digits])"
+    )
+    ap.add_argument("--name", help="results file name (default learning_race[_digits])")
+    ap.add_argument(
+        "--seeds",
+        default="0",
+        help="comma-separated seeds: each is a full race (model init and data order on every side); "
+        "with several, the table gives means, their spread, and the ratio of the means",
+    )
+    ap.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="navit-clip trains in it (evaluation in float32); auto: bf16 autocast where the device "
+        "multiplies bf16 natively (a CPU with AMX, CUDA), else fp32",
+    )
+    ap.add_argument(
+        "--openclip-precision",
+        choices=("auto", "same", "fp32", "bf16"),
+        default="auto",
+        help="the peers' precision; auto: fp32 on CPU (its best here: bf16 gave it no more steps and "
+        "7.6 points less at 90 s, bench/NOTES.md), navit-clip's elsewhere",
+    )
+    ap.add_argument("--save", help="write navit-clip's final weights here (a checkpoint for navit-clip eval)")
+    ap.add_argument("overrides", nargs="*", help="navit-clip config overrides (section.key=value)")
+    return ap.parse_args()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ K text context length.
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import random
@@ -293,7 +294,7 @@ class PackedImageText(IterableDataset):
         guard = _NoSampleGuard(10 * n_urls + 100, self.cfg.shards, stats)
         for urls, weight in self.cfg.sources():
             if self.cfg.resampled:
-                stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+                stages = [functools.partial(_resampled_shards, urls, seed)]  # a source stage
             else:
                 mine = urls[self.rank :: self.world_size]
                 if not mine:  # fewer shards than ranks: this rank reads none of this source
@@ -306,7 +307,9 @@ class PackedImageText(IterableDataset):
             ]
             if self.cfg.shuffle_buffer > 1:
                 stages.append(
-                    wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer // 2, seed=seed)
+                    wds.shuffle(
+                        self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer // 2, rng=random.Random(seed)
+                    )
                 )
             pipelines.append(wds.DataPipeline(*stages))
             weights.append(weight)
@@ -541,13 +544,20 @@ def folder_classes(root: str | Path) -> list[str]:
     return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def folder_samples(root: str | Path, part: int = 0, parts: int = 1) -> Iterator[dict]:
-    """Samples {"__key__", ext: bytes, "cls": label} of ROOT/CLASS_NAME/.../IMAGE, every parts-th from
-    part. As torchvision's ImageFolder, a class folder's images are read at any depth; hidden files and
-    folders (macOS ._ copies, .ipynb_checkpoints) and files of other types are not samples. The key
-    is the path below ROOT without its suffix."""
+def _resampled_shards(urls: list[str], seed: int) -> Iterator[dict]:
+    """Shards drawn with replacement, seeded: webdataset's ResampledShards, whose seeding arguments
+    differ between the releases we support (0.2.86 has no `seed`)."""
+    rng = random.Random(seed)
+    while True:
+        yield {"url": urls[rng.randrange(len(urls))]}
+
+
+def folder_files(root: str | Path) -> list[tuple[int, Path]]:
+    """(label, path) of every image of ROOT/CLASS_NAME/.../IMAGE. As torchvision's ImageFolder, a class
+    folder's images are read at any depth; hidden files and folders (macOS ._ copies,
+    .ipynb_checkpoints) and files of other types are not images."""
     root = Path(root)
-    files = [
+    return [
         (label, path)
         for label, name in enumerate(folder_classes(root))
         for path in sorted((root / name).rglob("*"))
@@ -555,7 +565,13 @@ def folder_samples(root: str | Path, part: int = 0, parts: int = 1) -> Iterator[
         and not any(part.startswith(".") for part in path.relative_to(root).parts)
         and path.is_file()
     ]
-    for label, path in files[part::parts]:
+
+
+def folder_samples(root: str | Path, part: int = 0, parts: int = 1) -> Iterator[dict]:
+    """Samples {"__key__", ext: bytes, "cls": label} of `folder_files(root)`, every parts-th from part.
+    The key is the path below ROOT without its suffix."""
+    root = Path(root)
+    for label, path in folder_files(root)[part::parts]:
         yield {
             "__key__": path.relative_to(root).with_suffix("").as_posix(),
             path.suffix.lower().lstrip("."): path.read_bytes(),
