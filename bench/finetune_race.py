@@ -1,25 +1,33 @@
 """The fine-tune race: what converting an open_clip checkpoint to navit-clip buys, at equal wall-clock.
 
-One run, on the shape task of the learning race (bench/learning_race.py: same data, same ViT-Ti-size
-open_clip model, its own loop and loss):
-  0. "pretrained": open_clip's CLIP trains at its fixed 96 x 96 for `--pretrain` seconds; its weights
-     are written as an open_clip checkpoint (model-config .json + .safetensors), as a user owns one;
-  (a) open_clip continues from that checkpoint for `--budget` seconds, as open_clip_train fine-tunes:
-     square 96 x 96 images (resize + centre crop), batch 64;
-  (b) `navit-clip convert-openclip` of the same checkpoint continues for the same `--budget` seconds
-     with navit-clip's fine-tune recipe (model.init_from, configs/finetune_openclip.yaml's): native
-     aspect ratios, longer side ~ U(72, 128) px around the checkpoint's 96 px, no token dropping,
-     8 packed sequences of 256 tokens a step.
-Both continue with the same optimiser settings (AdamW, lr `--lr`, betas (0.9, 0.98), eps 1e-6, weight
+On the learning race's data and model size (bench/learning_race.py: the shape task and the real digit
+scans, open_clip's ViT-Ti shape), a checkpoint is fine-tuned on a task it was not trained on:
+  0. "pretrained": open_clip's CLIP trains on the source task at its fixed 96 x 96 for `--pretrain`
+     seconds (several minutes: a checkpoint good enough to lose accuracy), once; its weights are cached
+     as an open_clip checkpoint (model-config .json + .safetensors, as a user owns one) in
+     bench/results/finetune_race/ (outside git; rebuilt when missing or with --rebuild);
+  then on the target task, each for `--budget` seconds (the learning race's clock), from that checkpoint:
+  (a) `open_clip`: open_clip continues in its trainer's loop at its square 96 x 96 (resize + centre
+     crop), batch 64;
+  (c) `naflex`: open_clip main's `open_clip_train.main --use-naflex --pretrained CKPT` (the checkpoint's
+     ViT converted to timm's NaFlexViT by open_clip main itself; sequence lengths 16 ... 256 sampled
+     per batch, 2048 image tokens a batch), from the checkout `--openclip-src DIR` (skipped with one line
+     when absent), run as the learning race runs it (bench/trainer_peers.py);
+  (b) `navit-clip convert-openclip` of the same checkpoint continues with navit-clip's fine-tune recipe
+     (model.init_from, configs/finetune_openclip.yaml's): native aspect ratios, longer side ~ U(72, 128)
+     px around the checkpoint's 96 px, no token dropping, 8 packed sequences of 256 tokens a step.
+All continue with the same optimiser settings (AdamW, lr `--lr`, betas (0.9, 0.98), eps 1e-6, weight
 decay 0.1 on weight matrices, 20 warm-up steps, then a cosine over the budget).
-All three models are evaluated zero-shot on the same held-out folder by the same code: at native size
-(longer side up to 192 px) and at 16 ... 256 tokens per image, aspect kept. open_clip's models are
-read there through their exact conversion, which is open_clip's model with its position table
-resampled to each image's grid by timm's rule (tests/test_openclip.py): how an open_clip user runs a
-checkpoint at another size. open_clip's own 96 x 96 centre-crop accuracy is printed beside it.
+Evaluation, zero-shot on the target task's held-out folder: the pretrained model, (a) and (b) by the same
+code at native size (longer side up to 192 px) and at 16 ... 256 tokens per image, aspect kept (open_clip's
+models through their exact conversion: open_clip's model with its position table resampled to each
+image's grid by timm's rule, tests/test_openclip.py); (c) in open_clip main with timm's NaFlex eval
+transform at each budget, its "native" being its own default evaluation (the largest sequence length,
+256 tokens). The checkpoint's own count (96 x 96 / 16^2 = 36 tokens) is marked; each transfer ends with
+navit-clip's ratio to the best peer at that count, at native size and at its worst budget.
 
-    python bench/finetune_race.py                       -> bench/results/finetune_race.json (3 seeds)
-    python bench/finetune_race.py --seeds 0 --pretrain 120 --budget 60
+    python bench/finetune_race.py --openclip-src DIR    -> bench/results/finetune_race.json (3 seeds, 2 transfers)
+    python bench/finetune_race.py --transfer shapes:digits --seeds 0 --budget 60
     python bench/finetune_race.py --only-navit data.token_drop.kind=none      (an ablation of (b))
     python bench/finetune_race.py --seeds 0 --wise-ft 0.3,0.5,0.7            (+ WiSE-FT of (b), evaluated)
 """
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -38,13 +47,18 @@ from common import save_results
 from learning_race import (
     BUDGET_TOKENS,
     NAVIT,
+    NAVIT_TOKENS_PER_STEP,
+    OPENCLIP_BATCH,
     OPENCLIP_CONFIG,
+    SHARED,
+    heldout_images,
     navit_zeroshot,
     race_data,
     run_navit,
     run_openclip,
 )
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from trainer_peers import check_openclip_src, naflex_zeroshot, run_trainer
 
 from navit_clip.convert import convert_openclip, from_openclip
 from navit_clip.factory import config_of, create_model
@@ -73,34 +87,82 @@ def zeroshot_of_openclip(oc_model, data: dict, device) -> dict:
     return navit_zeroshot(navit.to(device), tokenizer_for(cfg), cfg, data, device, BUDGET_TOKENS)
 
 
-def one_race(args, seed: int, data: dict, device, precision: str, oc_precision: str) -> dict:
-    """Pretrain (or reuse, --only-navit), then (a) and (b); every figure of one seed."""
-    work = ROOT / "bench" / "results" / "finetune_race" / f"seed{seed}"
+def pretrained(task: str, seconds: float, device, precision: str, rebuild: bool) -> Path:
+    """The cached source checkpoint: open_clip trained on `task` for `seconds` (seed 0), built if absent."""
+    work = ROOT / "bench" / "results" / "finetune_race" / f"pretrained_{task}_{seconds:.0f}s"
+    if (work / "meta.json").exists() and not rebuild:
+        print(f"== pretrained checkpoint (cached): {work} {json.loads((work / 'meta.json').read_text())}")
+        return work
+    print(f"== 0. open_clip pretrains on {task} at 96 x 96 for {seconds:.0f} s (cached in {work})")
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    oc = open_clip.CLIP(**OPENCLIP_CONFIG)
+    pre = run_openclip(race_data(task, None), [seconds], 0.0, device, 0, precision, model=oc)
+    (work / "vit-ti.json").write_text(json.dumps(OPENCLIP_CONFIG))
+    save_file(
+        {k: t.detach().cpu().contiguous() for k, t in oc.state_dict().items()},
+        str(work / "pretrained.safetensors"),
+    )
+    (work / "meta.json").write_text(json.dumps({"task": task, **pre[f"at_{seconds:.0f}s"]}))
+    return work
+
+
+def load_openclip(ckpt: Path) -> torch.nn.Module:
+    model = open_clip.CLIP(**OPENCLIP_CONFIG)
+    model.load_state_dict(load_file(str(ckpt / "pretrained.safetensors")))
+    return model
+
+
+def run_naflex(args, ckpt: Path, data: dict, seed: int, device, precision: str, name: str) -> dict:
+    """(c): open_clip main's NaFlex fine-tune of the checkpoint, evaluated there at every budget."""
+    hp = {**SHARED, "lr": args.lr, "warmup": WARMUP, "batch": OPENCLIP_BATCH, "workers": 1}
+    hp["tokens_per_batch"] = NAVIT_TOKENS_PER_STEP
+    extra = ["--pretrained", str(ckpt / "pretrained.safetensors")]
+    weights = run_trainer(
+        "naflex",
+        OPENCLIP_CONFIG,
+        data,
+        [args.budget],
+        seed,
+        device,
+        precision,
+        hp,
+        args.openclip_src,
+        extra,
+        name,
+    )
+    w = weights[args.budget]
+    acc = naflex_zeroshot(args.openclip_src, OPENCLIP_CONFIG, w, data, heldout_images(data), BUDGET_TOKENS)
+    acc["top1_native"] = acc[f"top1_{BUDGET_TOKENS[-1]}"]  # its own default: the largest sequence length
+    return {k: v for k, v in w.items() if k != "state_dict"} | acc
+
+
+def one_race(args, transfer: str, seed: int, device, precision: str, oc_precision: str) -> dict:
+    """The peers, then (b), of one transfer and seed; every figure of it."""
+    source, target = transfer.split(":")
+    ckpt = pretrained(source, args.pretrain, device, oc_precision, args.rebuild)
+    data = race_data(target, args.data)
+    work = ROOT / "bench" / "results" / "finetune_race" / f"{source}_to_{target}_seed{seed}"
     work.mkdir(parents=True, exist_ok=True)
     saved = work / "results.json"
     if args.only_navit:
-        previous = json.loads(saved.read_text())
-        out = {k: previous[k] for k in ("pretrained_top1_96px", "pretrained", "openclip")}
+        out = {k: v for k, v in json.loads(saved.read_text()).items() if k != "navit"}
     else:
-        print(f"== seed {seed}: 0. open_clip pretrains at 96 x 96 for {args.pretrain:.0f} s")
-        torch.manual_seed(seed)
-        oc = open_clip.CLIP(**OPENCLIP_CONFIG)
-        pre = run_openclip(data, [args.pretrain], 0.0, device, seed, oc_precision, model=oc)
-        out = {"pretrained_top1_96px": pre[f"at_{args.pretrain:.0f}s"]["top1_96px"]}
-        (work / "vit-ti.json").write_text(json.dumps(OPENCLIP_CONFIG))
-        weights = {k: t.detach().cpu().contiguous() for k, t in oc.state_dict().items()}
-        save_file(weights, str(work / "pretrained.safetensors"))
-        out["pretrained"] = zeroshot_of_openclip(oc, data, device)
-        print(f"  pretrained checkpoint: {out['pretrained']}")
-
-        print(f"== seed {seed}: (a) open_clip continues at 96 x 96 for {args.budget:.0f} s")
-        oc.load_state_dict(weights)
+        out = {"pretrained": zeroshot_of_openclip(load_openclip(ckpt), data, device)}
+        print(f"  {transfer} seed {seed}: pretrained checkpoint on {target}: {out['pretrained']}")
+        print(f"== {transfer} seed {seed}: (a) open_clip continues at 96 x 96 for {args.budget:.0f} s")
+        oc = load_openclip(ckpt)
         a = run_openclip(data, [args.budget], 0.0, device, seed + 1, oc_precision, oc, args.lr, WARMUP)
         out["openclip"] = {**a[f"at_{args.budget:.0f}s"], **zeroshot_of_openclip(oc, data, device)}
-
-    print(f"== seed {seed}: (b) navit-clip continues from the converted checkpoint for {args.budget:.0f} s")
+        if args.openclip_src:
+            print(f"== {transfer} seed {seed}: (c) open_clip main's NaFlex fine-tune for {args.budget:.0f} s")
+            name = f"finetune_{source}_to_{target}_seed{seed}"
+            out["naflex"] = run_naflex(args, ckpt, data, seed + 1, device, oc_precision, name)
+    print(
+        f"== {transfer} seed {seed}: (b) navit-clip continues from the converted checkpoint for {args.budget:.0f} s"
+    )
     converted = convert_openclip(
-        str(work / "vit-ti.json"), work / "pretrained.safetensors", work / "converted.pt"
+        str(ckpt / "vit-ti.json"), ckpt / "pretrained.safetensors", work / "converted.pt"
     )
     overrides = [*RECIPE, f"model.init_from={converted}", f"train.lr={args.lr}", f"train.warmup={WARMUP}"]
     finetuned = work / "finetuned.pt"
@@ -111,27 +173,109 @@ def one_race(args, seed: int, data: dict, device, precision: str, oc_precision: 
     for alpha in args.wise_ft:  # WiSE-FT of (b) with the converted start: `navit-clip wise-ft`, evaluated
         mixed = wise_ft(converted, finetuned, work / f"wise_{alpha:g}.pt", alpha)
         cfg = config_of(mixed)
-        model = create_model(mixed, device)
         tok = tokenizer_for(cfg, fixed_vocab=True)
-        out[f"wise_{alpha:g}"] = navit_zeroshot(model, tok, cfg, data, device, BUDGET_TOKENS)
+        out[f"wise_{alpha:g}"] = navit_zeroshot(
+            create_model(mixed, device), tok, cfg, data, device, BUDGET_TOKENS
+        )
         print(f"  wise-ft alpha {alpha:g}: {out[f'wise_{alpha:g}']}")
     if not args.only_navit:
         saved.write_text(json.dumps(out))
     return out
 
 
+def summarise(transfer: str, runs: list[dict], sides: list[str], results: dict) -> None:
+    """One transfer's table (means of the seeds, min..max) and its verdict against the best peer."""
+    own = (TRAINED_SIDE // OPENCLIP_CONFIG["vision_cfg"]["patch_size"]) ** 2
+    peers = [p for p in ("openclip", "naflex") if p in sides]
+    print(
+        f"\n{transfer}: zero-shot top-1 on {transfer.split(':')[1]}, mean of {len(runs)} seed(s) (min..max)"
+    )
+    print(
+        f"{'tokens/image':>13}"
+        + "".join(f" {name:>17}" for name in sides)
+        + f" {'best peer':>10} {'ratio':>6}"
+    )
+    ratios = {}
+    for k in ["native", *map(str, BUDGET_TOKENS)]:
+        cells, means = [], {}
+        for side in sides:
+            xs = [r[side][f"top1_{k}"] for r in runs]
+            means[side] = statistics.fmean(xs)
+            cells.append(f"{100 * means[side]:5.1f} ({100 * min(xs):4.1f}..{100 * max(xs):4.1f})")
+            results[f"{transfer}_{side}_top1_{k}"] = round(means[side], 4)
+        best = max(peers, key=lambda p: means[p])
+        ratios[k] = (means["navit"] / max(means[best], 1e-9), best)
+        results[f"{transfer}_ratio_navit_over_best_{k}"] = round(ratios[k][0], 3)
+        mark = "*" if k == str(own) else " "
+        print(f"{k + mark:>13} " + " ".join(f"{c:>17}" for c in cells) + f" {best:>10} {ratios[k][0]:6.2f}")
+    worst = min(map(str, BUDGET_TOKENS), key=lambda k: ratios[k][0])
+    print(
+        f"verdict {transfer}: own {own} tokens {ratios[str(own)][0]:.2f}x vs {ratios[str(own)][1]}; native "
+        f"{ratios['native'][0]:.2f}x vs {ratios['native'][1]}; worst budget {worst} tokens {ratios[worst][0]:.2f}x "
+        f"vs {ratios[worst][1]} (* the checkpoint's own count)"
+    )
+    steps = {
+        side: statistics.fmean(r[side]["steps"] for r in runs) for side in ("openclip", "navit", *peers[1:])
+    }
+    print("steps (mean): " + ", ".join(f"{side} {n:.0f}" for side, n in steps.items()))
+
+
 def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    precision = resolve_precision("auto", device)
+    oc_precision = "fp32" if device.type == "cpu" else precision  # open_clip's best on CPU (learning_race)
+    if args.openclip_src:
+        args.openclip_src = check_openclip_src(args.openclip_src)
+    else:
+        check_openclip_src(None)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    transfers = [t for t in args.transfer.split(",") if t]
+    t_start = time.perf_counter()
+    results: dict = {
+        "pretrain_s": args.pretrain,
+        "budget_s": args.budget,
+        "lr": args.lr,
+        "seeds": seeds,
+        "transfers": transfers,
+        "navit_overrides": args.overrides,
+        "wise_ft_alphas": args.wise_ft,
+        "openclip_src": args.openclip_src,
+    }
+    for transfer in transfers:
+        runs = [one_race(args, transfer, seed, device, precision, oc_precision) for seed in seeds]
+        results[f"{transfer}_runs"] = runs
+        sides = ["pretrained", "openclip", *(["naflex"] if "naflex" in runs[0] else []), "navit"]
+        summarise(transfer, runs, sides + [f"wise_{a:g}" for a in args.wise_ft], results)
+    print(f"({time.perf_counter() - t_start:.0f} s in all)")
+    save_results("finetune_race_ablation" if args.only_navit else "finetune_race", results)
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pretrain", type=float, default=90.0, help="seconds of open_clip pretraining")
-    ap.add_argument("--budget", type=float, default=90.0, help="seconds each side continues")
-    ap.add_argument("--lr", type=float, default=2e-4, help="the fine-tuning peak learning rate, both sides")
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated: a whole race each (pretraining too)")
+    ap.add_argument("--pretrain", type=float, default=300.0, help="seconds of open_clip pretraining (cached)")
+    ap.add_argument("--rebuild", action="store_true", help="pretrain again even if the checkpoint is cached")
+    ap.add_argument("--budget", type=float, default=90.0, help="seconds each side fine-tunes")
+    ap.add_argument("--lr", type=float, default=2e-4, help="the fine-tuning peak learning rate, every side")
+    ap.add_argument(
+        "--transfer",
+        default="shapes:digits,digits:shapes",
+        help="comma-separated source:target tasks (shapes, digits): pretrained on one, fine-tuned on the other",
+    )
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated: the fine-tunes of each transfer")
+    ap.add_argument(
+        "--openclip-src",
+        default=os.environ.get("OPENCLIP_SRC"),
+        help="an open_clip main checkout for the NaFlex peer (default $OPENCLIP_SRC; skipped without)",
+    )
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--data", help="where the shape task is generated (default bench/results/race_data)")
+    ap.add_argument(
+        "--data", help="where the target task is generated (default bench/results/race_data[_digits])"
+    )
     ap.add_argument(
         "--only-navit",
         action="store_true",
-        help="ablations: reuse each seed's last pretrained checkpoint and open_clip figures, rerun (b) only",
+        help="ablations: reuse each seed's last peer figures (and the cached checkpoint), rerun (b) only",
     )
     ap.add_argument(
         "--wise-ft",
@@ -140,53 +284,7 @@ def main() -> None:
         help="comma-separated alphas: also evaluate (b) weight-space ensembled with its start (navit-clip wise-ft)",
     )
     ap.add_argument("overrides", nargs="*", help="navit-clip config overrides for (b), section.key=value")
-    args = ap.parse_args()
-    device = torch.device(args.device)
-    precision = resolve_precision("auto", device)
-    oc_precision = "fp32" if device.type == "cpu" else precision  # open_clip's best on CPU (learning_race)
-    data = race_data("shapes", args.data)
-    seeds = [int(x) for x in args.seeds.split(",")]
-    t_start = time.perf_counter()
-    runs = [one_race(args, seed, data, device, precision, oc_precision) for seed in seeds]
-    results: dict = {
-        "pretrain_s": args.pretrain,
-        "budget_s": args.budget,
-        "lr": args.lr,
-        "seeds": seeds,
-        "navit_overrides": args.overrides,
-        "wise_ft_alphas": args.wise_ft,
-        "runs": runs,
-    }
-    print(
-        f"\nzero-shot top-1 after {args.pretrain:.0f} s of open_clip pretraining + {args.budget:.0f} s of "
-        f"fine-tuning, mean of {len(seeds)} seed(s) (min..max)"
-    )
-    wise = [f"wise_{a:g}" for a in args.wise_ft]
-    head = "".join(f" {name:>17}" for name in ("pretrained", "open_clip", "navit-clip", *wise))
-    print(f"{'tokens/image':>13}{head} {'ratio':>6}")
-    for k in ["native", *map(str, BUDGET_TOKENS)]:
-        cells, means = [], {}
-        for side in ("pretrained", "openclip", "navit", *wise):
-            xs = [r[side][f"top1_{k}"] for r in runs]
-            means[side] = statistics.fmean(xs)
-            cells.append(f"{100 * means[side]:5.1f} ({100 * min(xs):4.1f}..{100 * max(xs):4.1f})")
-            results[f"{side}_top1_{k}"] = round(means[side], 4)
-        ratio = means["navit"] / max(means["openclip"], 1e-9)
-        results[f"ratio_top1_navit_over_openclip_{k}"] = round(ratio, 3)
-        for side in wise:
-            results[f"ratio_top1_{side}_over_openclip_{k}"] = round(
-                means[side] / max(means["openclip"], 1e-9), 3
-            )
-        print(f"{k:>13} " + " ".join(f"{c:>17}" for c in cells) + f" {ratio:6.2f}")
-    own = [r["openclip"]["top1_96px"] for r in runs]
-    pre = [r["pretrained_top1_96px"] for r in runs]
-    steps = {side: statistics.fmean(r[side]["steps"] for r in runs) for side in ("openclip", "navit")}
-    print(
-        f"open_clip's own 96 x 96 centre-crop eval: pretrained {100 * statistics.fmean(pre):.1f}%, fine-tuned "
-        f"{100 * statistics.fmean(own):.1f}%; steps (mean): open_clip {steps['openclip']:.0f}, navit-clip "
-        f"{steps['navit']:.0f} ({time.perf_counter() - t_start:.0f} s in all)"
-    )
-    save_results("finetune_race_ablation" if args.only_navit else "finetune_race", results)
+    return ap.parse_args()
 
 
 if __name__ == "__main__":

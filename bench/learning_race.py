@@ -1,33 +1,46 @@
-"""The learning race: zero-shot top-1 of navit-clip and open_clip after equal wall-clock training.
+"""The learning race: zero-shot top-1 of navit-clip and three open_clip peers after equal wall-clock training.
 
-Both learn the same shape-only task (navit_clip/data/demo.py: ten shapes in random colours, sizes,
+All learn the same shape-only task (navit_clip/data/demo.py: ten shapes in random colours, sizes,
 aspect ratios 1:2..2:1 and positions; only the shape decides the class), from the same webdataset
 shards, at the same size (open_clip's ViT-Ti shape: vision width 192, depth 6, 3 heads, patch 16;
 text width 192, depth 4, 3 heads, context 32; embed 256) with the same optimiser settings (AdamW,
 lr 5e-4, betas (0.9, 0.98), eps 1e-6, weight decay 0.1 on weight matrices, 60 warm-up steps, then
-a cosine over the wall-clock budget; no gradient clipping, open_clip's default), one after the
-other in one process:
+a cosine over the wall-clock budget; no gradient clipping, open_clip's default), one data worker
+each, one after the other:
   - navit-clip with the NaViT recipe: native aspect ratio, longer side ~ U(48, 128) px, Beta token
     dropping (mean 0.25), 8 packed sequences of 256 tokens per step, through its own data pipeline,
     model, loss and the defaults of navit_clip's configs (anything a user does not set);
-  - open_clip's own `CLIP` model (96 x 96 px, 36 tokens) and `ClipLoss` in a plain loop, batch 64
-    (about as many tokens per step), its own train / val transforms.
+  - `plain`: open_clip's own `CLIP` model (96 x 96 px, 36 tokens) and `ClipLoss` in a plain loop in
+    this process, batch 64 (about as many tokens per step), its own train / val transforms;
+  - `openclip_train`: `python -m open_clip_train.main` of the installed release in a subprocess, as
+    users run it (webdataset loader, `--dataset-resampled`, `--workers 1`, batch 64), the same model
+    config; evaluated with open_clip's val transform (96 x 96);
+  - `naflex`: open_clip main's `--use-naflex` (the same ViT-Ti converted to timm's NaFlexViT, one image
+    a row, padded; `--naflex-seq-lens 16 36 64 144 256`, 2048 image tokens a batch as ours), from a
+    checkout given as `--openclip-src DIR` (skipped with one line when absent); evaluated there with
+    timm's NaFlex eval transform at 36 tokens (and 16 ... 256 at the last budget).
+Both trainers run through bench/openclip_launch.py (bench/trainer_peers.py builds their command lines,
+printed): their cosine runs over the wall-clock budget as everyone's, their weights are taken at each
+budget. The clock is counted the same way on every side: from the moment the side starts building
+its model and data (imports done) to its last optimiser step, data loading included; it stops while
+weights are evaluated (or written, for the trainers).
 Each trains in its best precision on the device: navit-clip in `--precision` (default auto: bf16
-autocast where the device multiplies bf16 natively, a CPU with AMX or a GPU, else float32), open_clip
-in `--openclip-precision` (default auto: float32 on CPU, where its bf16 autocast, as open_clip_train
-runs `--precision amp_bf16`, gained it no steps and lost it 7.6 points at 90 s; navit-clip's
-precision elsewhere). Both evaluate in float32.
-The clock runs while training (data loading included) and stops for evaluation. At each budget both
-are evaluated zero-shot on the same held-out image folder: open_clip at 96 x 96 (36 tokens), navit-clip
-at 36 tokens per image (aspect kept; the headline ratio, equal inference compute), at native
-resolution and, at the last budget, at several token budgets.
+autocast where the device multiplies bf16 natively, a CPU with AMX or a GPU, else float32), the peers
+in `--openclip-precision` (default auto: float32 on CPU, where open_clip's bf16 autocast, as
+open_clip_train runs `--precision amp_bf16`, gained it no steps and lost it 7.6 points at 90 s;
+navit-clip's precision elsewhere). All evaluate in float32.
+At each budget all are evaluated zero-shot on the same held-out image folder; navit-clip at 36 tokens
+per image (aspect kept; the headline ratio against the best peer, equal inference compute), at native
+resolution and, at the last budget, at several token budgets. The last lines give each side's images/s,
+image tokens/s and padding fraction.
 
-    python bench/learning_race.py                          -> bench/results/learning_race.json
+    python bench/learning_race.py --openclip-src DIR           -> bench/results/learning_race.json
     python bench/learning_race.py --budgets 60,120 --only navit model.vision.pool=mean   (an ablation)
     python bench/learning_race.py --seeds 0,1,2              (three races; means and spread)
+    python bench/learning_race.py --peers plain               (one peer: today's loop, as before 2026-12)
     python bench/learning_race.py --device cuda
-    python bench/learning_race.py --precision fp32          (both sides in float32, as before 2026-11-22)
-    python bench/learning_race.py --task digits            (real scans: bench/digits.py, needs scikit-learn)
+    python bench/learning_race.py --task digits            (real scans: bench/digits.py)
+The peers and the digits need the bench extra: pip install -e ".[bench]".
 """
 
 from __future__ import annotations
@@ -46,6 +59,7 @@ import webdataset as wds
 from common import save_results
 from open_clip.loss import ClipLoss
 from PIL import Image
+from safetensors.torch import save_file
 from trainer_peers import check_openclip_src, naflex_zeroshot, run_trainer
 
 from navit_clip.checkpoint import load_weights
@@ -393,7 +407,15 @@ def run_trainer_peer(
     """open_clip_train.main (the release, or open_clip main's --use-naflex) to each budget, then its
     checkpoints evaluated: the release's with open_clip's val transform, NaFlex's at each token budget."""
     hp = {**SHARED, "batch": OPENCLIP_BATCH, "workers": 1, "tokens_per_batch": NAVIT_TOKENS_PER_STEP}
-    weights = run_trainer(peer, OPENCLIP_CONFIG, data, budgets, seed, device, precision, hp, src)
+    extra = []
+    if (
+        peer == "naflex"
+    ):  # open_clip's own ViT-Ti init, converted by open_clip main (timm's init learns slower)
+        extra = [
+            "--pretrained",
+            openclip_init(seed, ROOT / "bench" / "results" / "peers" / f"init_seed{seed}.safetensors"),
+        ]
+    weights = run_trainer(peer, OPENCLIP_CONFIG, data, budgets, seed, device, precision, hp, src, extra)
     out: dict = {}
     for b in budgets:
         t0 = time.perf_counter()
@@ -411,6 +433,15 @@ def run_trainer_peer(
         )
         out[f"at_{b:.0f}s"] = {k: v for k, v in weights[b].items() if k != "state_dict"} | acc
     return out
+
+
+def openclip_init(seed: int, path: Path) -> str:
+    """open_clip's CLIP at the race's ViT-Ti shape as `plain` starts it (seeded), written as a checkpoint."""
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**OPENCLIP_CONFIG)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: t.detach().contiguous() for k, t in model.state_dict().items()}, str(path))
+    return str(path)
 
 
 def summarise(runs: list[dict], budgets: list[float]) -> dict:

@@ -42,6 +42,7 @@ COMMANDS = {  # sections run with arguments
     "learning_race_digits": [
         "learning_race.py", "--task", "digits", "--seeds", "0,1,2", "--openclip-src", OPENCLIP_SRC
     ],
+    "finetune_race": ["finetune_race.py", "--openclip-src", OPENCLIP_SRC],
 }  # fmt: skip
 NOTES = (ROOT / "bench" / "NOTES.md").read_text() if (ROOT / "bench" / "NOTES.md").exists() else ""
 HEADLINE = re.compile(r"<!-- headline -->\n.*?<!-- /headline -->\n", re.S)
@@ -65,6 +66,17 @@ def _race(out: str) -> str:
 
 
 def _finetune(out: str) -> str:
+    verdicts = re.findall(
+        r"^verdict (\S+): own (\d+) tokens ([\d.]+)x vs (\w+); native ([\d.]+)x vs (\w+); "
+        r"worst budget (\d+) tokens ([\d.]+)x vs (\w+)",
+        out,
+        re.M,
+    )
+    if verdicts:  # transfers against the best peer (open_clip continuing, open_clip main's NaFlex)
+        return "; ".join(
+            f"{t.replace(':', ' -> ')}: own {n} tokens {r}x ({p}), native {rn}x ({pn}), worst {w} tokens {rw}x ({pw})"
+            for t, n, r, p, rn, pn, w, rw, pw in verdicts
+        )
     cell = r"[\d.]+ \(.*?\)"
     found = re.findall(
         rf"^\s+(native|36)\s+{cell}\s+([\d.]+) \(.*?\)\s+([\d.]+) \(.*?\)\s+([\d.]+)$", out, re.M
@@ -94,7 +106,7 @@ HEADLINES = [
     ),
     ("Real handwritten scans, same race (3 seeds)", "learning_race_digits", _race),
     (
-        "Fine-tune an open_clip checkpoint, equal time: navit-clip recipe vs open_clip (3 seeds)",
+        "Fine-tune an open_clip checkpoint on a new task, equal time: navit-clip vs the best peer (3 seeds)",
         "finetune_race",
         _finetune,
     ),

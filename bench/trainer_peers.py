@@ -65,10 +65,12 @@ def naflex_args(tokens_per_batch: int) -> list[str]:
 
 def run_trainer(
     peer: str, model_cfg: dict, data: dict, budgets: list[float], seed: int, device: torch.device,
-    precision: str, hp: dict, src: str | None = None,
+    precision: str, hp: dict, src: str | None = None, extra: list[str] = (), name: str | None = None,
 ) -> dict[float, dict]:  # fmt: skip
-    """Train `peer` to each budget; {budget: {"state_dict", "steps", "train_s"}}. `src`: open_clip checkout."""
-    work = BENCH / "results" / "peers" / f"{peer}_seed{seed}"
+    """Train `peer` to each budget; {budget: {"state_dict", "steps", "train_s", counts}}. `src`: an
+    open_clip checkout; `extra`: more trainer arguments (`--pretrained CKPT` for a fine-tune); `name`:
+    its folder under bench/results/peers (default PEER_seedSEED)."""
+    work = BENCH / "results" / "peers" / (name or f"{peer}_seed{seed}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     config = work / "race-vit-ti.json"
@@ -76,6 +78,7 @@ def run_trainer(
     args = trainer_args(config.stem, data, seed, device, precision, hp, work)
     if peer == "naflex":
         args += naflex_args(hp["tokens_per_batch"])
+    args += list(extra)
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = os.pathsep.join([str(Path(src) / "src"), env.get("PYTHONPATH", "")]).rstrip(
