@@ -388,7 +388,7 @@ PEER_METRIC = {"plain": "top1_96px", "openclip_train": "top1_96px", "naflex": "t
 
 
 def run_peers(
-    data: dict, budgets: list[float], peers: list[str], seed: int, device, precision: str, src
+    data: dict, budgets: list[float], peers: list[str], seed: int, device, precision: str, src, peer_args
 ) -> dict:
     """Each peer's results at each budget, keyed f"{peer}_at_{budget}s" (and its curve)."""
     run: dict = {}
@@ -396,25 +396,21 @@ def run_peers(
         if peer == "plain":
             result = run_openclip(data, budgets, SHARED["grad_clip"], device, seed, precision)
         else:
-            result = run_trainer_peer(peer, data, budgets, seed, device, precision, src)
+            result = run_trainer_peer(peer, data, budgets, seed, device, precision, src, peer_args)
         run.update({f"{peer}_{k}": v for k, v in result.items()})
     return run
 
 
 def run_trainer_peer(
-    peer: str, data: dict, budgets: list[float], seed: int, device, precision: str, src
+    peer: str, data: dict, budgets: list[float], seed: int, device, precision: str, src, peer_args: dict
 ) -> dict:
     """open_clip_train.main (the release, or open_clip main's --use-naflex) to each budget, then its
     checkpoints evaluated: the release's with open_clip's val transform, NaFlex's at each token budget."""
     hp = {**SHARED, "batch": OPENCLIP_BATCH, "workers": 1, "tokens_per_batch": NAVIT_TOKENS_PER_STEP}
-    extra = []
-    if (
-        peer == "naflex"
-    ):  # open_clip's own ViT-Ti init, converted by open_clip main (timm's init learns slower)
-        extra = [
-            "--pretrained",
-            openclip_init(seed, ROOT / "bench" / "results" / "peers" / f"init_seed{seed}.safetensors"),
-        ]
+    extra = list(peer_args.get(peer, []))  # a trainer's own flags for this run; its last flag wins
+    if peer == "naflex":  # open_clip's own ViT-Ti init, converted by open_clip main (timm's learns slower)
+        init = ROOT / "bench" / "results" / "peers" / f"init_seed{seed}.safetensors"
+        extra += ["--pretrained", openclip_init(seed, init)]
     weights = run_trainer(peer, OPENCLIP_CONFIG, data, budgets, seed, device, precision, hp, src, extra)
     out: dict = {}
     for b in budgets:
@@ -542,6 +538,7 @@ def main() -> None:
         "seeds": seeds,
         "peers": peers,
         "openclip_src": args.openclip_src if "naflex" in peers else None,
+        "peer_args": {"openclip_train": args.openclip_train_args, "naflex": args.naflex_args},
     }
     runs = []
     for seed in seeds:
@@ -551,7 +548,8 @@ def main() -> None:
         if args.only != "openclip":
             nav = run_navit(data, budgets, args.overrides, device, args.save, seed, precision)
             run.update({f"navit_{k}": v for k, v in nav.items()})
-        run.update(run_peers(data, budgets, peers, seed, device, oc_precision, args.openclip_src))
+        peer_args = {"openclip_train": args.openclip_train_args.split(), "naflex": args.naflex_args.split()}
+        run.update(run_peers(data, budgets, peers, seed, device, oc_precision, args.openclip_src, peer_args))
         runs.append(run)
     results.update(runs[0] if len(runs) == 1 else {"runs": runs})
     if args.only is None and peers:
@@ -582,6 +580,13 @@ def parse_args() -> argparse.Namespace:
         default=os.environ.get("OPENCLIP_SRC"),
         help="an open_clip main checkout (2026-05 or later) for the naflex peer (default $OPENCLIP_SRC)",
     )
+    for peer in ("openclip_train", "naflex"):
+        ap.add_argument(
+            f"--{peer.replace('_', '-')}-args",
+            default="",
+            help=f"more open_clip_train.main flags for the {peer} peer, after the race's (the last wins), "
+            "e.g. '--lr 2.5e-4 --grad-clip-norm 1.0': to give a peer its best settings",
+        )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--task", choices=("shapes", "digits"), default="shapes", help="the dataset (see above)")
     ap.add_argument(

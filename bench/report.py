@@ -62,7 +62,9 @@ def _race(out: str) -> str:
             f"{ours} % vs {peer} % ({name}) at {t} s ({ratio}x)" for t, ours, name, peer, ratio in leads
         )
     rows = re.findall(r"^\s+(\d+)s\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)", out, re.M)
-    return "; ".join(f"{ours} % vs {peer} % at {t} s ({ratio}x)" for t, ours, _, peer, ratio in rows)
+    return "; ".join(
+        f"{ours} % vs {peer} % (plain loop) at {t} s ({ratio}x)" for t, ours, _, peer, ratio in rows
+    )
 
 
 def _finetune(out: str) -> str:
@@ -85,7 +87,10 @@ def _finetune(out: str) -> str:
     if len(rows) < 2:
         return ""
     (o_n, n_n, r_n), (o_36, n_36, r_36) = rows["native"], rows["36"]
-    return f"native size {n_n} % vs {o_n} % ({r_n}x); at the checkpoint's own 36 tokens {n_36} % vs {o_36} % ({r_36}x)"
+    return (  # the race before transfers and peers: fine-tuned on its own pretraining task, open_clip only
+        f"same task, vs open_clip: native size {n_n} % vs {o_n} % ({r_n}x); "
+        f"at the checkpoint's own 36 tokens {n_36} % vs {o_36} % ({r_36}x)"
+    )
 
 
 def _first(pattern: str, template: str):
@@ -106,7 +111,7 @@ HEADLINES = [
     ),
     ("Real handwritten scans, same race (3 seeds)", "learning_race_digits", _race),
     (
-        "Fine-tune an open_clip checkpoint on a new task, equal time: navit-clip vs the best peer (3 seeds)",
+        "Fine-tune an open_clip checkpoint, equal time: navit-clip vs the best peer (3 seeds)",
         "finetune_race",
         _finetune,
     ),
