@@ -69,7 +69,7 @@ class Clock:
 
     def count_tokens(self, _module, args, kwargs) -> None:
         """Images, image tokens and token slots a training forward sees: a NaFlex batch's patch_valid
-        (one image a row, padded to the batch's sequence length), a fixed-size batch's 16 x 16 patches."""
+        (one image a row, padded to the batch's sequence length), a fixed-size batch's patches."""
         image = kwargs.get("image", args[0] if args else None)
         if isinstance(image, dict) and "patch_valid" in image:
             valid = image["patch_valid"]
@@ -77,7 +77,8 @@ class Clock:
             self.counts["image_tokens"] += int(valid.sum())
             self.counts["token_slots"] += valid.numel()
         elif isinstance(image, torch.Tensor) and image.ndim == 4:
-            tokens = image.shape[0] * (image.shape[2] // 16) * (image.shape[3] // 16)
+            ph, pw = getattr(getattr(self.model, "visual", None), "patch_size", (16, 16))  # open_clip's ViT
+            tokens = image.shape[0] * (image.shape[2] // ph) * (image.shape[3] // pw)
             self.counts["images"] += image.shape[0]
             self.counts["image_tokens"] += tokens
             self.counts["token_slots"] += tokens
