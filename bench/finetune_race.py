@@ -30,6 +30,9 @@ navit-clip's ratio to the best peer at that count, at native size and at its wor
     python bench/finetune_race.py --transfer shapes:digits --seeds 0 --budget 60
     python bench/finetune_race.py --only-navit data.token_drop.kind=none      (an ablation of (b))
     python bench/finetune_race.py --seeds 0 --wise-ft 0.3,0.5,0.7            (+ WiSE-FT of (b), evaluated)
+Each seed's figures are saved (bench/results/finetune_race/SOURCE_to_TARGET_seedN/results.json) with the
+settings they were made with: a rerun (or a killed race) reuses the peers' figures of every seed whose
+settings match and reruns only what changed (navit-clip's recipe or overrides); `--rerun` runs all again.
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ TRAINED_SIDE = OPENCLIP_CONFIG["vision_cfg"]["image_size"]
 RECIPE = [o for o in NAVIT if not o.startswith(("model.", "tokenizer."))] + [
     "data.token_drop.kind=none",
     f"data.resolution.min_side={round(0.75 * TRAINED_SIDE)}",
-    f"data.resolution.max_side={round(4 / 3 * TRAINED_SIDE)}",
+    f"data.resolution.max_side={round(2 * TRAINED_SIDE)}",
+    "data.resolution.distribution=truncnorm",
 ]
 
 
@@ -145,8 +149,16 @@ def one_race(args, transfer: str, seed: int, device, precision: str, oc_precisio
     work = ROOT / "bench" / "results" / "finetune_race" / f"{source}_to_{target}_seed{seed}"
     work.mkdir(parents=True, exist_ok=True)
     saved = work / "results.json"
-    if args.only_navit:
-        out = {k: v for k, v in json.loads(saved.read_text()).items() if k != "navit"}
+    done = json.loads(saved.read_text()) if saved.exists() else {}
+    peers_saved = _matches(done, peer_settings(args)) and not args.rerun
+    if peers_saved and _matches(done, navit_settings(args)) and not (args.only_navit or args.wise_ft):
+        print(f"== {transfer} seed {seed}: done with these settings, reused ({saved}; --rerun runs it again)")
+        return done
+    if args.only_navit and not peers_saved:
+        raise SystemExit(f"--only-navit reuses the peers of {saved}: run the race with these settings first")
+    if peers_saved:  # the peers' figures stand; navit-clip's recipe or overrides changed (or an ablation)
+        print(f"== {transfer} seed {seed}: the peers' figures reused ({saved})")
+        out = {k: v for k, v in done.items() if k not in ("settings", "navit")}
     else:
         out = {"pretrained": zeroshot_of_openclip(load_openclip(ckpt), data, device)}
         print(f"  {transfer} seed {seed}: pretrained checkpoint on {target}: {out['pretrained']}")
@@ -178,9 +190,30 @@ def one_race(args, transfer: str, seed: int, device, precision: str, oc_precisio
             create_model(mixed, device), tok, cfg, data, device, BUDGET_TOKENS
         )
         print(f"  wise-ft alpha {alpha:g}: {out[f'wise_{alpha:g}']}")
-    if not args.only_navit:
-        saved.write_text(json.dumps(out))
+    if not args.only_navit:  # written whole once both sides are done: a killed race resumes at this seed
+        tmp = saved.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"settings": peer_settings(args) | navit_settings(args), **out}))
+        tmp.replace(saved)
     return out
+
+
+def peer_settings(args) -> dict:
+    """What the saved peers' figures of a seed depend on besides the seed (reused only if they match)."""
+    return {
+        "pretrain_s": args.pretrain,
+        "budget_s": args.budget,
+        "lr": args.lr,
+        "openclip_src": args.openclip_src,
+    }
+
+
+def navit_settings(args) -> dict:
+    """What the saved navit-clip figures depend on besides those: the recipe and the run's overrides."""
+    return {"recipe": RECIPE, "navit_overrides": args.overrides}
+
+
+def _matches(done: dict, settings: dict) -> bool:
+    return all(done.get("settings", {}).get(k, "?") == v for k, v in settings.items())
 
 
 def summarise(transfer: str, runs: list[dict], sides: list[str], results: dict) -> None:
@@ -255,6 +288,9 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pretrain", type=float, default=300.0, help="seconds of open_clip pretraining (cached)")
     ap.add_argument("--rebuild", action="store_true", help="pretrain again even if the checkpoint is cached")
+    ap.add_argument(
+        "--rerun", action="store_true", help="race every seed again, even those saved with the same settings"
+    )
     ap.add_argument("--budget", type=float, default=90.0, help="seconds each side fine-tunes")
     ap.add_argument("--lr", type=float, default=2e-4, help="the fine-tuning peak learning rate, every side")
     ap.add_argument(
