@@ -74,13 +74,14 @@ WARMUP = 20
 # navit-clip's fine-tune recipe (configs/finetune_openclip.yaml's, at this checkpoint's size): the
 # pretraining recipe without its model (the architecture is the checkpoint's, model.init_from), no
 # token dropping, and image sides sampled around the checkpoint's own 96 px (0.75x..1.33x: 72..128)
-# instead of from 48 px (bench/NOTES.md: "fine-tune recipe"; at 36 tokens 0.70x -> 1.18x, one seed)
+# instead of from 48 px (bench/NOTES.md: "fine-tune recipe"; at 36 tokens 0.70x -> 1.18x, one seed).
+# Wider ranges (48..192, 72..160 and 72..192 truncated normal) were measured and lost a transfer
+# (bench/NOTES.md, fifteenth round).
 TRAINED_SIDE = OPENCLIP_CONFIG["vision_cfg"]["image_size"]
 RECIPE = [o for o in NAVIT if not o.startswith(("model.", "tokenizer."))] + [
     "data.token_drop.kind=none",
     f"data.resolution.min_side={round(0.75 * TRAINED_SIDE)}",
-    f"data.resolution.max_side={round(2 * TRAINED_SIDE)}",
-    "data.resolution.distribution=truncnorm",
+    f"data.resolution.max_side={round(4 / 3 * TRAINED_SIDE)}",
 ]
 
 
