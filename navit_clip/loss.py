@@ -98,12 +98,20 @@ class _Ring:
             dist.all_reduce(x, group=self.group)
         return x
 
-    def global_count(self, valid_b: torch.Tensor) -> int:
-        """N, the number of valid slots over all ranks; checks every rank has the same b."""
+    def owner(self, step: int) -> int:
+        """The rank (in the group) whose chunk this rank visits at `step` of `around`."""
+        if self.inner is None:
+            return (self.rank - step) % self.world
+        g, nodes = self.inner.world, self.outer.world
+        (node, local), (k, j) = divmod(self.rank, g), divmod(step, g)
+        return (node - k) % nodes * g + (local - j) % g
+
+    def valid_counts(self, valid_b: torch.Tensor) -> tuple[int, ...]:
+        """Every rank's number of valid slots (N is their sum); checks every rank has the same b."""
         # On the slots' device (NCCL moves only GPU tensors); reading the result is one small host sync.
         counts = torch.stack([torch.tensor(valid_b.numel(), device=valid_b.device), valid_b.sum()]).long()
         if self.world == 1:
-            return int(counts[1])
+            return (int(counts[1]),)
         gathered = [torch.empty_like(counts) for _ in range(self.world)]
         dist.all_gather(gathered, counts, group=self.group)
         sizes = {int(g[0]) for g in gathered}
@@ -111,7 +119,7 @@ class _Ring:
             raise ValueError(
                 f"every rank must pass the same number of slots to the loss; got {sorted(sizes)}"
             )
-        return int(sum(int(g[1]) for g in gathered))
+        return tuple(int(g[1]) for g in gathered)
 
 
 def resolve_topology(topology: str, world: int, group_size: int) -> str:
@@ -217,9 +225,14 @@ def _diagonal(rows: slice, cols: slice, device):
     return [(i, i - rows.start, i - cols.start)]
 
 
-def _masked_bias(valid_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """0 for valid slots, -inf for padding: added to logits it removes padding from every statistic."""
-    return torch.zeros(valid_b.shape, dtype=dtype, device=valid_b.device).masked_fill(~valid_b, NEG_INF)
+def _valid_first(img_bD, txt_bD, valid_b, count: int) -> tuple[torch.Tensor, ...]:
+    """The slots reordered (a differentiable gather) so that the `count` valid ones come first, in
+    their order. The ring's tiles then span a rank's first `count` rows and a chunk's first
+    `counts[owner]` columns: padding is never computed on nor masked, and its gradient is exactly 0."""
+    if count == valid_b.numel() or bool(valid_b[:count].all()):
+        return img_bD, txt_bD, valid_b
+    order = torch.argsort((~valid_b).to(torch.uint8), stable=True)
+    return img_bD[order], txt_bD[order], valid_b[order]
 
 
 def _acc(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -246,13 +259,10 @@ def _probs(z_tt: torch.Tensor, m: torch.Tensor, log_S: torch.Tensor) -> torch.Te
     return z_tt.sub_(m).sub_(log_S).exp_()
 
 
-def _centred(diff_tt, s, biases, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The centred logits s (dot - positive) + the padding biases, from the differences `diff_tt`,
-    into `out` (`diff_tt` itself to work in place; a new tile if None)."""
-    z_tt = torch.mul(diff_tt, s, out=out) if out is not None else diff_tt * s
-    for bias in biases:
-        z_tt.add_(bias)
-    return z_tt
+def _centred(diff_tt, s, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The centred logits s (dot - positive) from the differences `diff_tt`, into `out` (`diff_tt`
+    itself to work in place; a new tile if None)."""
+    return torch.mul(diff_tt, s, out=out) if out is not None else diff_tt * s
 
 
 def _positives(I_bD: torch.Tensor, T_bD: torch.Tensor) -> torch.Tensor:
@@ -278,34 +288,33 @@ class _SoftmaxRing(torch.autograd.Function):
     the positive's own term is exactly 0 and the dominant near-positives are small differences."""
 
     @staticmethod
-    def forward(ctx, img_bD, txt_bD, valid_b, scale, ring: _Ring, tile: int, n_global: int, comm=None):
+    def forward(ctx, img_bD, txt_bD, valid_b, scale, ring: _Ring, tile: int, counts: tuple, comm=None):
         I_bD, T_bD, s = _acc(img_bD, _as_sent(txt_bD, comm), scale)
         row_m_b = torch.full((I_bD.shape[0],), NEG_INF, dtype=I_bD.dtype, device=I_bD.device)
         row_S_b = torch.zeros_like(row_m_b)
-        bias_b = _masked_bias(valid_b, I_bD.dtype)
         pos_b = _positives(I_bD, T_bD)
+        n_global = max(sum(counts), 1)
 
         def visit(step, chunk, carry):
-            Tc_bD, bias_c_b, pos_c_b = chunk
+            Tc_bD, pos_c_b = chunk
             Tc_bD = Tc_bD.to(I_bD.dtype)
             col_m_b, col_S_b = carry
-            for rows in _tiles(I_bD.shape[0], tile):
-                for cols in _tiles(Tc_bD.shape[0], tile):
+            for rows in _tiles(counts[ring.rank], tile):
+                for cols in _tiles(counts[ring.owner(step)], tile):
                     dot_tt = _dots(I_bD, Tc_bD, rows, cols, pos_b if step == 0 else None)
-                    biases = (bias_b[rows, None], bias_c_b[None, cols])
                     z_tt = dot_tt - pos_b[rows, None]
-                    _fold(row_m_b[rows], row_S_b[rows], _centred(z_tt, s, biases, out=z_tt), 1)
-                    z_tt = _centred(torch.sub(dot_tt, pos_c_b[None, cols], out=z_tt), s, biases, out=z_tt)
+                    _fold(row_m_b[rows], row_S_b[rows], _centred(z_tt, s, out=z_tt), 1)
+                    z_tt = _centred(torch.sub(dot_tt, pos_c_b[None, cols], out=z_tt), s, out=z_tt)
                     _fold(col_m_b[cols], col_S_b[cols], z_tt, 0)
 
         start = [torch.full_like(row_m_b, NEG_INF), torch.zeros_like(row_S_b)]
-        col_m_b, col_S_b = ring.around([_sent(T_bD, comm), bias_b, pos_b], start, visit)
+        col_m_b, col_S_b = ring.around([_sent(T_bD, comm), pos_b], start, visit)
         # Per slot, LSE - positive = m + log S of the centred logits: small numbers, summed in float64.
         row_log_S, col_log_S = row_S_b.log(), col_S_b.log()
         per_slot_b = (row_m_b + row_log_S + col_m_b + col_log_S)[valid_b]
         local = (per_slot_b.double().sum() / (2 * n_global)).to(I_bD.dtype)
         loss = ring.all_reduce_sum(local.detach().clone())
-        # Padding slots: finite placeholders, so exp(-inf - m) is 0 instead of NaN in backward.
+        # Padding slots (never read again: the tiles skip them): finite placeholders.
         ctx.save_for_backward(
             img_bD,
             txt_bD,
@@ -313,15 +322,15 @@ class _SoftmaxRing(torch.autograd.Function):
             scale,
             *(x.masked_fill(~valid_b, 0) for x in (row_m_b, row_log_S, col_m_b, col_log_S)),
         )
-        ctx.ring, ctx.tile, ctx.n_global, ctx.comm = ring, tile, n_global, comm
+        ctx.ring, ctx.tile, ctx.counts, ctx.comm = ring, tile, counts, comm
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         img_bD, txt_bD, valid_b, scale, row_m_b, row_log_S, col_m_b, col_log_S = ctx.saved_tensors
-        ring, tile, n, comm = ctx.ring, ctx.tile, ctx.n_global, ctx.comm
+        ring, tile, counts, comm = ctx.ring, ctx.tile, ctx.counts, ctx.comm
+        n = max(sum(counts), 1)
         I_bD, T_bD, s = _acc(img_bD, _as_sent(txt_bD, comm), scale)
-        bias_b = _masked_bias(valid_b, I_bD.dtype)
         pos_b = _positives(I_bD, T_bD)
         dI_bD = torch.zeros_like(I_bD)
         own_b = valid_b.to(I_bD.dtype) / n
@@ -329,24 +338,20 @@ class _SoftmaxRing(torch.autograd.Function):
 
         def visit(step, chunk, carry):
             nonlocal pd
-            Tc_bD, bias_c_b, pos_c_b, col_m_c_b, col_log_S_c_b = chunk
+            Tc_bD, pos_c_b, col_m_c_b, col_log_S_c_b = chunk
             Tc_bD = Tc_bD.to(I_bD.dtype)
             (dTc_bD,) = carry
-            for rows in _tiles(I_bD.shape[0], tile):
-                for cols in _tiles(Tc_bD.shape[0], tile):
+            for rows in _tiles(counts[ring.rank], tile):
+                for cols in _tiles(counts[ring.owner(step)], tile):
                     # the centred logits exactly as the forward computed them (same products, same tiles)
                     dot_tt = _dots(I_bD, Tc_bD, rows, cols, pos_b if step == 0 else None)
-                    biases = (bias_b[rows, None], bias_c_b[None, cols])
                     # P (rows' softmax) and Q (columns'), each from its centred logits; the products
                     # P (dot - positive) for dL/ds are taken in place: four tiles alive at most.
-                    # Padding pairs have P = Q = 0 and finite differences (the -inf is in the biases only).
                     diff_tt = dot_tt - pos_b[rows, None]
-                    P_tt = _probs(_centred(diff_tt, s, biases), row_m_b[rows, None], row_log_S[rows, None])
+                    P_tt = _probs(_centred(diff_tt, s), row_m_b[rows, None], row_log_S[rows, None])
                     pd += diff_tt.mul_(P_tt).sum(dtype=torch.float64)
                     torch.sub(dot_tt, pos_c_b[None, cols], out=diff_tt)
-                    Q_tt = _probs(
-                        _centred(diff_tt, s, biases), col_m_c_b[None, cols], col_log_S_c_b[None, cols]
-                    )
+                    Q_tt = _probs(_centred(diff_tt, s), col_m_c_b[None, cols], col_log_S_c_b[None, cols])
                     pd += diff_tt.mul_(Q_tt).sum(dtype=torch.float64)
                     del diff_tt, dot_tt
                     G_tt = P_tt.add_(Q_tt).div_(2 * n)
@@ -357,7 +362,7 @@ class _SoftmaxRing(torch.autograd.Function):
                     dI_bD[rows] += G_tt @ Tc_bD[cols]
                     dTc_bD[cols] += G_tt.T @ I_bD[rows]
 
-        chunk = [_sent(T_bD, comm), bias_b, pos_b, col_m_b, col_log_S]
+        chunk = [_sent(T_bD, comm), pos_b, col_m_b, col_log_S]
         (dT_bD,) = ring.around(chunk, [torch.zeros_like(T_bD)], visit)
         # dL/ds from the centred differences: no cancellation, ~1e-6 of a float64 reference at
         # late-training temperatures (uncentred, summed from the logits: 4-8e-6).
@@ -380,59 +385,55 @@ class _SoftmaxRing(torch.autograd.Function):
 class _SigmoidRing(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, img_bD, txt_bD, valid_b, scale, logit_bias, ring: _Ring, tile: int, n_global: int, comm=None
+        ctx, img_bD, txt_bD, valid_b, scale, logit_bias, ring: _Ring, tile: int, counts: tuple, comm=None
     ):
         I_bD, T_bD, s, beta = _acc(img_bD, _as_sent(txt_bD, comm), scale, logit_bias)
-        bias_b = _masked_bias(valid_b, I_bD.dtype)
         total = torch.zeros((), dtype=I_bD.dtype, device=I_bD.device)
         Is_bD = I_bD * s
 
         def visit(step, chunk, carry):
             nonlocal total
-            Tc_bD, bias_c_b = chunk
+            (Tc_bD,) = chunk
             Tc_bD = Tc_bD.to(I_bD.dtype)
-            for rows in _tiles(Is_bD.shape[0], tile):
-                for cols in _tiles(Tc_bD.shape[0], tile):
-                    x_tt = Is_bD[rows] @ Tc_bD[cols].T + beta
-                    # -log sigmoid(-x) = softplus(x) for every (negative) pair; padding adds -inf -> 0.
-                    keep_tt = torch.isfinite(bias_b[rows, None] + bias_c_b[None, cols])
-                    total += F.softplus(x_tt).masked_fill(~keep_tt, 0).sum()
+            for rows in _tiles(counts[ring.rank], tile):
+                for cols in _tiles(counts[ring.owner(step)], tile):
+                    # -log sigmoid(-x) = softplus(x) for every (negative) pair
+                    total += F.softplus(Is_bD[rows] @ Tc_bD[cols].T + beta).sum()
 
-        ring.around([_sent(T_bD, comm), bias_b], [], visit)
+        ring.around([_sent(T_bD, comm)], [], visit)
         # Positive pairs: softplus(-x) - softplus(x) = -x corrects the diagonal, which was counted as negative.
         diag_b = (Is_bD * T_bD).sum(1) + beta
-        local = (total - diag_b[valid_b].sum()) / n_global
+        local = (total - diag_b[valid_b].sum()) / max(sum(counts), 1)
         loss = ring.all_reduce_sum(local.detach().clone())
         ctx.save_for_backward(img_bD, txt_bD, valid_b, scale, logit_bias)
-        ctx.ring, ctx.tile, ctx.n_global, ctx.comm = ring, tile, n_global, comm
+        ctx.ring, ctx.tile, ctx.counts, ctx.comm = ring, tile, counts, comm
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         img_bD, txt_bD, valid_b, scale, logit_bias = ctx.saved_tensors
-        ring, tile, n, comm = ctx.ring, ctx.tile, ctx.n_global, ctx.comm
+        ring, tile, counts, comm = ctx.ring, ctx.tile, ctx.counts, ctx.comm
+        n = max(sum(counts), 1)
         I_bD, T_bD, s, beta = _acc(img_bD, _as_sent(txt_bD, comm), scale, logit_bias)
-        bias_b = _masked_bias(valid_b, I_bD.dtype)
         dI_bD = torch.zeros_like(I_bD)
         ds = torch.zeros((), dtype=I_bD.dtype, device=I_bD.device)
         dbeta = torch.zeros((), dtype=I_bD.dtype, device=I_bD.device)
 
         def visit(step, chunk, carry):
             nonlocal ds, dbeta
-            Tc_bD, bias_c_b = chunk
+            (Tc_bD,) = chunk
             Tc_bD = Tc_bD.to(I_bD.dtype)
             (dTc_bD,) = carry
-            for rows in _tiles(I_bD.shape[0], tile):
-                for cols in _tiles(Tc_bD.shape[0], tile):
+            for rows in _tiles(counts[ring.rank], tile):
+                for cols in _tiles(counts[ring.owner(step)], tile):
                     dot_tt = I_bD[rows] @ Tc_bD[cols].T
-                    # d softplus(x)/dx = sigmoid(x); the -inf mask bias sends padding pairs to 0.
-                    G_tt = torch.sigmoid(dot_tt * s + beta + bias_b[rows, None] + bias_c_b[None, cols]) / n
+                    G_tt = torch.sigmoid(dot_tt * s + beta) / n  # d softplus(x)/dx
                     dI_bD[rows] += G_tt @ Tc_bD[cols]
                     dTc_bD[cols] += G_tt.T @ I_bD[rows]
                     ds += (G_tt * dot_tt).sum()
                     dbeta += G_tt.sum()
 
-        (dT_bD,) = ring.around([_sent(T_bD, comm), bias_b], [torch.zeros_like(T_bD)], visit)
+        (dT_bD,) = ring.around([_sent(T_bD, comm)], [torch.zeros_like(T_bD)], visit)
         v_b1 = valid_b[:, None].to(I_bD.dtype)
         dI_bD -= T_bD * v_b1 / n
         dT_bD -= I_bD * v_b1 / n
@@ -547,8 +548,8 @@ def clip_loss(
         image_emb, text_emb: [N_local, D] embeddings of this rank (any float dtype; the logits, LSEs
             and gradient accumulators are float32 with max subtraction). Pair i is (image i, text i).
             Every rank must pass the same N_local.
-        valid: [N_local] bool, False for padding slots (excluded from statistics and from N; their
-            gradient is exactly zero). None means all valid. A rank may have no valid slot.
+        valid: [N_local] bool, False for padding slots (excluded from statistics and from N, and
+            from every tile: the valid slots are gathered first; their gradient is exactly zero). None means all valid. A rank may have no valid slot.
         logit_scale: the learnable temperature in log space, as open_clip's `logit_scale`;
             s = exp(logit_scale) is clamped to `max_scale`.
         group: process group (default: the default group if one is initialised, else one process).
@@ -576,8 +577,9 @@ def clip_loss(
     with _no_autocast(image_emb):
         if ring.world == 1 and image_emb.shape[0] <= direct_max_slots:
             return _direct_clip_loss(image_emb, _rounded(text_emb, comm), valid, scale)
-        n_global = max(ring.global_count(valid), 1)
-        return _SoftmaxRing.apply(image_emb, text_emb, valid, scale, ring, tile_size, n_global, comm)
+        counts = ring.valid_counts(valid)
+        img, txt, valid = _valid_first(image_emb, text_emb, valid, counts[ring.rank])
+        return _SoftmaxRing.apply(img, txt, valid, scale, ring, tile_size, counts, comm)
 
 
 def sigmoid_loss(
@@ -606,9 +608,10 @@ def sigmoid_loss(
         if ring.world == 1 and image_emb.shape[0] <= direct_max_slots:
             text_emb = _rounded(text_emb, comm)
             return _direct_sigmoid_loss(image_emb, text_emb, valid, scale, logit_bias.reshape(()))
-        n_global = max(ring.global_count(valid), 1)
+        counts = ring.valid_counts(valid)
+        img, txt, valid = _valid_first(image_emb, text_emb, valid, counts[ring.rank])
         return _SigmoidRing.apply(
-            image_emb, text_emb, valid, scale, logit_bias.reshape(()), ring, tile_size, n_global, comm
+            img, txt, valid, scale, logit_bias.reshape(()), ring, tile_size, counts, comm
         )
 
 

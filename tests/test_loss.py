@@ -6,7 +6,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from dist_utils import run_world
 
-from navit_clip.loss import ContrastiveLoss, clip_loss, sigmoid_loss
+from navit_clip.loss import ContrastiveLoss, _Ring, clip_loss, sigmoid_loss
 
 B_LOCAL, D, TILE = 6, 16, 4
 
@@ -163,6 +163,8 @@ def _hierarchical_checks(rank, world, group_size):
     """The two-level ring against the float64 reference (as the flat ring is checked) and against
     the flat ring itself, same inputs, every gradient; both directions, padding and an empty rank."""
     two_level = dict(tile_size=TILE, direct_max_slots=0, topology="hierarchical", group_size=group_size)
+    owners = [_Ring(None, "hierarchical", group_size).owner(step) for step in range(world)]
+    assert owners[0] == rank and sorted(owners) == list(range(world))  # every chunk once, its own first
     for kind in ("softmax", "sigmoid"):
         for masked in (False, True):
             _check_against_reference(rank, world, kind, masked, torch.float32, 1e-6, two_level)
