@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from common import save_results
 
-B_LOCAL, REPEATS, TILE = 1024, 9, 1024
+B_LOCAL, REPEATS, TILE = 1024, 15, 1024
 
 
 def _status_kb(field: str) -> int:

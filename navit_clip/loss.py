@@ -11,7 +11,8 @@ rank holds go once around its node's ring (g - 1 hops over the fast link), then 
 node's chunks at once, one per rank, to the same local rank of the next node (one inter-node hop),
 nodes times; nodes - 1 inter-node hops in all, each carrying one node's block, and the inter-node
 transfer overlaps the intra-node ring. The column statistics (forward) and text gradients (backward)
-travel with their chunk either way and end with its owner. Both compute the same sums in a different
+travel with their chunk either way, one step behind it (no rank waits on its neighbour's visit), and
+end with its owner. Both compute the same sums in a different
 order: equal within float32 rounding.
 
 Shape legend: b local slots, D embedding width, t rows/columns of one tile, W world size,
@@ -68,12 +69,14 @@ class _Ring:
             self.inner, self.outer = _Ring(inner), _Ring(outer)
             self.inner.level, self.outer.level = "node", "nodes"
 
-    def around(self, chunk: list[torch.Tensor], carry: list[torch.Tensor], visit) -> list[torch.Tensor]:
-        """Every rank visits every rank's chunk once (`visit(step, chunk, carry)`, step 0 its own);
-        each carry ends with its chunk's owner (see `_ring_pass`, `_two_level_pass`)."""
+    def around(self, chunk: list[torch.Tensor], visit, merge) -> list[torch.Tensor]:
+        """Every rank visits every rank's chunk once (`visit(step, chunk)`, step 0 its own), which
+        returns its share of the chunk's carry (statistics, gradients); `merge(a, b)` combines two
+        shares. The merged carry of every rank's visits ends with the chunk's owner (see
+        `_ring_pass`, `_two_level_pass`)."""
         if self.inner is None:
-            return _ring_pass(self, chunk, carry, visit)
-        return _two_level_pass(self.outer, self.inner, chunk, carry, visit)
+            return _ring_pass(self, chunk, visit, merge)
+        return _two_level_pass(self.outer, self.inner, chunk, visit, merge)
 
     def start_shift(self, tensors: list[torch.Tensor], first_tag: int = 0) -> tuple[list[torch.Tensor], list]:
         """Post sends of `tensors` to rank+1 and receives of the same shapes from rank-1.
@@ -163,20 +166,24 @@ def _levels(group: dist.ProcessGroup, world: int, g: int) -> tuple:
     return _node_groups[key]
 
 
-def _two_level_pass(outer: _Ring, inner: _Ring, chunk, carry, visit) -> list[torch.Tensor]:
+_CARRY_TAG, _OUTER_TAG = 16, 32  # tags of the carries and of the outer level (chunks use 0, 1, ...)
+
+
+def _two_level_pass(outer: _Ring, inner: _Ring, chunk, visit, merge) -> list[torch.Tensor]:
     """`_ring_pass` over nodes x g ranks: at outer step k this rank holds the chunk of its local
-    peer on node - k; that chunk (with its carry) goes around the node's ring, every rank of the node
-    visiting it, and meanwhile (overlapped) the chunk is sent on to the next node. After the inner
-    pass the carry is back with the holder and follows the chunk. Step numbers k * g + j (j the inner
-    step) are 0 for this rank's own chunk only."""
-    g = inner.world
+    peer on node - k; that chunk goes around the node's ring, every rank of the node visiting it,
+    and meanwhile (overlapped) the chunk is sent on to the next node. After the inner pass the
+    node's share of the carry is with the holder; merged with the shares of the nodes before, it
+    follows the chunk. Step numbers k * g + j (j the inner step) are 0 for this rank's own chunk only."""
+    g, carry = inner.world, None
     for k in range(outer.world):
         last = k == outer.world - 1
         if not last:
-            incoming, works = outer.start_shift(chunk, first_tag=2 * len(chunk) + len(carry))
-        carry = _ring_pass(inner, chunk, carry, lambda j, c, cr, k=k: visit(k * g + j, c, cr))
+            incoming, works = outer.start_shift(chunk, first_tag=_OUTER_TAG)
+        node = _ring_pass(inner, chunk, lambda j, c, k=k: visit(k * g + j, c), merge)
+        carry = node if carry is None else merge(carry, node)
         if outer.world > 1:
-            carry = outer.shift(carry, first_tag=3 * len(chunk) + len(carry))
+            carry = outer.shift(carry, first_tag=_OUTER_TAG + _CARRY_TAG)
         if not last:
             for w in works:
                 w.wait()
@@ -187,27 +194,52 @@ def _two_level_pass(outer: _Ring, inner: _Ring, chunk, carry, visit) -> list[tor
 def _ring_pass(
     ring: _Ring,
     chunk: list[torch.Tensor],
-    carry: list[torch.Tensor],
-    visit: Callable[[int, list[torch.Tensor], list[torch.Tensor]], None],
+    visit: Callable[[int, list[torch.Tensor]], list[torch.Tensor]],
+    merge: Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]],
 ) -> list[torch.Tensor]:
-    """Move `chunk` (read-only) and `carry` (updated in place by `visit`) once around the ring.
+    """Move `chunk` (read-only) once around the ring, and with it the carry: the merge of every
+    rank's `visit` of it.
 
     At step k this rank visits the chunk owned by rank - k. The chunk for the next step is received
-    while `visit` computes (communication overlapped with compute); the carry, which `visit` updates,
-    moves after it. After W steps the carry is back with the chunk's owner and is returned.
+    while `visit` computes. The carry travels one step behind: a rank computes its share first, then
+    merges it into the carry its neighbour sent after the previous step and sends the result on
+    without waiting for it to arrive; the next visit overlaps that hop. So no rank waits for its
+    neighbour's visit of the same step (the lockstep that, on busy or oversubscribed cores, turned
+    every neighbour's delay into everyone's). After W steps the carry is with the chunk's owner.
     """
+    carry, hop = None, None
     for step in range(ring.world):
         last = step == ring.world - 1
         if not last:
             incoming, works = ring.start_shift(chunk)
-        visit(step, chunk, carry)
+        share = visit(step, chunk)
+        carry = share if hop is None else merge(_arrived(hop), share)
         if ring.world > 1:
-            carry = ring.shift(carry, first_tag=len(chunk))
+            hop = ring.start_shift(carry, first_tag=_CARRY_TAG)
         if not last:
             for w in works:
                 w.wait()
             chunk = incoming
-    return carry
+    return carry if hop is None else _arrived(hop)
+
+
+def _arrived(hop: tuple[list[torch.Tensor], list]) -> list[torch.Tensor]:
+    received, works = hop
+    for w in works:
+        w.wait()
+    return received
+
+
+def _merge_max_sum(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Two shares (m, S) of online softmax statistics (see `_fold`) as one."""
+    (m_a, S_a), (m_b, S_b) = a, b
+    m = torch.maximum(m_a, m_b)
+    shift = torch.where(torch.isinf(m), 0.0, m)  # columns no rank has folded yet: -inf and 0
+    return [m, S_a * torch.exp(m_a - shift) + S_b * torch.exp(m_b - shift)]
+
+
+def _merge_sum(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [x + y for x, y in zip(a, b)]
 
 
 def _tiles(n: int, tile: int):
@@ -229,7 +261,7 @@ def _valid_first(img_bD, txt_bD, valid_b, count: int) -> tuple[torch.Tensor, ...
     """The slots reordered (a differentiable gather) so that the `count` valid ones come first, in
     their order. The ring's tiles then span a rank's first `count` rows and a chunk's first
     `counts[owner]` columns: padding is never computed on nor masked, and its gradient is exactly 0."""
-    if count == valid_b.numel() or bool(valid_b[:count].all()):
+    if count == valid_b.numel():  # no padding (checking whether it already trails costs a host sync)
         return img_bD, txt_bD, valid_b
     order = torch.argsort((~valid_b).to(torch.uint8), stable=True)
     return img_bD[order], txt_bD[order], valid_b[order]
@@ -295,10 +327,10 @@ class _SoftmaxRing(torch.autograd.Function):
         pos_b = _positives(I_bD, T_bD)
         n_global = max(sum(counts), 1)
 
-        def visit(step, chunk, carry):
+        def visit(step, chunk):
             Tc_bD, pos_c_b = chunk
             Tc_bD = Tc_bD.to(I_bD.dtype)
-            col_m_b, col_S_b = carry
+            col_m_b, col_S_b = torch.full_like(row_m_b, NEG_INF), torch.zeros_like(row_S_b)
             for rows in _tiles(counts[ring.rank], tile):
                 for cols in _tiles(counts[ring.owner(step)], tile):
                     dot_tt = _dots(I_bD, Tc_bD, rows, cols, pos_b if step == 0 else None)
@@ -306,9 +338,9 @@ class _SoftmaxRing(torch.autograd.Function):
                     _fold(row_m_b[rows], row_S_b[rows], _centred(z_tt, s, out=z_tt), 1)
                     z_tt = _centred(torch.sub(dot_tt, pos_c_b[None, cols], out=z_tt), s, out=z_tt)
                     _fold(col_m_b[cols], col_S_b[cols], z_tt, 0)
+            return [col_m_b, col_S_b]
 
-        start = [torch.full_like(row_m_b, NEG_INF), torch.zeros_like(row_S_b)]
-        col_m_b, col_S_b = ring.around([_sent(T_bD, comm), pos_b], start, visit)
+        col_m_b, col_S_b = ring.around([_sent(T_bD, comm), pos_b], visit, _merge_max_sum)
         # Per slot, LSE - positive = m + log S of the centred logits: small numbers, summed in float64.
         row_log_S, col_log_S = row_S_b.log(), col_S_b.log()
         per_slot_b = (row_m_b + row_log_S + col_m_b + col_log_S)[valid_b]
@@ -336,11 +368,11 @@ class _SoftmaxRing(torch.autograd.Function):
         own_b = valid_b.to(I_bD.dtype) / n
         pd = torch.zeros((), dtype=torch.float64, device=I_bD.device)  # sum_ij (P_ij Dr_ij + Q_ij Dc_ij)
 
-        def visit(step, chunk, carry):
+        def visit(step, chunk):
             nonlocal pd
             Tc_bD, pos_c_b, col_m_c_b, col_log_S_c_b = chunk
             Tc_bD = Tc_bD.to(I_bD.dtype)
-            (dTc_bD,) = carry
+            dTc_bD = torch.zeros_like(T_bD)
             for rows in _tiles(counts[ring.rank], tile):
                 for cols in _tiles(counts[ring.owner(step)], tile):
                     # the centred logits exactly as the forward computed them (same products, same tiles)
@@ -361,9 +393,10 @@ class _SoftmaxRing(torch.autograd.Function):
                             G_tt[r, c] -= own_b[i]
                     dI_bD[rows] += G_tt @ Tc_bD[cols]
                     dTc_bD[cols] += G_tt.T @ I_bD[rows]
+            return [dTc_bD]
 
         chunk = [_sent(T_bD, comm), pos_b, col_m_b, col_log_S]
-        (dT_bD,) = ring.around(chunk, [torch.zeros_like(T_bD)], visit)
+        (dT_bD,) = ring.around(chunk, visit, _merge_sum)
         # dL/ds from the centred differences: no cancellation, ~1e-6 of a float64 reference at
         # late-training temperatures (uncentred, summed from the logits: 4-8e-6).
         ds = pd / (2 * n)
@@ -391,7 +424,7 @@ class _SigmoidRing(torch.autograd.Function):
         total = torch.zeros((), dtype=I_bD.dtype, device=I_bD.device)
         Is_bD = I_bD * s
 
-        def visit(step, chunk, carry):
+        def visit(step, chunk):
             nonlocal total
             (Tc_bD,) = chunk
             Tc_bD = Tc_bD.to(I_bD.dtype)
@@ -399,8 +432,9 @@ class _SigmoidRing(torch.autograd.Function):
                 for cols in _tiles(counts[ring.owner(step)], tile):
                     # -log sigmoid(-x) = softplus(x) for every (negative) pair
                     total += F.softplus(Is_bD[rows] @ Tc_bD[cols].T + beta).sum()
+            return []
 
-        ring.around([_sent(T_bD, comm)], [], visit)
+        ring.around([_sent(T_bD, comm)], visit, _merge_sum)
         # Positive pairs: softplus(-x) - softplus(x) = -x corrects the diagonal, which was counted as negative.
         diag_b = (Is_bD * T_bD).sum(1) + beta
         local = (total - diag_b[valid_b].sum()) / max(sum(counts), 1)
@@ -419,11 +453,11 @@ class _SigmoidRing(torch.autograd.Function):
         ds = torch.zeros((), dtype=I_bD.dtype, device=I_bD.device)
         dbeta = torch.zeros((), dtype=I_bD.dtype, device=I_bD.device)
 
-        def visit(step, chunk, carry):
+        def visit(step, chunk):
             nonlocal ds, dbeta
             (Tc_bD,) = chunk
             Tc_bD = Tc_bD.to(I_bD.dtype)
-            (dTc_bD,) = carry
+            dTc_bD = torch.zeros_like(T_bD)
             for rows in _tiles(counts[ring.rank], tile):
                 for cols in _tiles(counts[ring.owner(step)], tile):
                     dot_tt = I_bD[rows] @ Tc_bD[cols].T
@@ -432,8 +466,9 @@ class _SigmoidRing(torch.autograd.Function):
                     dTc_bD[cols] += G_tt.T @ I_bD[rows]
                     ds += (G_tt * dot_tt).sum()
                     dbeta += G_tt.sum()
+            return [dTc_bD]
 
-        (dT_bD,) = ring.around([_sent(T_bD, comm)], [torch.zeros_like(T_bD)], visit)
+        (dT_bD,) = ring.around([_sent(T_bD, comm)], visit, _merge_sum)
         v_b1 = valid_b[:, None].to(I_bD.dtype)
         dI_bD -= T_bD * v_b1 / n
         dT_bD -= I_bD * v_b1 / n
