@@ -9,7 +9,12 @@ World sizes 2, 4 and 8 (gloo on CPU, one thread per rank), 1024 valid slots per 
     time    median seconds per forward+backward over REPEATS repetitions, ours and open_clip's
             alternating (A B A B ...: drift and other load fall on both alike), with the spread
             (min..max) of each and of the per-pair ratio ours / peer.
-Figures are the maximum over ranks (memory) and rank 0's timings (time).
+Figures are the maximum over ranks (memory) and rank 0's timings (time). Memory and time are measured
+in separate processes: the peak-memory reading needs glibc to hand every freed block of 64 KiB or more
+back to the OS at once (MALLOC_MMAP_THRESHOLD_), which makes every large allocation a fresh mmap with
+its page faults; a training process runs with the default allocator, so time is taken with it (until
+the sixteenth round both were taken under the memory setting, which charged each side its
+allocations' page faults: 1.1-1.2x where the default allocator reads 0.7-0.95x, bench/NOTES.md).
 
     python bench/loss_memory.py     -> bench/results/loss_memory.json
 """
@@ -56,7 +61,8 @@ def _measure(fn):
     return sum(storages.values()), peak
 
 
-def _rank(rank: int, world: int, port: int, dims: list[int], out_path: str) -> None:
+def _rank(rank: int, world: int, port: int, dims: list[int], out_path: str, part: str) -> None:
+    """One rank of one part: `memory` (saved bytes and peak RSS) or `time` (alternating repetitions)."""
     from open_clip.loss import ClipLoss
 
     from navit_clip.loss import clip_loss
@@ -82,36 +88,41 @@ def _rank(rank: int, world: int, port: int, dims: list[int], out_path: str) -> N
 
             step().backward()  # warm-up
             dist.barrier()
-            saved, peak = _measure(step)
-            steps[name], results[(name, D)] = step, (saved, peak)
-        times = {"ours": [], "peer": []}
-        for _ in range(REPEATS):  # alternating: whatever else loads the machine falls on both
+            steps[name] = step
+            if part == "memory":
+                results[f"{name}_{D}"] = dict(zip(("saved", "peak"), _measure(step)))
+        if part == "time":
+            times = {"ours": [], "peer": []}
+            for _ in range(REPEATS):  # alternating: whatever else loads the machine falls on both
+                for name in ("ours", "peer"):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    steps[name]().backward()
+                    times[name].append(time.perf_counter() - t0)
+            pairs = [a / b for a, b in zip(times["ours"], times["peer"])]
             for name in ("ours", "peer"):
-                dist.barrier()
-                t0 = time.perf_counter()
-                steps[name]().backward()
-                times[name].append(time.perf_counter() - t0)
-        for name in ("ours", "peer"):
-            results[(name, D)] += (times[name], [a / b for a, b in zip(times["ours"], times["peer"])])
+                results[f"{name}_{D}"] = {
+                    "time": statistics.median(times[name]),
+                    "time_min": min(times[name]),
+                    "time_max": max(times[name]),
+                    "ratio_median": statistics.median(pairs),
+                    "ratio_min": min(pairs),
+                    "ratio_max": max(pairs),
+                }
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:
-        merged = {}
-        for key in results:
-            times, pair_ratios = results[key][2], results[key][3]
-            merged[f"{key[0]}_{key[1]}"] = {
-                "saved": max(r[key][0] for r in gathered),
-                "peak": max(r[key][1] for r in gathered),
-                "time": statistics.median(times),
-                "time_min": min(times),
-                "time_max": max(times),
-                "ratio_median": statistics.median(pair_ratios),
-                "ratio_min": min(pair_ratios),
-                "ratio_max": max(pair_ratios),
-            }
-        Path(out_path).write_text(json.dumps(merged))
+        if part == "memory":  # the most any rank needed
+            results = {k: {f: max(r[k][f] for r in gathered) for f in ("saved", "peak")} for k in results}
+        Path(out_path).write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _run(world: int, dims: list[int], part: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        mp.spawn(_rank, args=(world, _free_port(), dims, f.name, part), nprocs=world, join=True)
+        return json.loads(Path(f.name).read_text())
 
 
 def _free_port() -> int:
@@ -121,7 +132,6 @@ def _free_port() -> int:
 
 
 def main() -> None:
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # large blocks go back to the OS when freed
     worlds = [int(w) for w in sys.argv[1:]] or [2, 4, 8]
     dims = [256, 512]
     results = {
@@ -132,11 +142,12 @@ def main() -> None:
         "cpu_cores": os.cpu_count(),
     }
     for W in worlds:
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            mp.spawn(_rank, args=(W, _free_port(), dims, f.name), nprocs=W, join=True)
-            r = json.loads(Path(f.name).read_text())
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # large blocks go back to the OS when freed
+        memory = _run(W, dims, "memory")
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]  # time with the allocator a training process has
+        timed = _run(W, dims, "time")
         for D in dims:
-            ours, peer = r[f"ours_{D}"], r[f"peer_{D}"]
+            ours, peer = memory[f"ours_{D}"] | timed[f"ours_{D}"], memory[f"peer_{D}"] | timed[f"peer_{D}"]
             sfx = f"w{W}" if D == 256 else f"w{W}_d{D}"
             results[f"saved_memory_ours_bytes_{sfx}"] = ours["saved"]
             results[f"saved_memory_peer_bytes_{sfx}"] = peer["saved"]
