@@ -401,7 +401,7 @@ def trained_side(policy: ResolutionPolicy, patch_size: int) -> int:
     sampling, native), or the side of a square at the token budget."""
     if policy.kind == "budget":
         return max(1, math.ceil(math.sqrt(policy.tokens)))
-    return max(1, math.ceil(policy.max_side / patch_size))
+    return max(1, math.ceil(policy.largest_side() / patch_size))
 
 
 # The packed layout (tokens per sequence, images per sequence) is the data's: the tower takes any.

@@ -259,6 +259,11 @@ class ResolutionPolicy:
                     (biased towards low resolutions).
     budget          scaled up or down to the largest size with at most `tokens` patches (evaluation
                     at a fixed token budget per image).
+    schedule        optional [(step, max_side), ...] for side_sampling: the range's upper end,
+                    interpolated linearly over training steps (`max_side` is unused then). A reach
+                    that widens once the run has started: a fine-tune first keeps to the
+                    checkpoint's size (many images a step), then trains the larger grids it is
+                    evaluated at (bench/NOTES.md, sixteenth round).
     """
 
     kind: str = "native"
@@ -266,6 +271,7 @@ class ResolutionPolicy:
     max_side: int = 512
     distribution: str = "uniform"
     tokens: int = 256
+    schedule: list[tuple[int, int]] | None = None
 
     def validate(self) -> None:
         if self.kind not in RESOLUTION_POLICIES:
@@ -278,6 +284,41 @@ class ResolutionPolicy:
             raise ValueError(
                 f"resolution sides must satisfy 1 <= min_side ({self.min_side}) <= max_side ({self.max_side})"
             )
+        if self.schedule:
+            _check_schedule(self.schedule, "resolution.schedule")
+            if self.kind != "side_sampling":
+                raise ValueError(f"resolution.schedule needs kind=side_sampling, not {self.kind!r}")
+            if min(side for _, side in self.schedule) < self.min_side:
+                raise ValueError(
+                    f"resolution.schedule={self.schedule}: every max_side must be >= min_side ({self.min_side})"
+                )
+
+    def max_side_at(self, step: int) -> int:
+        """The upper end of the side range at training step `step`."""
+        return round(_interpolate(self.schedule, step, self.max_side))
+
+    def largest_side(self) -> int:
+        """The largest side any step can draw."""
+        return max(side for _, side in self.schedule) if self.schedule else self.max_side
+
+
+def _check_schedule(schedule, where: str) -> None:
+    steps = [step for step, _ in schedule]
+    if any(b < a for a, b in zip(steps, steps[1:])) or steps[0] < 0:
+        raise ValueError(f"{where}={schedule}: steps must be >= 0 and in increasing order")
+
+
+def _interpolate(schedule, step: int, default: float) -> float:
+    """A value of [(step, value), ...] at `step`, linear between points, constant outside them
+    (`default` when there is no schedule)."""
+    if not schedule:
+        return default
+    if step <= schedule[0][0]:
+        return schedule[0][1]
+    for (s0, v0), (s1, v1) in zip(schedule, schedule[1:]):
+        if step <= s1:
+            return v0 + (v1 - v0) * (step - s0) / max(s1 - s0, 1)
+    return schedule[-1][1]
 
 
 def budget_grid(height: int, width: int, patch_size: int, max_tokens: int, merge: int = 1) -> tuple[int, int]:
@@ -308,7 +349,7 @@ def policy_max_tokens(policy: ResolutionPolicy, patch_size: int) -> int:
     """The most tokens one image can have under `policy` (before any seq_len cap)."""
     if policy.kind == "budget":
         return policy.tokens
-    side = -(-policy.max_side // patch_size) + 1  # rounding to the nearest multiple can add one patch
+    side = -(-policy.largest_side() // patch_size) + 1  # rounding to the nearest multiple can add one patch
     return side * side
 
 
@@ -320,9 +361,16 @@ def _truncnorm_unit(rng: random.Random, mean: float = -0.5, std: float = 1.0) ->
 
 
 def target_size(
-    height: int, width: int, policy: ResolutionPolicy, patch_size: int, seq_len: int, rng: random.Random
+    height: int,
+    width: int,
+    policy: ResolutionPolicy,
+    patch_size: int,
+    seq_len: int,
+    rng: random.Random,
+    step: int = 0,
 ) -> tuple[int, int]:
-    """The pixel size (H, W), multiples of `patch_size`, an image is resized to under `policy`.
+    """The pixel size (H, W), multiples of `patch_size`, an image is resized to under `policy` (at
+    training step `step`, which a scheduled side range reads).
 
     The longer side is set (native: kept, at most max_side; side_sampling: drawn), the shorter one
     follows the aspect ratio, both are rounded to the nearest patch multiple (so the aspect ratio is
@@ -336,7 +384,7 @@ def target_size(
         side = min(long_side, policy.max_side)
     else:
         u = rng.random() if policy.distribution == "uniform" else (_truncnorm_unit(rng) + 1) / 2
-        side = policy.min_side + u * (policy.max_side - policy.min_side)
+        side = policy.min_side + u * (policy.max_side_at(step) - policy.min_side)
     scale = side / long_side
     h, w = fit_grid(max(1, round(height * scale)), max(1, round(width * scale)), patch_size, seq_len)
     return h * patch_size, w * patch_size
@@ -375,21 +423,15 @@ class TokenDropConfig:
             )
 
     def rate_at(self, step: int) -> float:
-        if not self.schedule:
-            return self.rate
-        steps, rates = zip(*self.schedule)
-        if step <= steps[0]:
-            return rates[0]
-        for (s0, r0), (s1, r1) in zip(self.schedule, self.schedule[1:]):
-            if step <= s1:
-                return r0 + (r1 - r0) * (step - s0) / max(s1 - s0, 1)
-        return rates[-1]
+        return _interpolate(self.schedule, step, self.rate)
 
 
 def sample_drop_rate(n_tokens: int, cfg: TokenDropConfig, rng: random.Random, step: int = 0) -> float:
     """The drop rate of one image of `n_tokens` tokens at training step `step`."""
     rate = cfg.rate_at(step)
-    if cfg.kind == "none" or rate <= 0:
+    if cfg.kind == "none" or (
+        rate <= 0 and cfg.kind != "resolution"
+    ):  # resolution: rate is the mean at 0 tokens
         return 0.0
     if cfg.kind == "fixed":
         return rate

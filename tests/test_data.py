@@ -191,8 +191,31 @@ def test_other_drop_kinds_and_schedule():
     small = sum(sample_drop_rate(50, res, rng) for _ in range(500)) / 500
     big = sum(sample_drop_rate(900, res, rng) for _ in range(500)) / 500
     assert small < big
+    # rate is the mean at 0 tokens: 0 keeps small images whole and still drops from large ones
+    res0 = TokenDropConfig("resolution", rate=0.0, d_max=0.8, max_tokens=64)
+    assert sample_drop_rate(1, res0, rng) < 0.1 and sample_drop_rate(64, res0, rng) > 0.7
     sched = TokenDropConfig("fixed", 0.5, schedule=[(0, 0.5), (100, 0.1)])
     assert sched.rate_at(0) == 0.5 and abs(sched.rate_at(50) - 0.3) < 1e-9 and sched.rate_at(1000) == 0.1
+
+
+def test_a_scheduled_side_range_widens_with_the_step():
+    """resolution.schedule moves the side range's upper end over training steps: early steps draw
+    only up to the first max_side, later ones reach the last; bad schedules are clear errors."""
+    policy = ResolutionPolicy("side_sampling", min_side=32, schedule=[(0, 64), (10, 64), (20, 256)])
+    policy.validate()
+    assert [policy.max_side_at(s) for s in (0, 10, 15, 20, 99)] == [64, 64, 160, 256, 256]
+    rng = random.Random(0)
+    early = [max(target_size(100, 100, policy, P, 10_000, rng, step=5)) for _ in range(200)]
+    late = [max(target_size(100, 100, policy, P, 10_000, rng, step=30)) for _ in range(200)]
+    assert max(early) <= 64 + P and max(late) > 200
+    bad = [
+        ResolutionPolicy("side_sampling", min_side=32, schedule=[(10, 64), (5, 128)]),  # steps go back
+        ResolutionPolicy("side_sampling", min_side=96, schedule=[(0, 64)]),  # under min_side
+        ResolutionPolicy("native", schedule=[(0, 64)]),  # nothing to schedule
+    ]
+    for policy in bad:
+        with pytest.raises(ValueError, match="resolution.schedule"):
+            policy.validate()
 
 
 def test_dropping_frees_room_for_more_images(tmp_path):
@@ -454,3 +477,12 @@ def test_schedules_follow_the_optimizer_step_across_workers_accumulation_and_epo
     ds = PackedImageText(config(shards, resampled=True, token_drop=drop), tokenizer=toy_tokenizer, accum=2)
     batches = [b for b, _ in zip(make_loader(ds, num_workers=0), range(12))]
     assert batches[0].stats["tokens_dropped"] == 0 and batches[-1].stats["tokens_dropped"] > 0
+    # and a scheduled side range: the first batches' images are small, the last ones' larger (images
+    # are sized when read, so the packing buffer, a batch of tokens here, lags them a few batches)
+    sides = ResolutionPolicy("side_sampling", min_side=32, schedule=[(0, 32), (2, 32), (3, 64)])
+    ds = PackedImageText(
+        config(shards, resampled=True, resolution=sides, pack_factor=1.0), tokenizer=toy_tokenizer
+    )
+    batches = [b for b, _ in zip(make_loader(ds, num_workers=0), range(16))]
+    largest = [int(b.images.grid.amax()) for b in batches]  # the longer grid side, in patches
+    assert max(largest[:2]) == 2 and min(largest[-4:]) > 2, largest

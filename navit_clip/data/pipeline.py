@@ -337,7 +337,7 @@ class PackedImageText(IterableDataset):
             find_image(sample),
             cfg.max_pixels,
             cfg.max_aspect,
-            lambda h, w: target_size(h, w, cfg.resolution, cfg.patch_size, cfg.seq_len, rng),
+            lambda h, w: target_size(h, w, cfg.resolution, cfg.patch_size, cfg.seq_len, rng, step),
         )
         patches = image_to_patches(img, (H, W), cfg.patch_size)
         h, w = H // cfg.patch_size, W // cfg.patch_size
