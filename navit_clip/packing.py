@@ -260,10 +260,9 @@ class ResolutionPolicy:
     budget          scaled up or down to the largest size with at most `tokens` patches (evaluation
                     at a fixed token budget per image).
     schedule        optional [(step, max_side), ...] for side_sampling: the range's upper end,
-                    interpolated linearly over training steps (`max_side` is unused then). A reach
-                    that widens once the run has started: a fine-tune first keeps to the
-                    checkpoint's size (many images a step), then trains the larger grids it is
-                    evaluated at (bench/NOTES.md, sixteenth round).
+                    interpolated linearly over training steps (`max_side` is unused then): a
+                    progressive reach. One late reach in a 90 s fine-tune bought the large budgets
+                    and cost the checkpoint's own (bench/NOTES.md, sixteenth round).
     """
 
     kind: str = "native"
@@ -429,9 +428,8 @@ class TokenDropConfig:
 def sample_drop_rate(n_tokens: int, cfg: TokenDropConfig, rng: random.Random, step: int = 0) -> float:
     """The drop rate of one image of `n_tokens` tokens at training step `step`."""
     rate = cfg.rate_at(step)
-    if cfg.kind == "none" or (
-        rate <= 0 and cfg.kind != "resolution"
-    ):  # resolution: rate is the mean at 0 tokens
+    # kind=resolution: `rate` is the mean at 0 tokens, so a rate of 0 still drops from large images
+    if cfg.kind == "none" or (rate <= 0 and cfg.kind != "resolution"):
         return 0.0
     if cfg.kind == "fixed":
         return rate
