@@ -428,16 +428,18 @@ class TokenDropConfig:
 def sample_drop_rate(n_tokens: int, cfg: TokenDropConfig, rng: random.Random, step: int = 0) -> float:
     """The drop rate of one image of `n_tokens` tokens at training step `step`."""
     rate = cfg.rate_at(step)
-    # kind=resolution: `rate` is the mean at 0 tokens, so a rate of 0 still drops from large images
-    if cfg.kind == "none" or (rate <= 0 and cfg.kind != "resolution"):
+    if cfg.kind == "none":
         return 0.0
     if cfg.kind == "fixed":
-        return rate
+        return max(rate, 0.0)
     if cfg.kind == "beta":
+        if rate <= 0:  # a schedule may reach 0: Beta(0, b) is not defined
+            return 0.0
         mu = rate / cfg.d_max
         # Beta(a, b) with mean mu and variance 0.3 mu (1 - mu): a + b = mu (1 - mu) / var - 1 = 7/3
         total = 1 / 0.3 - 1
         return rng.betavariate(mu * total, (1 - mu) * total) * cfg.d_max
+    # resolution: `rate` is the mean at 0 tokens, so a rate of 0 still drops from large images
     mean = rate + (cfg.d_max - rate) * min(n_tokens / cfg.max_tokens, 1.0)
     return min(max(rng.gauss(mean, 0.02), 0.0), cfg.d_max)
 
