@@ -420,6 +420,13 @@ class TokenDropConfig:
             raise ValueError(
                 f"token_drop.rate={self.rate} must be below d_max={self.d_max} for the beta kind"
             )
+        if self.schedule:
+            _check_schedule(self.schedule, "token_drop.schedule")
+            top = self.d_max if self.kind == "beta" else 1.0
+            if any(not 0 <= rate < top for _, rate in self.schedule):
+                raise ValueError(
+                    f"token_drop.schedule={self.schedule}: every rate must be in [0, {top:g}) for kind={self.kind}"
+                )
 
     def rate_at(self, step: int) -> float:
         return _interpolate(self.schedule, step, self.rate)

@@ -196,6 +196,15 @@ def test_other_drop_kinds_and_schedule():
     assert sample_drop_rate(1, res0, rng) < 0.1 and sample_drop_rate(64, res0, rng) > 0.7
     sched = TokenDropConfig("fixed", 0.5, schedule=[(0, 0.5), (100, 0.1)])
     assert sched.rate_at(0) == 0.5 and abs(sched.rate_at(50) - 0.3) < 1e-9 and sched.rate_at(1000) == 0.1
+    sched.validate()
+    bad = [
+        TokenDropConfig("fixed", 0.5, schedule=[(100, 0.5), (0, 0.1)]),  # steps go back
+        TokenDropConfig("fixed", 0.5, schedule=[(0, 0.5), (100, 1.2)]),  # a rate past 1
+        TokenDropConfig("beta", 0.5, d_max=0.8, schedule=[(0, 0.9)]),  # past beta's d_max
+    ]
+    for cfg in bad:
+        with pytest.raises(ValueError, match="token_drop.schedule"):
+            cfg.validate()
 
 
 def test_a_scheduled_side_range_widens_with_the_step():
