@@ -7,8 +7,9 @@ text width 192, depth 4, 3 heads, context 32; embed 256) with the same optimiser
 lr 5e-4, betas (0.9, 0.98), eps 1e-6, weight decay 0.1 on weight matrices, 60 warm-up steps, then
 a cosine over the wall-clock budget; no gradient clipping, open_clip's default), one data worker
 each, one after the other:
-  - navit-clip with the NaViT recipe: native aspect ratio, longer side ~ U(48, 128) px, Beta token
-    dropping (mean 0.25), 8 packed sequences of 256 tokens per step, through its own data pipeline,
+  - navit-clip with the NaViT recipe: native aspect ratio, longer side ~ U(48, 128) px (U(48, 80) for
+    the first 60 steps, widening to 128 px by step 120: small images first), Beta token dropping
+    (mean 0.25), 8 packed sequences of 256 tokens per step, through its own data pipeline,
     model, loss and the defaults of navit_clip's configs (anything a user does not set);
   - `plain`: open_clip's own `CLIP` model (96 x 96 px, 36 tokens) and `ClipLoss` in a plain loop in
     this process, batch 64 (about as many tokens per step), its own train / val transforms;
@@ -40,12 +41,17 @@ image tokens/s and padding fraction.
     python bench/learning_race.py --peers plain               (one peer: today's loop, as before 2026-12)
     python bench/learning_race.py --device cuda
     python bench/learning_race.py --task digits            (real scans: bench/digits.py)
+A race saves every side's figures with the settings the peers ran with (bench/results/NAME.json): a rerun
+whose peer settings match (task, budgets, device, peers and their flags, precision, open_clip checkout)
+reuses each seed's saved peer figures, says so, and runs navit-clip only (a recipe change is measured
+beside the same peers, on the same machine); `--rerun` runs every side again.
 The peers and the digits need the bench extra: pip install -e ".[bench]".
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -57,7 +63,7 @@ import open_clip
 import torch
 import webdataset as wds
 from common import save_results
-from open_clip.loss import ClipLoss
+from open_clip.loss import ClipLoss, SigLipLoss
 from PIL import Image
 from safetensors.torch import save_file
 from trainer_peers import check_openclip_src, naflex_zeroshot, run_trainer
@@ -96,6 +102,10 @@ NAVIT = [  # the race's navit-clip: the ViT-Ti shape and the NaViT recipe, defau
     "data.resolution.kind=side_sampling",
     "data.resolution.min_side=48",
     "data.resolution.max_side=128",
+    # small images first (CLIPA's inverse scaling, progressive resizing): sides up to 80 px for the first
+    # 60 steps (about 200 images a step instead of 110), widening to the full 48..128 by step 120
+    # (bench/NOTES.md, seventeenth round: 29.6 -> 46.0 % at 90 s on shapes, seed 0; digits unchanged)
+    "data.resolution.schedule=[[0,80],[60,80],[120,128]]",
     "data.token_drop.kind=beta",
     "data.token_drop.rate=0.25",
     f"train.lr={SHARED['lr']}",
@@ -294,7 +304,8 @@ def run_openclip(
     lr: float = SHARED["lr"],
     warmup: int = SHARED["warmup"],
 ) -> dict:
-    """open_clip's model and loss in its trainer's loop; `model`: start from it (trained in place)."""
+    """open_clip's model and loss in its trainer's loop; `model`: start from it (trained in place). A
+    model with a logit bias (SigLIP's) trains with open_clip's `SigLipLoss`, as `--siglip` does."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     model = (model if model is not None else open_clip.CLIP(**OPENCLIP_CONFIG)).to(device)
@@ -303,7 +314,7 @@ def run_openclip(
     tok = open_clip.get_tokenizer("ViT-B-32", context_length=32)
     opt = openclip_optimizer(model, lr)
     sched = Schedule(opt, warmup, budgets[-1])
-    loss_fn = ClipLoss()
+    loss_fn = SigLipLoss() if getattr(model, "logit_bias", None) is not None else ClipLoss()
     autocast = autocast_for(precision, device)
     batches = openclip_batches(data, seed, train_tf, tok)
 
@@ -317,8 +328,8 @@ def run_openclip(
         counts["image_tokens"] += len(images) * per_image
         counts["token_slots"] += len(images) * per_image
         with autocast:  # forward and loss, as open_clip_train runs them under --precision amp_bf16
-            image_features, text_features, logit_scale = model(images.to(device), texts.to(device))
-            loss = loss_fn(image_features, text_features, logit_scale)
+            # (image features, text features, logit scale[, logit bias]): the loss's own arguments
+            loss = loss_fn(*model(images.to(device), texts.to(device)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
@@ -540,6 +551,8 @@ def main() -> None:
         "openclip_src": args.openclip_src if "naflex" in peers else None,
         "peer_args": {"openclip_train": args.openclip_train_args, "naflex": args.naflex_args},
     }
+    name = args.name or ("learning_race" if args.task == "shapes" else f"learning_race_{args.task}")
+    saved = {} if args.rerun else saved_peers(name, results)
     runs = []
     for seed in seeds:
         if len(seeds) > 1:
@@ -548,8 +561,19 @@ def main() -> None:
         if args.only != "openclip":
             nav = run_navit(data, budgets, args.overrides, device, args.save, seed, precision)
             run.update({f"navit_{k}": v for k, v in nav.items()})
-        peer_args = {"openclip_train": args.openclip_train_args.split(), "naflex": args.naflex_args.split()}
-        run.update(run_peers(data, budgets, peers, seed, device, oc_precision, args.openclip_src, peer_args))
+        if seed in saved:
+            print(
+                f"  peers {peers}: seed {seed}'s figures reused (bench/results/{name}.json; --rerun runs them again)"
+            )
+            run.update(saved[seed])
+        else:
+            peer_args = {
+                "openclip_train": args.openclip_train_args.split(),
+                "naflex": args.naflex_args.split(),
+            }
+            run.update(
+                run_peers(data, budgets, peers, seed, device, oc_precision, args.openclip_src, peer_args)
+            )
         runs.append(run)
     results.update(runs[0] if len(runs) == 1 else {"runs": runs})
     if args.only is None and peers:
@@ -560,9 +584,28 @@ def main() -> None:
             for b in budgets:
                 xs = [r[f"{side}_at_{b:.0f}s"][metric] for r in runs]
                 print(f"{side} at {b:.0f}s, {metric}: {_spread(xs)} over seeds {seeds}")
-    save_results(
-        args.name or ("learning_race" if args.task == "shapes" else f"learning_race_{args.task}"), results
-    )
+    save_results(name, results)
+
+
+PEER_SETTINGS = ("task", "budgets_s", "device", "openclip_precision", "peers", "openclip_src", "peer_args")
+
+
+def saved_peers(name: str, settings: dict) -> dict[int, dict]:
+    """{seed: its peers' saved figures} from the last race written to bench/results/NAME.json, if that
+    race's peers ran with these settings (PEER_SETTINGS); else nothing."""
+    path = ROOT / "bench" / "results" / f"{name}.json"
+    if not settings["peers"] or not path.exists():
+        return {}
+    last = json.loads(path.read_text())
+    if any(last.get(k) != settings[k] for k in PEER_SETTINGS):
+        return {}
+    runs = last.get("runs") or [last]
+    keys = tuple(f"{peer}_" for peer in settings["peers"])
+    return {
+        seed: {k: v for k, v in run.items() if k.startswith(keys)}
+        for seed, run in zip(last["seeds"], runs)
+        if all(any(k.startswith(p) for k in run) for p in keys)
+    }
 
 
 def parse_args() -> argparse.Namespace:
@@ -612,6 +655,11 @@ def parse_args() -> argparse.Namespace:
         default="auto",
         help="the peers' precision; auto: fp32 on CPU (its best here: bf16 gave it no more steps and "
         "7.6 points less at 90 s, bench/NOTES.md), navit-clip's elsewhere",
+    )
+    ap.add_argument(
+        "--rerun",
+        action="store_true",
+        help="run the peers again even where figures with these settings are saved",
     )
     ap.add_argument("--save", help="write navit-clip's final weights here (a checkpoint for navit-clip eval)")
     ap.add_argument("overrides", nargs="*", help="navit-clip config overrides (section.key=value)")
