@@ -26,7 +26,14 @@ transform at each budget, its "native" being its own default evaluation (the lar
 256 tokens). The checkpoint's own count (96 x 96 / 16^2 = 36 tokens) is marked; each transfer ends with
 navit-clip's ratio to the best peer at that count, at native size and at its worst budget.
 
+`--shape siglip` races a SigLIP-shaped checkpoint instead (bench/siglip_shape.py: open_clip's CustomTextCLIP
+with a timm ViT-Ti tower, no class token, MAP head, a bidirectional text tower pooled at its last position,
+sigmoid loss with a learned bias): it pretrains with open_clip's SigLipLoss, (a) continues with it, (c)
+adds `--siglip`, (b) converts it (the timm-tower conversion) and continues with navit-clip's sigmoid loss
+(the checkpoint's, carried by model.init_from); its caches and results are apart (`*_siglip`).
+
     python bench/finetune_race.py --openclip-src DIR    -> bench/results/finetune_race.json (3 seeds, 2 transfers)
+    python bench/finetune_race.py --shape siglip --openclip-src DIR   -> bench/results/finetune_race_siglip.json
     python bench/finetune_race.py --transfer shapes:digits --seeds 0 --budget 60
     python bench/finetune_race.py --only-navit data.token_drop.kind=none      (an ablation of (b))
     python bench/finetune_race.py --seeds 0 --wise-ft 0.3,0.5,0.7            (+ WiSE-FT of (b), evaluated)
@@ -44,7 +51,6 @@ import statistics
 import time
 from pathlib import Path
 
-import open_clip
 import torch
 from common import save_results
 from learning_race import (
@@ -61,6 +67,7 @@ from learning_race import (
     run_openclip,
 )
 from safetensors.torch import load_file, save_file
+from siglip_shape import SIGLIP_CONFIG, build
 from trainer_peers import check_openclip_src, naflex_zeroshot, run_trainer
 
 from navit_clip.convert import convert_openclip, from_openclip
@@ -78,42 +85,62 @@ WARMUP = 20
 # Wider ranges (48..192, 72..160 and 72..192 truncated normal) were measured and lost a transfer
 # (bench/NOTES.md, fifteenth round).
 TRAINED_SIDE = OPENCLIP_CONFIG["vision_cfg"]["image_size"]
-RECIPE = [o for o in NAVIT if not o.startswith(("model.", "tokenizer."))] + [
+RECIPE = [o for o in NAVIT if not o.startswith(("model.", "tokenizer.", "data.resolution.schedule"))] + [
     "data.token_drop.kind=none",
     f"data.resolution.min_side={round(0.75 * TRAINED_SIDE)}",
     f"data.resolution.max_side={round(4 / 3 * TRAINED_SIDE)}",
 ]
 
 
-def zeroshot_of_openclip(oc_model, data: dict, device) -> dict:
+SHAPES = {"clip": OPENCLIP_CONFIG, "siglip": SIGLIP_CONFIG}  # the checkpoint's open_clip model config
+
+
+def zeroshot_of_openclip(oc_model, data: dict, device, config: dict) -> dict:
     """An open_clip model's zero-shot at native size and every token budget, through its conversion."""
-    navit, cfg = from_openclip(oc_model.cpu(), OPENCLIP_CONFIG, "open_clip ViT-Ti")
+    navit, cfg = from_openclip(oc_model.cpu(), config, "open_clip ViT-Ti")
     oc_model.to(device)
     return navit_zeroshot(navit.to(device), tokenizer_for(cfg), cfg, data, device, BUDGET_TOKENS)
 
 
-def pretrained(task: str, seconds: float, device, precision: str, rebuild: bool) -> Path:
+def pretrained(task: str, seconds: float, device, precision: str, rebuild: bool, shape: str) -> Path:
     """The cached source checkpoint: open_clip trained on `task` for `seconds` (seed 0), built if absent."""
-    work = ROOT / "bench" / "results" / "finetune_race" / f"pretrained_{task}_{seconds:.0f}s"
+    suffix = "" if shape == "clip" else f"_{shape}"
+    work = ROOT / "bench" / "results" / "finetune_race" / f"pretrained_{task}_{seconds:.0f}s{suffix}"
     if (work / "meta.json").exists() and not rebuild:
-        print(f"== pretrained checkpoint (cached): {work} {json.loads((work / 'meta.json').read_text())}")
-        return work
-    print(f"== 0. open_clip pretrains on {task} at 96 x 96 for {seconds:.0f} s (cached in {work})")
+        meta = json.loads((work / "meta.json").read_text())
+        print(f"== pretrained checkpoint (cached): {work} {meta}")
+        return _learned(work, meta)
+    print(f"== 0. open_clip ({shape}) pretrains on {task} at 96 x 96 for {seconds:.0f} s (cached in {work})")
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    oc = open_clip.CLIP(**OPENCLIP_CONFIG)
+    oc = build(SHAPES[shape])
     pre = run_openclip(race_data(task, None), [seconds], 0.0, device, 0, precision, model=oc)
-    (work / "vit-ti.json").write_text(json.dumps(OPENCLIP_CONFIG))
+    (work / "vit-ti.json").write_text(json.dumps(SHAPES[shape]))
     save_file(
         {k: t.detach().cpu().contiguous() for k, t in oc.state_dict().items()},
         str(work / "pretrained.safetensors"),
     )
-    (work / "meta.json").write_text(json.dumps({"task": task, **pre[f"at_{seconds:.0f}s"]}))
+    meta = {"task": task, **pre[f"at_{seconds:.0f}s"]}
+    (work / "meta.json").write_text(json.dumps(meta))
+    return _learned(work, meta)
+
+
+def _learned(work: Path, meta: dict) -> Path:
+    """The checkpoint, if it learned its own task: one at chance has no accuracy to keep or lose, and a
+    race from it would measure nothing (a SystemExit saying so)."""
+    data = race_data(meta["task"], None)
+    chance = 1 / len(Path(data["classnames"]).read_text().split())
+    if meta["top1_96px"] < 2 * chance:
+        raise SystemExit(
+            f"the pretrained checkpoint {work} reads {100 * meta['top1_96px']:.1f} % on {meta['task']} (chance "
+            f"{100 * chance:.0f} %): it learned nothing in {meta['train_s']:.0f} s; pretrain longer (--pretrain) "
+            "or fix its recipe, then --rebuild"
+        )
     return work
 
 
-def load_openclip(ckpt: Path) -> torch.nn.Module:
-    model = open_clip.CLIP(**OPENCLIP_CONFIG)
+def load_openclip(ckpt: Path, config: dict) -> torch.nn.Module:
+    model = build(config)
     model.load_state_dict(load_file(str(ckpt / "pretrained.safetensors")))
     return model
 
@@ -122,10 +149,15 @@ def run_naflex(args, ckpt: Path, data: dict, seed: int, device, precision: str, 
     """(c): open_clip main's NaFlex fine-tune of the checkpoint, evaluated there at every budget."""
     hp = {**SHARED, "lr": args.lr, "warmup": WARMUP, "batch": OPENCLIP_BATCH, "workers": 1}
     hp["tokens_per_batch"] = NAVIT_TOKENS_PER_STEP
-    extra = ["--pretrained", str(ckpt / "pretrained.safetensors")]
+    config = SHAPES[args.shape]
+    extra = [
+        "--pretrained",
+        str(ckpt / "pretrained.safetensors"),
+        *(["--siglip"] if args.shape == "siglip" else []),
+    ]
     weights = run_trainer(
         "naflex",
-        OPENCLIP_CONFIG,
+        config,
         data,
         [args.budget],
         seed,
@@ -137,7 +169,7 @@ def run_naflex(args, ckpt: Path, data: dict, seed: int, device, precision: str, 
         name,
     )
     w = weights[args.budget]
-    acc = naflex_zeroshot(args.openclip_src, OPENCLIP_CONFIG, w, data, heldout_images(data), BUDGET_TOKENS)
+    acc = naflex_zeroshot(args.openclip_src, config, w, data, heldout_images(data), BUDGET_TOKENS)
     acc["top1_native"] = acc[f"top1_{BUDGET_TOKENS[-1]}"]  # its own default: the largest sequence length
     return {k: v for k, v in w.items() if k != "state_dict"} | acc
 
@@ -145,9 +177,11 @@ def run_naflex(args, ckpt: Path, data: dict, seed: int, device, precision: str, 
 def one_race(args, transfer: str, seed: int, device, precision: str, oc_precision: str) -> dict:
     """The peers, then (b), of one transfer and seed; every figure of it."""
     source, target = transfer.split(":")
-    ckpt = pretrained(source, args.pretrain, device, oc_precision, args.rebuild)
+    config = SHAPES[args.shape]
+    ckpt = pretrained(source, args.pretrain, device, oc_precision, args.rebuild, args.shape)
     data = race_data(target, args.data)
-    work = ROOT / "bench" / "results" / "finetune_race" / f"{source}_to_{target}_seed{seed}"
+    suffix = "" if args.shape == "clip" else f"_{args.shape}"
+    work = ROOT / "bench" / "results" / "finetune_race" / f"{source}_to_{target}_seed{seed}{suffix}"
     work.mkdir(parents=True, exist_ok=True)
     saved = work / "results.json"
     done = json.loads(saved.read_text()) if saved.exists() else {}
@@ -161,15 +195,15 @@ def one_race(args, transfer: str, seed: int, device, precision: str, oc_precisio
         print(f"== {transfer} seed {seed}: the peers' figures reused ({saved})")
         out = {k: v for k, v in done.items() if k not in ("settings", "navit")}
     else:
-        out = {"pretrained": zeroshot_of_openclip(load_openclip(ckpt), data, device)}
+        out = {"pretrained": zeroshot_of_openclip(load_openclip(ckpt, config), data, device, config)}
         print(f"  {transfer} seed {seed}: pretrained checkpoint on {target}: {out['pretrained']}")
         print(f"== {transfer} seed {seed}: (a) open_clip continues at 96 x 96 for {args.budget:.0f} s")
-        oc = load_openclip(ckpt)
+        oc = load_openclip(ckpt, config)
         a = run_openclip(data, [args.budget], 0.0, device, seed + 1, oc_precision, oc, args.lr, WARMUP)
-        out["openclip"] = {**a[f"at_{args.budget:.0f}s"], **zeroshot_of_openclip(oc, data, device)}
+        out["openclip"] = {**a[f"at_{args.budget:.0f}s"], **zeroshot_of_openclip(oc, data, device, config)}
         if args.openclip_src:
             print(f"== {transfer} seed {seed}: (c) open_clip main's NaFlex fine-tune for {args.budget:.0f} s")
-            name = f"finetune_{source}_to_{target}_seed{seed}"
+            name = f"finetune_{source}_to_{target}_seed{seed}{suffix}"
             out["naflex"] = run_naflex(args, ckpt, data, seed + 1, device, oc_precision, name)
     print(
         f"== {transfer} seed {seed}: (b) navit-clip continues from the converted checkpoint for {args.budget:.0f} s"
@@ -267,6 +301,7 @@ def main() -> None:
     transfers = [t for t in args.transfer.split(",") if t]
     t_start = time.perf_counter()
     results: dict = {
+        "shape": args.shape,
         "pretrain_s": args.pretrain,
         "budget_s": args.budget,
         "lr": args.lr,
@@ -282,7 +317,8 @@ def main() -> None:
         sides = ["pretrained", "openclip", *(["naflex"] if "naflex" in runs[0] else []), "navit"]
         summarise(transfer, runs, sides + [f"wise_{a:g}" for a in args.wise_ft], results)
     print(f"({time.perf_counter() - t_start:.0f} s in all)")
-    save_results("finetune_race_ablation" if args.only_navit else "finetune_race", results)
+    name = "finetune_race" + ("" if args.shape == "clip" else f"_{args.shape}")
+    save_results(f"{name}_ablation" if args.only_navit else name, results)
 
 
 def parse_args() -> argparse.Namespace:
@@ -291,6 +327,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rebuild", action="store_true", help="pretrain again even if the checkpoint is cached")
     ap.add_argument(
         "--rerun", action="store_true", help="race every seed again, even those saved with the same settings"
+    )
+    ap.add_argument(
+        "--shape",
+        choices=tuple(SHAPES),
+        default="clip",
+        help="the checkpoint: open_clip's CLIP ViT-Ti, or SigLIP-shaped (bench/siglip_shape.py: timm tower, "
+        "MAP head, sigmoid loss)",
     )
     ap.add_argument("--budget", type=float, default=90.0, help="seconds each side fine-tunes")
     ap.add_argument("--lr", type=float, default=2e-4, help="the fine-tuning peak learning rate, every side")

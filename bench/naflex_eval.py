@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import open_clip
+import siglip_shape  # noqa: F401  (registers the SigLIP-shaped race tower with timm)
 import torch
 from open_clip_train.naflex_data import collate_naflex_tuples
 from PIL import Image

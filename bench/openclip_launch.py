@@ -27,6 +27,7 @@ from pathlib import Path
 
 import open_clip
 import open_clip_train.main as trainer
+import siglip_shape  # noqa: F401  (registers the SigLIP-shaped race tower with timm)
 import torch
 from open_clip_train.scheduler import assign_learning_rate
 from torch.optim.optimizer import register_optimizer_step_post_hook

@@ -20,6 +20,7 @@ BENCHES = [
     "learning_race",
     "learning_race_digits",
     "finetune_race",
+    "finetune_race_siglip",
     "demo",
     "packing",
     "vision_tower",
@@ -43,6 +44,7 @@ COMMANDS = {  # sections run with arguments
         "learning_race.py", "--task", "digits", "--seeds", "0,1,2", "--openclip-src", OPENCLIP_SRC
     ],
     "finetune_race": ["finetune_race.py", "--openclip-src", OPENCLIP_SRC],
+    "finetune_race_siglip": ["finetune_race.py", "--shape", "siglip", "--openclip-src", OPENCLIP_SRC],
 }  # fmt: skip
 NOTES = (ROOT / "bench" / "NOTES.md").read_text() if (ROOT / "bench" / "NOTES.md").exists() else ""
 HEADLINE = re.compile(r"<!-- headline -->\n.*?<!-- /headline -->\n", re.S)
@@ -113,6 +115,11 @@ HEADLINES = [
     (
         "Fine-tune an open_clip checkpoint, equal time: navit-clip vs the best peer (3 seeds)",
         "finetune_race",
+        _finetune,
+    ),
+    (
+        "Fine-tune a SigLIP-shaped checkpoint (timm tower, MAP head, sigmoid loss), same race (3 seeds)",
+        "finetune_race_siglip",
         _finetune,
     ),
     (
