@@ -133,8 +133,8 @@ def _learned(work: Path, meta: dict) -> Path:
     if meta["top1_96px"] < 2 * chance:
         raise SystemExit(
             f"the pretrained checkpoint {work} reads {100 * meta['top1_96px']:.1f} % on {meta['task']} (chance "
-            f"{100 * chance:.0f} %): it learned nothing in {meta['train_s']:.0f} s; pretrain longer (--pretrain) "
-            "or fix its recipe, then --rebuild"
+            f"{100 * chance:.0f} %), under twice chance after {meta['train_s']:.0f} s: too little learned to "
+            "race from; pretrain longer (--pretrain) or fix its recipe, then --rebuild"
         )
     return work
 

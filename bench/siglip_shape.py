@@ -4,7 +4,8 @@ What makes a checkpoint SigLIP's, kept: open_clip's `CustomTextCLIP` around a ti
 `VisionTransformer` image tower with no class token and an attention-pool (MAP) head whose output is the
 embedding (`timm_pool: map`, `timm_proj: none`: `vit_base_patch16_siglip_224`'s options), a bidirectional
 text tower pooled at its last position with a biased projection and LayerNorm eps 1e-6, and the sigmoid
-loss with a learned bias (`init_logit_bias: -10`, open_clip's `SigLipLoss`, `--siglip` in its trainer).
+loss with a learned bias (open_clip's `SigLipLoss`, `--siglip` in its trainer), its bias starting at the
+prior that one pair in a batch is positive (-log 64 here; SigLIP's -10 is that prior at its 32k batches).
 What is the race's instead: the size (ViT-Ti: width 192, 6 blocks, 96 x 96 px, a 6 x 6 table), open_clip's
 BPE tokenizer (SigLIP's SentencePiece vocabulary is a download) and open_clip's default (CLIP's) pixel
 normalisation, which its transforms use for a checkpoint file.
@@ -28,7 +29,9 @@ TIMM_NAME = "race_vit_ti_patch16_siglip_96"
 SIZE, WIDTH = 96, 192
 SIGLIP_CONFIG = {
     "embed_dim": WIDTH,  # the MAP head's output is the embedding (timm_proj none)
-    "init_logit_bias": -10,
+    # the bias's prior: one pair in a batch is positive, -log(64) at the race's batch; SigLIP's -10 is
+    # that prior for its 32k batches, and at 64 it collapsed (bench/NOTES.md, seventeenth round)
+    "init_logit_bias": -math.log(64),
     "init_logit_scale": math.log(10),  # open_clip_train's with --siglip
     "custom_text": True,
     "vision_cfg": {
