@@ -95,6 +95,11 @@ RECIPE = [o for o in NAVIT if not o.startswith(("model.", "tokenizer.", "data.re
 SHAPES = {"clip": OPENCLIP_CONFIG, "siglip": SIGLIP_CONFIG}  # the checkpoint's open_clip model config
 
 
+def _apart(shape: str) -> str:
+    """The suffix keeping a shape's caches and results apart from the CLIP race's (which has none)."""
+    return "" if shape == "clip" else f"_{shape}"
+
+
 def zeroshot_of_openclip(oc_model, data: dict, device, config: dict) -> dict:
     """An open_clip model's zero-shot at native size and every token budget, through its conversion."""
     navit, cfg = from_openclip(oc_model.cpu(), config, "open_clip ViT-Ti")
@@ -104,8 +109,7 @@ def zeroshot_of_openclip(oc_model, data: dict, device, config: dict) -> dict:
 
 def pretrained(task: str, seconds: float, device, precision: str, rebuild: bool, shape: str) -> Path:
     """The cached source checkpoint: open_clip trained on `task` for `seconds` (seed 0), built if absent."""
-    suffix = "" if shape == "clip" else f"_{shape}"
-    work = ROOT / "bench" / "results" / "finetune_race" / f"pretrained_{task}_{seconds:.0f}s{suffix}"
+    work = ROOT / "bench" / "results" / "finetune_race" / f"pretrained_{task}_{seconds:.0f}s{_apart(shape)}"
     if (work / "meta.json").exists() and not rebuild:
         meta = json.loads((work / "meta.json").read_text())
         print(f"== pretrained checkpoint (cached): {work} {meta}")
@@ -180,7 +184,7 @@ def one_race(args, transfer: str, seed: int, device, precision: str, oc_precisio
     config = SHAPES[args.shape]
     ckpt = pretrained(source, args.pretrain, device, oc_precision, args.rebuild, args.shape)
     data = race_data(target, args.data)
-    suffix = "" if args.shape == "clip" else f"_{args.shape}"
+    suffix = _apart(args.shape)
     work = ROOT / "bench" / "results" / "finetune_race" / f"{source}_to_{target}_seed{seed}{suffix}"
     work.mkdir(parents=True, exist_ok=True)
     saved = work / "results.json"
@@ -317,7 +321,7 @@ def main() -> None:
         sides = ["pretrained", "openclip", *(["naflex"] if "naflex" in runs[0] else []), "navit"]
         summarise(transfer, runs, sides + [f"wise_{a:g}" for a in args.wise_ft], results)
     print(f"({time.perf_counter() - t_start:.0f} s in all)")
-    name = "finetune_race" + ("" if args.shape == "clip" else f"_{args.shape}")
+    name = "finetune_race" + _apart(args.shape)
     save_results(f"{name}_ablation" if args.only_navit else name, results)
 
 

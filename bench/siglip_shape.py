@@ -29,7 +29,8 @@ TIMM_NAME = "race_vit_ti_patch16_siglip_96"
 SIZE, WIDTH = 96, 192
 SIGLIP_CONFIG = {
     "embed_dim": WIDTH,  # the MAP head's output is the embedding (timm_proj none)
-    # the bias's prior: one pair in a batch is positive, -log(64) at the race's batch; SigLIP's -10 is
+    # the bias's prior: one pair in a batch is positive, -log(64) at the race's batch (learning_race's
+    # OPENCLIP_BATCH; not imported: the trainers' processes import this module alone); SigLIP's -10 is
     # that prior for its 32k batches, and at 64 it collapsed (bench/NOTES.md, seventeenth round)
     "init_logit_bias": -math.log(64),
     "init_logit_scale": math.log(10),  # open_clip_train's with --siglip
