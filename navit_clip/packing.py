@@ -263,6 +263,9 @@ class ResolutionPolicy:
                     interpolated linearly over training steps (`max_side` is unused then): a
                     progressive reach. One late reach in a 90 s fine-tune bought the large budgets
                     and cost the checkpoint's own (bench/NOTES.md, sixteenth round).
+    reach_prob      for side_sampling: this share of images draws its side from [max_side (at the
+    reach_side      step), reach_side] instead: a tail of large images, so that a run centred on one
+                    size still trains the grids of large token budgets (0: no tail).
     """
 
     kind: str = "native"
@@ -271,6 +274,8 @@ class ResolutionPolicy:
     distribution: str = "uniform"
     tokens: int = 256
     schedule: list[tuple[int, int]] | None = None
+    reach_prob: float = 0.0
+    reach_side: int = 0
 
     def validate(self) -> None:
         if self.kind not in RESOLUTION_POLICIES:
@@ -291,6 +296,15 @@ class ResolutionPolicy:
                 raise ValueError(
                     f"resolution.schedule={self.schedule}: every max_side must be >= min_side ({self.min_side})"
                 )
+        if self.reach_prob:
+            where = f"resolution.reach_prob={self.reach_prob}, reach_side={self.reach_side}"
+            if self.kind != "side_sampling":
+                raise ValueError(f"{where}: a reach needs kind=side_sampling, not {self.kind!r}")
+            if not 0 < self.reach_prob <= 1:
+                raise ValueError(f"{where}: reach_prob is a share of images, in (0, 1]")
+            top = max(side for _, side in self.schedule) if self.schedule else self.max_side
+            if self.reach_side <= top:
+                raise ValueError(f"{where}: reach_side must be past the range's largest max_side ({top})")
 
     def max_side_at(self, step: int) -> int:
         """The upper end of the side range at training step `step`."""
@@ -298,6 +312,8 @@ class ResolutionPolicy:
 
     def largest_side(self) -> int:
         """The largest side any step can draw."""
+        if self.reach_prob:
+            return self.reach_side
         return max(side for _, side in self.schedule) if self.schedule else self.max_side
 
 
@@ -382,8 +398,11 @@ def target_size(
     if policy.kind == "native":
         side = min(long_side, policy.max_side)
     else:
+        low, high = policy.min_side, policy.max_side_at(step)
+        if policy.reach_prob and rng.random() < policy.reach_prob:  # the tail: past the range
+            low, high = high, policy.reach_side
         u = rng.random() if policy.distribution == "uniform" else (_truncnorm_unit(rng) + 1) / 2
-        side = policy.min_side + u * (policy.max_side_at(step) - policy.min_side)
+        side = low + u * (high - low)
     scale = side / long_side
     h, w = fit_grid(max(1, round(height * scale)), max(1, round(width * scale)), patch_size, seq_len)
     return h * patch_size, w * patch_size

@@ -227,6 +227,38 @@ def test_a_scheduled_side_range_widens_with_the_step():
             policy.validate()
 
 
+def test_a_reach_draws_a_share_of_images_past_the_range():
+    """resolution.reach_prob / reach_side: that share of images draws its side from [max_side,
+    reach_side] (the large budgets' tail), the rest from [min_side, max_side]; the largest side (which
+    sizes the position grid) counts the reach; without it the draws are the plain range's, same seed."""
+    policy = ResolutionPolicy("side_sampling", min_side=64, max_side=128, reach_prob=0.2, reach_side=256)
+    policy.validate()
+    assert policy.largest_side() == 256
+    rng = random.Random(0)
+    sides = [max(target_size(1000, 1000, policy, P, 10_000, rng)) for _ in range(2000)]
+    far = [s for s in sides if s > 128 + P]
+    assert min(sides) >= 64 - P and max(sides) <= 256 + P and max(sides) > 224
+    assert 0.15 < len(far) / len(sides) < 0.25
+    scheduled = ResolutionPolicy(  # the tail starts where the scheduled range ends at that step
+        "side_sampling", min_side=64, schedule=[(0, 96), (10, 128)], reach_prob=1.0, reach_side=256
+    )
+    assert min(max(target_size(1000, 1000, scheduled, P, 10_000, rng, step=0)) for _ in range(200)) >= 96 - P
+    plain, off = ResolutionPolicy("side_sampling", 64, 128), ResolutionPolicy("side_sampling", 64, 128, reach_prob=0.0)
+    draws = []
+    for pol in (plain, off):
+        r = random.Random(1)
+        draws.append([target_size(300, 200, pol, P, 10_000, r) for _ in range(20)])
+    assert draws[0] == draws[1]
+    bad = [
+        ResolutionPolicy("side_sampling", 64, 128, reach_prob=1.5, reach_side=256),  # not a share
+        ResolutionPolicy("side_sampling", 64, 128, reach_prob=0.2, reach_side=100),  # inside the range
+        ResolutionPolicy("native", reach_prob=0.2, reach_side=256),  # nothing drawn
+    ]
+    for policy in bad:
+        with pytest.raises(ValueError, match="resolution.reach"):
+            policy.validate()
+
+
 def test_dropping_frees_room_for_more_images(tmp_path):
     shards, good, _ = write_corpus(tmp_path, bad_every=10**9)
     plain = collect(PackedImageText(config(shards), tokenizer=toy_tokenizer), workers=0)[1]
