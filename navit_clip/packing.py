@@ -302,7 +302,7 @@ class ResolutionPolicy:
                 raise ValueError(f"{where}: a reach needs kind=side_sampling, not {self.kind!r}")
             if not 0 < self.reach_prob <= 1:
                 raise ValueError(f"{where}: reach_prob is a share of images, in (0, 1]")
-            top = max(side for _, side in self.schedule) if self.schedule else self.max_side
+            top = self._range_top()
             if self.reach_side <= top:
                 raise ValueError(f"{where}: reach_side must be past the range's largest max_side ({top})")
 
@@ -312,8 +312,10 @@ class ResolutionPolicy:
 
     def largest_side(self) -> int:
         """The largest side any step can draw."""
-        if self.reach_prob:
-            return self.reach_side
+        return self.reach_side if self.reach_prob else self._range_top()
+
+    def _range_top(self) -> int:
+        """The side range's largest upper end over the run (the tail aside)."""
         return max(side for _, side in self.schedule) if self.schedule else self.max_side
 
 
