@@ -88,6 +88,8 @@ WARMUP = 20
 # evaluated budget's side (256 px: 256 tokens), buys the large budgets on both transfers and keeps the
 # checkpoint's own (bench/NOTES.md, eighteenth round).
 TRAINED_SIDE = OPENCLIP_CONFIG["vision_cfg"]["image_size"]
+# the square side of the largest evaluated budget (256 tokens: 16 patches of 16 px), where the tail reaches
+LARGEST_BUDGET_SIDE = round(math.sqrt(max(BUDGET_TOKENS))) * OPENCLIP_CONFIG["vision_cfg"]["patch_size"]
 RECIPE = [o for o in NAVIT if not o.startswith(("model.", "tokenizer.", "data.resolution.schedule"))] + [
     "data.token_drop.kind=none",
     # run_navit lays NAVIT under these, so its small-images-first schedule must be undone here, not
@@ -96,7 +98,7 @@ RECIPE = [o for o in NAVIT if not o.startswith(("model.", "tokenizer.", "data.re
     f"data.resolution.min_side={round(0.75 * TRAINED_SIDE)}",
     f"data.resolution.max_side={round(4 / 3 * TRAINED_SIDE)}",
     "data.resolution.reach_prob=0.08",
-    f"data.resolution.reach_side={round(math.sqrt(max(BUDGET_TOKENS))) * OPENCLIP_CONFIG['vision_cfg']['patch_size']}",
+    f"data.resolution.reach_side={LARGEST_BUDGET_SIDE}",
 ]
 
 
