@@ -249,6 +249,35 @@ def test_text_embeddings_equal_open_clips(name):
             torch.testing.assert_close(navit.encode_text(ids[:2, :7]), want[:2], **TOL)
 
 
+@pytest.mark.parametrize("pool", ["last", "first"])
+def test_the_last_block_computing_the_pooled_position_alone_changes_nothing(pool):
+    """A tower read at one position runs its last block for that row only (its keys and values still
+    from every row): in float64 the embeddings and every gradient equal running the block on all rows."""
+    from navit_clip.model.text import TextConfig, TextTransformer
+
+    torch.manual_seed(5)
+    cfg = TextConfig(vocab_size=300, context_length=12, width=32, depth=3, heads=4, pool=pool, causal=False)
+    tower = TextTransformer(cfg).double()
+    ids = torch.randint(1, 300, (5, 12))
+    ids[:, 7:] = cfg.pad_id
+
+    def attend(q, k, v):  # bidirectional over the padded context, [N, K, H, d] in and out
+        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+    def every_row(ids_NK):  # the blocks on all rows, then the pooled position read
+        x = tower.token_embed(ids_NK) + tower.pos_embed
+        for block in tower.blocks:
+            x = block(x, attend)
+        return tower.norm(x)[:, -1 if pool == "last" else 0]
+
+    got, want = tower(ids), every_row(ids)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(want)
+    grads = [torch.autograd.grad((out * weights).sum(), list(tower.parameters())) for out in (got, want)]
+    for name_p, a, b in zip([n for n, _ in tower.named_parameters()], *grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name_p)
+
+
 @pytest.mark.parametrize("name", ["siglip2", "siglip2_naflex"])
 def test_a_training_step_has_open_clips_gradients(name):
     """Same batch, same sigmoid loss from the checkpoint's logit_scale and logit_bias: every

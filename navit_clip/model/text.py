@@ -78,19 +78,24 @@ class CausalBlock(nn.Module):
 
     checkpointing = False  # recompute activations in backward (set by distributed.parallelize)
 
-    def forward(self, x: torch.Tensor, attend: layers.Attend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attend: layers.Attend, rows: slice | None = None) -> torch.Tensor:
         if self.checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, attend, use_reentrant=False)
-        return self._forward(x, attend)
+            return checkpoint(self._forward, x, attend, rows, use_reentrant=False)
+        return self._forward(x, attend, rows)
 
-    def _forward(self, x: torch.Tensor, attend: layers.Attend) -> torch.Tensor:
-        """x: [..., D] tokens ([T, D] packed or [N, K, D] padded); `attend` is causal per caption."""
-        *lead, D = x.shape
+    def _forward(self, x: torch.Tensor, attend: layers.Attend, rows: slice | None = None) -> torch.Tensor:
+        """x: [..., D] tokens ([T, D] packed or [N, K, D] padded); `attend` is causal per caption.
+        `rows` (a slice of the token axis) computes only those tokens' outputs, which still attend to
+        every token: the last block of a tower read at one position needs no other (the keys and values
+        are the only work left for the other rows; the same numbers as slicing the full output)."""
+        h = self.norm1(x)
+        q_in, x = (h, x) if rows is None else (h[..., rows, :], x[..., rows, :])
+        (w_q, w_k, w_v), (b_q, b_k, b_v) = self.qkv.weight.chunk(3), self.qkv.bias.chunk(3)
         q, k, v = (
-            t.view(*lead, self.heads, D // self.heads)
-            for t in layers.split_linear(self.qkv, self.norm1(x), 3)
+            F.linear(t, w, b).unflatten(-1, (self.heads, -1))
+            for t, w, b in ((q_in, w_q, b_q), (h, w_k, b_k), (h, w_v, b_v))
         )
-        x = x + self.proj(attend(q, k, v).reshape(*lead, D))
+        x = x + self.proj(attend(q, k, v).flatten(-2))
         return x + self.mlp(self.norm2(x))
 
 
@@ -185,11 +190,13 @@ class TextTransformer(nn.Module):
         N, K = ids_NK.shape
         x_NKD = self.token_embed(ids_NK) + self.pos_embed[:K]
         attend = partial(_padded_attention, causal=self.cfg.causal)
-        for block in self.blocks:
-            x_NKD = block(x_NKD, attend)
+        # pooled at a fixed position, the last block computes that position's output alone
+        read = {"last": slice(-1, None), "first": slice(0, 1)}.get(self.cfg.pool)
+        for i, block in enumerate(self.blocks):
+            x_NKD = block(x_NKD, attend, read if i == len(self.blocks) - 1 else None)
         x_NKD = self.norm(x_NKD)
-        if self.cfg.pool in ("last", "first"):
-            return x_NKD[:, -1 if self.cfg.pool == "last" else 0]
+        if read is not None:
+            return x_NKD[:, 0]
         len_N = caption_lengths(ids_NK, self.cfg.pad_id)
         if self.probe is None:
             return x_NKD[torch.arange(N, device=ids_NK.device), len_N - 1]
