@@ -39,7 +39,8 @@ adds `--siglip`, (b) converts it (the timm-tower conversion) and continues with 
     python bench/finetune_race.py --seeds 0 --wise-ft 0.3,0.5,0.7            (+ WiSE-FT of (b), evaluated)
 Each seed's figures are saved (bench/results/finetune_race/SOURCE_to_TARGET_seedN/results.json) with the
 settings they were made with: a rerun (or a killed race) reuses the peers' figures of every seed whose
-settings match and reruns only what changed (navit-clip's recipe or overrides); `--rerun` runs all again.
+settings match and reruns only what changed (navit-clip's recipe or overrides); `--rerun-navit` reruns
+navit-clip's side and saves it (a change to navit-clip's code); `--rerun` runs all again.
 """
 
 from __future__ import annotations
@@ -200,7 +201,11 @@ def one_race(args, transfer: str, seed: int, device, precision: str, oc_precisio
     saved = work / "results.json"
     done = json.loads(saved.read_text()) if saved.exists() else {}
     peers_saved = _matches(done, peer_settings(args)) and not args.rerun
-    if peers_saved and _matches(done, navit_settings(args)) and not (args.only_navit or args.wise_ft):
+    if (
+        peers_saved
+        and _matches(done, navit_settings(args))
+        and not (args.only_navit or args.wise_ft or args.rerun_navit)
+    ):
         print(f"== {transfer} seed {seed}: done with these settings, reused ({saved}; --rerun runs it again)")
         return done
     if args.only_navit and not peers_saved:
@@ -350,6 +355,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rebuild", action="store_true", help="pretrain again even if the checkpoint is cached")
     ap.add_argument(
         "--rerun", action="store_true", help="race every seed again, even those saved with the same settings"
+    )
+    ap.add_argument(
+        "--rerun-navit",
+        action="store_true",
+        help="run navit-clip's side of every seed again, the saved peers reused, and save it (after a change "
+        "to navit-clip's code that its recipe's settings do not show)",
     )
     ap.add_argument(
         "--shape",

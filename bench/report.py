@@ -174,34 +174,40 @@ def headline(benchmarks: str) -> str:
     return "<!-- headline -->\n" + "\n".join(rows) + "\n<!-- /headline -->\n"
 
 
-def section(name: str, output: str, seconds: float) -> str:
+def section(name: str, output: str, seconds: float, flags: list[str] = ()) -> str:
     return (
-        f"<!-- bench:{name} -->\n## {name}\n\n```\n$ python bench/{' '.join(command(name))}\n{output.strip()}\n```\n"
+        f"<!-- bench:{name} -->\n## {name}\n\n```\n$ python bench/{' '.join(command(name, flags))}\n{output.strip()}\n```\n"
         f"({seconds:.0f} s; figures in `bench/results/{name}.json`)\n<!-- /bench:{name} -->\n"
     )
 
 
-def command(name: str) -> list[str]:
-    return COMMANDS.get(name, [f"{name}.py"])
+def command(name: str, flags: list[str] = ()) -> list[str]:
+    return [*COMMANDS.get(name, [f"{name}.py"]), *flags]
 
 
 def main() -> None:
     # --headline: no benchmark runs; BENCHMARKS.md and README.md's headline are written anew from the
     # sections already pasted (after bench/NOTES.md or the headline rows changed)
-    chosen = [] if sys.argv[1:] == ["--headline"] else sys.argv[1:] or BENCHES
+    # --NAME flags after the benchmarks' names go to each of them (e.g. the fine-tune race's --rerun-navit)
+    names, flags = (
+        [a for a in sys.argv[1:] if not a.startswith("--")],
+        [a for a in sys.argv[1:] if a.startswith("--")],
+    )
+    chosen = [] if flags == ["--headline"] and not names else names or BENCHES
+    flags = [] if flags == ["--headline"] else flags
     path = ROOT / "BENCHMARKS.md"
     old = path.read_text() if path.exists() else ""
     sections = {m[1]: m[0] for m in re.finditer(r"<!-- bench:(\w+) -->.*?<!-- /bench:\1 -->\n", old, re.S)}
     for name in chosen:
         t0 = time.perf_counter()
-        script, *args = command(name)
+        script, *args = command(name, flags)
         proc = subprocess.run(
             [sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True
         )
         if proc.returncode:
             sys.exit(f"bench/{name}.py failed:\n{proc.stderr[-3000:]}")
         out = "\n".join(line for line in proc.stdout.splitlines())
-        sections[name] = section(name, out, time.perf_counter() - t0)
+        sections[name] = section(name, out, time.perf_counter() - t0, flags)
         print(sections[name])
     machine = (
         f"Machine of the last run: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
