@@ -91,15 +91,19 @@ def test_trimmed_captions_equal_padded_ones_with_gradients(pool):
 def test_packed_captions_equal_padded_ones_with_gradients(pool):
     """The text tower computes only real tokens (captions concatenated, causal within each): its
     pooled embeddings and every parameter's gradient equal the context-length-padded path (relative
-    norm of the difference: 1e-12 in float64, 1e-5 in float32), whatever the lengths and their order."""
+    norm of the difference: 1e-12 in float64, 1e-5 in float32), whatever the lengths and their order,
+    with filler after the captions' tokens or none (four full contexts: 64 tokens, the layout's multiple)."""
     tok = build_tokenizer("openclip", context_length=16)
     captions = ["a red circle", "x", "", "a photo of a small green star on grey", "a red circle", "!$ deal"]
-    ids = tok(captions * 3)
     torch.manual_seed(0)
     cfg = TextConfig(
         vocab_size=tok.num_embeddings, pad_id=0, context_length=16, width=32, depth=2, heads=4, pool=pool
     )
-    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+    for ids, dtype, tol in (
+        (tok(captions * 3), torch.float64, 1e-12),
+        (tok(captions * 3), torch.float32, 1e-5),
+        (tok(["x " * 20] * 4), torch.float64, 1e-12),
+    ):
         model = TextTransformer(cfg).to(dtype)
         if pool == "map":  # a probe at unit scale, so the pooling weights are far from uniform
             torch.nn.init.normal_(model.probe)

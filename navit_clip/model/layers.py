@@ -208,6 +208,23 @@ def grouped_attention(
     return torch.cat(outs) if outs else q_THd
 
 
+def last_token_attention(
+    q_SHd: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor, groups: list[tuple[int, int]]
+) -> torch.Tensor:
+    """`grouped_attention` (causal) for each sequence's last token alone: q_SHd holds one query per
+    sequence, in the layout's order, and the last token of a causal sequence sees all of it, so each
+    run of equal lengths is one SDPA call [count, H, 1, d] over its keys [count, H, n, d]. Rows of the
+    layout past `groups` (`by_length`'s filler) are not read."""
+    H, d = k_THd.shape[1:]
+    sizes = [count * n for count, n in groups]
+    keys, values = (t.split([*sizes, t.shape[0] - sum(sizes)]) for t in (k_THd, v_THd))
+    outs = []
+    for (count, n), q, k, v in zip(groups, q_SHd.split([count for count, _ in groups]), keys, values):
+        k_kHnd, v_kHnd = (t.view(count, n, H, d).transpose(1, 2) for t in (k, v))
+        outs.append(sdpa(q[:, :, None], k_kHnd, v_kHnd)[:, :, 0])
+    return torch.cat(outs) if outs else q_SHd
+
+
 def slot_index(segment_ids_BL: torch.Tensor, E: int) -> torch.Tensor:
     """[B, L] segment ids (1..E image slots, 0 padding) -> each token's pooled row [B, L]:
     b * E + segment - 1 for image tokens, and B * E (one spare row, dropped) for padding."""

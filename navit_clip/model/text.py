@@ -66,6 +66,9 @@ class TextConfig:
             raise ValueError(f"model.text.lock_unlocked_groups={self.lock_unlocked_groups} must be >= 0")
 
 
+Rows = slice | torch.Tensor | None  # which tokens a block computes the outputs of (None: all)
+
+
 class CausalBlock(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -78,16 +81,17 @@ class CausalBlock(nn.Module):
 
     checkpointing = False  # recompute activations in backward (set by distributed.parallelize)
 
-    def forward(self, x: torch.Tensor, attend: layers.Attend, rows: slice | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attend: layers.Attend, rows: Rows = None) -> torch.Tensor:
         if self.checkpointing and torch.is_grad_enabled():
             return checkpoint(self._forward, x, attend, rows, use_reentrant=False)
         return self._forward(x, attend, rows)
 
-    def _forward(self, x: torch.Tensor, attend: layers.Attend, rows: slice | None = None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, attend: layers.Attend, rows: Rows = None) -> torch.Tensor:
         """x: [..., D] tokens ([T, D] packed or [N, K, D] padded); `attend` is causal per caption.
-        `rows` (a slice of the token axis) computes only those tokens' outputs, which still attend to
-        every token: the last block of a tower read at one position needs no other (the keys and values
-        are the only work left for the other rows; the same numbers as slicing the full output)."""
+        `rows` (a slice or an index of the token axis) computes only those tokens' outputs, their
+        queries given to `attend` with every token's keys and values: the last block of a tower read at
+        one position (or at each caption's end) needs no other row, and the keys and values are all the
+        work left for the others. The same numbers as the full block's output at those rows."""
         h = self.norm1(x)
         q_in, x = (h, x) if rows is None else (h[..., rows, :], x[..., rows, :])
         (w_q, w_k, w_v), (b_q, b_k, b_v) = self.qkv.weight.chunk(3), self.qkv.bias.chunk(3)
@@ -168,12 +172,15 @@ class TextTransformer(nn.Module):
         )
         x_TD = self.token_embed(ids_NK.flatten()[captions.index]) + self.pos_embed[captions.position]
         attend = partial(layers.grouped_attention, groups=captions.groups, causal=True)
-        for block in self.blocks:
+        at_eot = self.probe is None and len(self.blocks) > 0
+        for block in self.blocks[:-1] if at_eot else self.blocks:
             x_TD = block(x_TD, attend)
-        x_TD = self.norm(x_TD)
-        if self.probe is None:
-            pooled = x_TD[torch.cumsum(captions.lengths, 0) - 1]
+        if at_eot:  # pooled at the end of text: the last block computes those rows alone (see CausalBlock)
+            real = captions.groups if captions.real == len(captions.index) else captions.groups[:-1]
+            last = partial(layers.last_token_attention, groups=real)
+            pooled = self.norm(self.blocks[-1](x_TD, last, torch.cumsum(captions.lengths, 0) - 1))
         else:  # single-head attention pooling over each caption's tokens
+            x_TD = self.norm(x_TD)
             caption_T = torch.repeat_interleave(torch.arange(N, device=ids_NK.device), captions.lengths)
             caption_T = F.pad(caption_T, (0, len(captions.index) - captions.real), value=N)  # filler: dropped
             scores_T1 = (x_TD @ self.probe)[:, None] / x_TD.shape[-1] ** 0.5
