@@ -40,13 +40,17 @@ class SelfAttention(nn.Module):
         return self.proj(o_BLHd.reshape(B, L, D))
 
 
-def split_linear(layer: nn.Linear, x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+def split_linear(
+    layer: nn.Linear, x: torch.Tensor | tuple[torch.Tensor, ...], parts: int
+) -> tuple[torch.Tensor, ...]:
     """`layer(x)` cut into `parts` equal slices of its output features (q, k, v), each its own
     product, so each comes out contiguous. Slicing one fused product instead leaves strided views
     that LayerNorm (qk-norm) and attention copy, forward and backward: the split is 4 % faster on a
-    ViT-Ti training step on CPU (bench/NOTES.md), with the same parameters and the same FLOPs."""
+    ViT-Ti training step on CPU (bench/NOTES.md), with the same parameters and the same FLOPs.
+    `x` may be a tuple, one input per part (queries of fewer rows than the keys and values)."""
     biases = layer.bias.chunk(parts) if layer.bias is not None else (None,) * parts
-    return tuple(F.linear(x, w, b) for w, b in zip(layer.weight.chunk(parts), biases))
+    inputs = x if isinstance(x, tuple) else (x,) * parts
+    return tuple(F.linear(t, w, b) for t, w, b in zip(inputs, layer.weight.chunk(parts), biases))
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

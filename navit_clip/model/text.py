@@ -94,11 +94,7 @@ class CausalBlock(nn.Module):
         work left for the others. The same numbers as the full block's output at those rows."""
         h = self.norm1(x)
         q_in, x = (h, x) if rows is None else (h[..., rows, :], x[..., rows, :])
-        (w_q, w_k, w_v), (b_q, b_k, b_v) = self.qkv.weight.chunk(3), self.qkv.bias.chunk(3)
-        q, k, v = (
-            F.linear(t, w, b).unflatten(-1, (self.heads, -1))
-            for t, w, b in ((q_in, w_q, b_q), (h, w_k, b_k), (h, w_v, b_v))
-        )
+        q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in layers.split_linear(self.qkv, (q_in, h, h), 3))
         x = x + self.proj(attend(q, k, v).flatten(-2))
         return x + self.mlp(self.norm2(x))
 
