@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from navit_clip.model.clip import ModelConfig, NaViTCLIP
 from navit_clip.model.text import TextConfig, TextTransformer, caption_lengths
+from navit_clip.model.vision import VisionConfig
 from navit_clip.tokenizer import build_tokenizer, train_sentencepiece, trim_padding
 
 CAPTIONS = [
@@ -127,3 +129,46 @@ def test_captions_end_at_their_last_non_padding_token():
     assert ids[0, 1] == tok.pad_id  # the real "!" token
     assert caption_lengths(ids, tok.pad_id).tolist() == [4, 3, 2]  # SOT ... EOT, inclusive
     assert caption_lengths(torch.zeros(1, 5, dtype=torch.long), 0).tolist() == [1]  # all padding
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_repeated_captions_are_encoded_once_with_the_same_numbers(causal):
+    """A batch with repeated captions (template captions of a classification set) encodes each distinct
+    caption once: the embeddings and every parameter's gradient equal each caption encoded alone
+    (float64, 1e-12), for the packed causal tower and SigLIP's bidirectional one."""
+    tok = build_tokenizer("openclip", context_length=16)
+    captions = ["a handwritten seven", "seven", "a handwritten seven", "", "seven", "a red circle", ""] * 2
+    ids = tok(captions)
+    torch.manual_seed(0)
+    text = TextConfig(
+        vocab_size=tok.num_embeddings,
+        pad_id=0,
+        context_length=16,
+        width=32,
+        depth=2,
+        heads=4,
+        causal=causal,
+        pool="eot" if causal else "last",
+    )
+    vision = VisionConfig(width=32, depth=1, heads=4)
+    model = NaViTCLIP(ModelConfig(embed_dim=24, vision=vision, text=text)).to(torch.float64)
+    w = torch.randn(len(ids), 24, dtype=torch.float64)
+    counted = []
+    model.text.forward = _counting(model.text.forward, counted)
+    runs = []
+    for batches in ([ids], [row[None] for row in ids]):  # the batch at once, then one caption at a time
+        model.zero_grad()
+        out = torch.cat([model.encode_text(b, normalize=True) for b in batches])
+        (out * w).sum().backward()
+        runs.append([out.detach()] + [p.grad.clone() for p in model.text.parameters()])
+    assert counted[0] == len(set(captions))  # 4 distinct captions of 14
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _counting(forward, counted: list):
+    def wrapped(ids_NK):
+        counted.append(ids_NK.shape[0])
+        return forward(ids_NK)
+
+    return wrapped

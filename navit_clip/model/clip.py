@@ -112,6 +112,14 @@ class NaViTCLIP(nn.Module):
         return (F.normalize(emb_BED, dim=-1) if normalize else emb_BED), out.slot_valid
 
     def _text(self, ids_NK: torch.Tensor, normalize: bool) -> torch.Tensor:
+        """Each distinct caption is encoded once: a batch of a classification set's template captions,
+        or of web data's repeated alt texts, holds many copies, and the tower reads every caption
+        alone, so the copies' rows are the same numbers and their gradients add up as before
+        (bench/NOTES.md, twenty-first round). Skipped where nothing repeats, and under a compiler."""
+        if ids_NK.shape[0] > 1 and not torch.compiler.is_compiling():
+            unique_UK, inverse_N = torch.unique(ids_NK, dim=0, return_inverse=True)
+            if unique_UK.shape[0] < ids_NK.shape[0]:
+                return self._text(unique_UK, normalize)[inverse_N]
         emb_ND = self.text_proj(self.text(ids_NK))
         return F.normalize(emb_ND, dim=-1) if normalize else emb_ND
 
