@@ -130,6 +130,7 @@ def _eval_zeroshot(args, cfg, model, tokenizer, info, budgets: list[str]) -> tup
         cached_classifier,
         eval_data_config,
         evaluate_zeroshot,
+        indistinct_classes,
         label_map,
         load_names,
     )
@@ -148,6 +149,9 @@ def _eval_zeroshot(args, cfg, model, tokenizer, info, budgets: list[str]) -> tup
         ckpt.parent / "zeroshot_cache",
         str(ckpt.resolve()),
     )
+    note = indistinct_classes(classifier, classnames)
+    if note and info.is_main:
+        print(note)
     rows = []
     for b in budgets:
         policy = (

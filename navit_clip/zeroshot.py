@@ -89,6 +89,29 @@ def build_classifier(model, tokenizer, classnames: list[str], templates: list[st
     return torch.stack(weights, dim=1)
 
 
+def indistinct_classes(classifier_DC: torch.Tensor, classnames: list[str], threshold: float = 0.99) -> str:
+    """A note when some classes' prompt embeddings sit at cosine >= `threshold`: the text tower barely
+    tells those names apart, so zero-shot among them is near chance whatever the images. Identical
+    names (ImageNet's two "crane" classes) read 1.0; so do names new to a checkpoint's text tower
+    (bench/NOTES.md, twentieth round: ten new class names at 0.999). Empty when every pair is apart."""
+    cos_CC = (classifier_DC.T @ classifier_DC).float().cpu()
+    first, second = torch.triu_indices(len(classnames), len(classnames), offset=1)
+    close = (cos_CC[first, second] >= threshold).nonzero().squeeze(1)
+    if not len(close):
+        return ""
+    worst = sorted(close.tolist(), key=lambda k: -cos_CC[first[k], second[k]].item())
+    shown = ", ".join(
+        f"{classnames[first[k]]!r} / {classnames[second[k]]!r} {cos_CC[first[k], second[k]]:.3f}"
+        for k in worst[:3]
+    )
+    return (
+        f"note: {len(close)} of {len(first)} class pairs have prompt embeddings at cosine >= {threshold} "
+        f"({shown}{', ...' if len(close) > 3 else ''}): the text tower barely tells these names apart, so "
+        "zero-shot among them is near chance; rename duplicated classes, or fine-tune on captions that "
+        "use the names"
+    )
+
+
 def cached_classifier(
     model, tokenizer, classnames, templates, device, cache_dir: str | Path | None, key: str
 ):

@@ -378,6 +378,44 @@ def test_folder_classnames_are_matched_by_name_not_by_file_order(trained_checkpo
         folder_classnames(["circle", "square"], ["square", "star"])
 
 
+def test_eval_notes_classes_whose_prompts_the_text_tower_cannot_tell_apart(
+    trained_checkpoint, tmp_path, capsys
+):
+    """Two classes with the same name (ImageNet's two "crane"s) embed at cosine 1.0: `navit-clip eval`
+    says zero-shot among them is near chance, naming the closest pairs first; classes well apart get
+    no note."""
+    from navit_clip.zeroshot import indistinct_classes
+
+    ckpt, paths = trained_checkpoint
+    names = [c for c in open(paths["classnames"]).read().splitlines() if c]
+    doubled = tmp_path / "names.txt"
+    doubled.write_text("\n".join([names[0], names[0], *names[2:]]) + "\n")
+    cli(
+        [
+            "eval",
+            str(ckpt),
+            "--data",
+            paths["heldout"],
+            "--classnames",
+            str(doubled),
+            "--budgets",
+            "16",
+            "--out",
+            str(tmp_path / "ev"),
+        ]
+    )
+    out = capsys.readouterr().out
+    # the pair named first is the closest: the doubled name (a 30-step tower has other pairs near 1 too)
+    assert f"class pairs have prompt embeddings at cosine >= 0.99 ({names[0]!r} / {names[0]!r} 1.000" in out
+
+    apart = torch.nn.functional.normalize(torch.eye(3) + 0.1, dim=0)  # pairwise cosine 0.17
+    assert indistinct_classes(apart, ["a", "b", "c"]) == ""
+    close = torch.nn.functional.normalize(torch.ones(3, 5) + 1e-3 * torch.randn(3, 5), dim=0)
+    assert "10 of 10 class pairs" in indistinct_classes(
+        close, list("abcde")
+    ) and ", ...)" in indistinct_classes(close, list("abcde"))
+
+
 def test_eval_notes_budgets_past_the_trained_sizes():
     """`navit-clip eval` says when a budget gives images larger than any the checkpoint trained on
     (the demo trains sides up to 160 px: 10 patches, a 100-token square)."""
