@@ -37,6 +37,7 @@ adds `--siglip`, (b) converts it (the timm-tower conversion) and continues with 
     python bench/finetune_race.py --transfer shapes:digits --seeds 0 --budget 60
     python bench/finetune_race.py --only-navit data.token_drop.kind=none      (an ablation of (b))
     python bench/finetune_race.py --seeds 0 --wise-ft 0.3,0.5,0.7            (+ WiSE-FT of (b), evaluated)
+    python bench/finetune_race.py --peer-lock-text 2 --openclip-src DIR   (the peers with the recipe's text lock)
 Each seed's figures are saved (bench/results/finetune_race/SOURCE_to_TARGET_seedN/results.json) with the
 settings they were made with: a rerun (or a killed race) reuses the peers' figures of every seed whose
 settings match and reruns only what changed (navit-clip's recipe or overrides); `--rerun-navit` reruns
@@ -108,12 +109,18 @@ RECIPE = [o for o in NAVIT if not o.startswith(("model.", "tokenizer.", "data.re
 ]
 
 
-SHAPES = {"clip": OPENCLIP_CONFIG, "siglip": SIGLIP_CONFIG}  # the checkpoint's open_clip model config
+SHAPES = {"clip": OPENCLIP_CONFIG, "siglip": SIGLIP_CONFIG}
 
 
-def _apart(shape: str) -> str:
-    """The suffix keeping a shape's caches and results apart from the CLIP race's (which has none)."""
-    return "" if shape == "clip" else f"_{shape}"
+def peer_lock_flags(unlocked: int) -> list[str]:
+    """open_clip_train's flags for the text lock of `--peer-lock-text` (its groups are the recipe's)."""
+    return ["--lock-text", "--lock-text-unlocked-layers", str(unlocked), "--lock-text-freeze-layer-norm"]  # the checkpoint's open_clip model config
+
+
+def _apart(shape: str, peer_lock_text: int = 0) -> str:
+    """The suffix keeping a shape's caches and results apart from the CLIP race's (which has none), and
+    an ablation with the peers' text towers locked apart from the race as pasted."""
+    return ("" if shape == "clip" else f"_{shape}") + (f"_peerlock{peer_lock_text}" if peer_lock_text else "")
 
 
 def zeroshot_of_openclip(oc_model, data: dict, device, config: dict) -> dict:
@@ -174,6 +181,7 @@ def run_naflex(args, ckpt: Path, data: dict, seed: int, device, precision: str, 
         "--pretrained",
         str(ckpt / "pretrained.safetensors"),
         *(["--siglip"] if args.shape == "siglip" else []),
+        *(peer_lock_flags(args.peer_lock_text) if args.peer_lock_text else []),
     ]
     weights = run_trainer(
         "naflex",
@@ -200,7 +208,7 @@ def one_race(args, transfer: str, seed: int, device, precision: str, oc_precisio
     config = SHAPES[args.shape]
     ckpt = pretrained(source, args.pretrain, device, oc_precision, args.rebuild, args.shape)
     data = race_data(target, args.data)
-    suffix = _apart(args.shape)
+    suffix = _apart(args.shape, args.peer_lock_text)
     work = ROOT / "bench" / "results" / "finetune_race" / f"{source}_to_{target}_seed{seed}{suffix}"
     work.mkdir(parents=True, exist_ok=True)
     saved = work / "results.json"
@@ -223,6 +231,8 @@ def one_race(args, transfer: str, seed: int, device, precision: str, oc_precisio
         print(f"  {transfer} seed {seed}: pretrained checkpoint on {target}: {out['pretrained']}")
         print(f"== {transfer} seed {seed}: (a) open_clip continues at 96 x 96 for {args.budget:.0f} s")
         oc = load_openclip(ckpt, config)
+        if args.peer_lock_text:  # open_clip_train's --lock-text, as (c) gets it
+            oc.lock_text_tower(unlocked_layers=args.peer_lock_text)
         a = run_openclip(data, [args.budget], 0.0, device, seed + 1, oc_precision, oc, args.lr, WARMUP)
         out["openclip"] = {**a[f"at_{args.budget:.0f}s"], **zeroshot_of_openclip(oc, data, device, config)}
         if args.openclip_src:
@@ -263,6 +273,7 @@ def peer_settings(args) -> dict:
         "budget_s": args.budget,
         "lr": args.lr,
         "openclip_src": args.openclip_src,
+        **({"peer_lock_text": args.peer_lock_text} if args.peer_lock_text else {}),
     }
 
 
@@ -343,6 +354,7 @@ def main() -> None:
         "navit_overrides": args.overrides,
         "wise_ft_alphas": args.wise_ft,
         "openclip_src": args.openclip_src,
+        "peer_lock_text": args.peer_lock_text,
     }
     for transfer in transfers:
         runs = [one_race(args, transfer, seed, device, precision, oc_precision) for seed in seeds]
@@ -350,7 +362,7 @@ def main() -> None:
         sides = ["pretrained", "openclip", *(["naflex"] if "naflex" in runs[0] else []), "navit"]
         summarise(transfer, runs, sides + [f"wise_{a:g}" for a in args.wise_ft], results)
     print(f"({time.perf_counter() - t_start:.0f} s in all)")
-    name = "finetune_race" + _apart(args.shape)
+    name = "finetune_race" + _apart(args.shape, args.peer_lock_text)
     save_results(f"{name}_ablation" if args.only_navit else name, results)
 
 
@@ -401,6 +413,14 @@ def parse_args() -> argparse.Namespace:
         default="",
         type=lambda text: [float(a) for a in text.split(",") if a],
         help="comma-separated alphas: also evaluate (b) weight-space ensembled with its start (navit-clip wise-ft)",
+    )
+    ap.add_argument(
+        "--peer-lock-text",
+        type=int,
+        default=0,
+        metavar="N",
+        help="an ablation: both peers lock their text tower but its last N groups (open_clip_train's "
+        "--lock-text --lock-text-unlocked-layers N; the recipe's lock is N = 2), cached and written apart",
     )
     ap.add_argument("overrides", nargs="*", help="navit-clip config overrides for (b), section.key=value")
     return ap.parse_args()
