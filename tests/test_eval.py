@@ -390,20 +390,8 @@ def test_eval_notes_classes_whose_prompts_the_text_tower_cannot_tell_apart(
     names = [c for c in open(paths["classnames"]).read().splitlines() if c]
     doubled = tmp_path / "names.txt"
     doubled.write_text("\n".join([names[0], names[0], *names[2:]]) + "\n")
-    cli(
-        [
-            "eval",
-            str(ckpt),
-            "--data",
-            paths["heldout"],
-            "--classnames",
-            str(doubled),
-            "--budgets",
-            "16",
-            "--out",
-            str(tmp_path / "ev"),
-        ]
-    )
+    given = ["--data", paths["heldout"], "--classnames", str(doubled), "--budgets", "16"]
+    cli(["eval", str(ckpt), *given, "--out", str(tmp_path / "ev")])
     out = capsys.readouterr().out
     # the pair named first is the closest: the doubled name (a 30-step tower has other pairs near 1 too)
     assert f"class pairs have prompt embeddings at cosine >= 0.99 ({names[0]!r} / {names[0]!r} 1.000" in out
