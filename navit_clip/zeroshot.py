@@ -89,24 +89,35 @@ def build_classifier(model, tokenizer, classnames: list[str], templates: list[st
     return torch.stack(weights, dim=1)
 
 
-def indistinct_classes(classifier_DC: torch.Tensor, classnames: list[str], threshold: float = 0.99) -> str:
+def indistinct_classes(
+    classifier_DC: torch.Tensor, classnames: list[str], threshold: float = 0.99, rows: int = 1024
+) -> str:
     """A note when some classes' prompt embeddings sit at cosine >= `threshold`: the text tower barely
     tells those names apart, so zero-shot among them is near chance whatever the images. Identical
     names (ImageNet's two "crane" classes) read 1.0; so do names new to a checkpoint's text tower
-    (bench/NOTES.md, twentieth round: ten new class names at 0.999). Empty when every pair is apart."""
-    cos_CC = (classifier_DC.T @ classifier_DC).float().cpu()
-    first, second = torch.triu_indices(len(classnames), len(classnames), offset=1)
-    close = (cos_CC[first, second] >= threshold).nonzero().squeeze(1)
-    if not len(close):
+    (bench/NOTES.md, twentieth round: ten new class names at 0.999). Empty when every pair is apart.
+    The cosines are read `rows` classes at a time (21k classes: never a C x C matrix), keeping a count
+    and the three closest pairs."""
+    W_DC = classifier_DC.float()
+    C = W_DC.shape[1]
+    count, closest = 0, []  # (cosine, class, class): the closest pairs of each block of rows
+    for start in range(0, C, rows):
+        cos_RC = W_DC[:, start : start + rows].T @ W_DC
+        row_R = torch.arange(start, start + cos_RC.shape[0], device=cos_RC.device)
+        cos_RC = cos_RC.masked_fill(
+            torch.arange(C, device=cos_RC.device) <= row_R[:, None], -2.0
+        )  # pairs once
+        count += int((cos_RC >= threshold).sum())
+        top = cos_RC.flatten().topk(min(3, cos_RC.numel()))
+        closest += [(v, start + k // C, k % C) for v, k in zip(top.values.tolist(), top.indices.tolist())]
+    if not count:
         return ""
-    worst = sorted(close.tolist(), key=lambda k: -cos_CC[first[k], second[k]].item())
     shown = ", ".join(
-        f"{classnames[first[k]]!r} / {classnames[second[k]]!r} {cos_CC[first[k], second[k]]:.3f}"
-        for k in worst[:3]
+        f"{classnames[a]!r} / {classnames[b]!r} {v:.3f}" for v, a, b in sorted(closest)[::-1][:3]
     )
     return (
-        f"note: {len(close)} of {len(first)} class pairs have prompt embeddings at cosine >= {threshold} "
-        f"({shown}{', ...' if len(close) > 3 else ''}): the text tower barely tells these names apart, so "
+        f"note: {count} of {C * (C - 1) // 2} class pairs have prompt embeddings at cosine >= {threshold} "
+        f"({shown}{', ...' if count > 3 else ''}): the text tower barely tells these names apart, so "
         "zero-shot among them is near chance; rename duplicated classes, or fine-tune on captions that "
         "use the names"
     )

@@ -399,9 +399,13 @@ def test_eval_notes_classes_whose_prompts_the_text_tower_cannot_tell_apart(
     apart = torch.nn.functional.normalize(torch.eye(3) + 0.1, dim=0)  # pairwise cosine 0.17
     assert indistinct_classes(apart, ["a", "b", "c"]) == ""
     close = torch.nn.functional.normalize(torch.ones(3, 5) + 1e-3 * torch.randn(3, 5), dim=0)
-    assert "10 of 10 class pairs" in indistinct_classes(
-        close, list("abcde")
-    ) and ", ...)" in indistinct_classes(close, list("abcde"))
+    note = indistinct_classes(close, list("abcde"))
+    assert "10 of 10 class pairs" in note and ", ...)" in note
+    # read a few rows at a time (large class sets), the same count and closest pairs (ties in any order)
+    mixed = torch.cat([apart, torch.zeros(2, 3)])[:, [0, 1, 2, 0, 1, 2, 2]]  # a / d, b / e, c / f / g
+    for rows in (2, 3, 1024):
+        note = indistinct_classes(mixed, list("abcdefg"), rows=rows)
+        assert "5 of 21 class pairs" in note and note.count(" 1.000") == 3 and ", ...)" in note
 
 
 def test_eval_notes_budgets_past_the_trained_sizes():
