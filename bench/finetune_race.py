@@ -109,12 +109,12 @@ RECIPE = [o for o in NAVIT if not o.startswith(("model.", "tokenizer.", "data.re
 ]
 
 
-SHAPES = {"clip": OPENCLIP_CONFIG, "siglip": SIGLIP_CONFIG}
+SHAPES = {"clip": OPENCLIP_CONFIG, "siglip": SIGLIP_CONFIG}  # the checkpoint's open_clip model config
 
 
 def peer_lock_flags(unlocked: int) -> list[str]:
     """open_clip_train's flags for the text lock of `--peer-lock-text` (its groups are the recipe's)."""
-    return ["--lock-text", "--lock-text-unlocked-layers", str(unlocked), "--lock-text-freeze-layer-norm"]  # the checkpoint's open_clip model config
+    return ["--lock-text", "--lock-text-unlocked-layers", str(unlocked), "--lock-text-freeze-layer-norm"]
 
 
 def _apart(shape: str, peer_lock_text: int = 0) -> str:

@@ -116,12 +116,14 @@ class NaViTCLIP(nn.Module):
         or of web data's repeated alt texts, holds many copies, and the tower reads every caption
         alone, so the copies' rows are the same numbers and their gradients add up as before
         (bench/NOTES.md, twenty-first round). Skipped where nothing repeats, and under a compiler."""
+        inverse_N = None
         if ids_NK.shape[0] > 1 and not torch.compiler.is_compiling():
-            unique_UK, inverse_N = torch.unique(ids_NK, dim=0, return_inverse=True)
+            unique_UK, inverse = torch.unique(ids_NK, dim=0, return_inverse=True)
             if unique_UK.shape[0] < ids_NK.shape[0]:
-                return self._text(unique_UK, normalize)[inverse_N]
+                ids_NK, inverse_N = unique_UK, inverse
         emb_ND = self.text_proj(self.text(ids_NK))
-        return F.normalize(emb_ND, dim=-1) if normalize else emb_ND
+        emb_ND = F.normalize(emb_ND, dim=-1) if normalize else emb_ND
+        return emb_ND if inverse_N is None else emb_ND[inverse_N]
 
     def encode_packed(self, images: PackedBatch, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed images -> per-slot embeddings [B, E, D] and the slot mask [B, E]."""
