@@ -266,6 +266,10 @@ class ResolutionPolicy:
     reach_prob      for side_sampling: this share of images draws its side from [max_side (at the
     reach_side      step), reach_side] instead: a tail of large images, so that a run centred on one
                     size still trains the grids of large token budgets (0: no tail).
+    budget_prob     for side_sampling: this share of images is sized as `budget` sizes it (the largest
+                    size with at most `tokens` patches, aspect kept) instead of drawing a side; the
+                    rest draw from the range and the tail. A fine-tune at a checkpoint's own token
+                    count (`tokens`) with the other budgets still trained (bench/NOTES.md, 22nd round).
     """
 
     kind: str = "native"
@@ -276,6 +280,7 @@ class ResolutionPolicy:
     schedule: list[tuple[int, int]] | None = None
     reach_prob: float = 0.0
     reach_side: int = 0
+    budget_prob: float = 0.0
 
     def validate(self) -> None:
         if self.kind not in RESOLUTION_POLICIES:
@@ -296,6 +301,14 @@ class ResolutionPolicy:
                 raise ValueError(
                     f"resolution.schedule={self.schedule}: every max_side must be >= min_side ({self.min_side})"
                 )
+        if self.budget_prob:
+            where = f"resolution.budget_prob={self.budget_prob}, tokens={self.tokens}"
+            if self.kind != "side_sampling":
+                raise ValueError(
+                    f"{where}: a share of budget-sized images needs kind=side_sampling, not {self.kind!r}"
+                )
+            if not 0 < self.budget_prob <= 1 or self.tokens < 1:
+                raise ValueError(f"{where}: budget_prob is a share of images, in (0, 1], and tokens >= 1")
         if self.reach_prob:
             where = f"resolution.reach_prob={self.reach_prob}, reach_side={self.reach_side}"
             if self.kind != "side_sampling":
@@ -367,7 +380,7 @@ def policy_max_tokens(policy: ResolutionPolicy, patch_size: int) -> int:
     if policy.kind == "budget":
         return policy.tokens
     side = -(-policy.largest_side() // patch_size) + 1  # rounding to the nearest multiple can add one patch
-    return side * side
+    return max(side * side, policy.tokens if policy.budget_prob else 0)
 
 
 def _truncnorm_unit(rng: random.Random, mean: float = -0.5, std: float = 1.0) -> float:
@@ -394,7 +407,8 @@ def target_size(
     kept within one patch), and the result is shrunk further if it has more than `seq_len` tokens.
     """
     long_side = max(height, width)
-    if policy.kind == "budget":
+    budget_sized = policy.budget_prob and rng.random() < policy.budget_prob
+    if policy.kind == "budget" or budget_sized:
         h, w = budget_grid(height, width, patch_size, min(policy.tokens, seq_len))
         return h * patch_size, w * patch_size
     if policy.kind == "native":

@@ -13,7 +13,13 @@ from navit_clip.data.decode import BadSample, decode_image
 from navit_clip.data.pipeline import DataConfig, PackedImageText, make_loader
 from navit_clip.data.shards import pairs_from_folder, pairs_from_table, write_shards
 from navit_clip.model.clip import CLIP_MEAN, CLIP_STD
-from navit_clip.packing import ResolutionPolicy, TokenDropConfig, sample_drop_rate, target_size
+from navit_clip.packing import (
+    ResolutionPolicy,
+    TokenDropConfig,
+    policy_max_tokens,
+    sample_drop_rate,
+    target_size,
+)
 
 P = 16
 
@@ -255,6 +261,31 @@ def test_a_reach_draws_a_share_of_images_past_the_range():
     ]
     for policy in bad:
         with pytest.raises(ValueError, match="resolution.reach"):
+            policy.validate()
+
+
+def test_a_budget_share_sizes_images_to_the_token_count_and_the_rest_draw_sides():
+    """resolution.budget_prob: that share of images gets budget_grid's size for `tokens` (aspect kept:
+    the size `budget` gives, whatever the side range), the rest draw from the range; the most tokens an
+    image can have counts the budget; bad shares and kinds are errors."""
+    policy = ResolutionPolicy("side_sampling", min_side=160, max_side=256, tokens=36, budget_prob=0.3)
+    policy.validate()
+    budget = ResolutionPolicy("budget", tokens=36)
+    rng = random.Random(0)
+    for h, w in ((1000, 1000), (300, 600), (700, 350)):
+        sizes = [target_size(h, w, policy, P, 10_000, rng) for _ in range(2000)]
+        at_budget = [s for s in sizes if s == target_size(h, w, budget, P, 10_000, rng)]
+        assert 0.25 < len(at_budget) / len(sizes) < 0.35
+        assert all(max(s) >= 160 - P for s in sizes if s not in at_budget)  # the rest: from the range
+    small = ResolutionPolicy("side_sampling", min_side=16, max_side=32, tokens=100, budget_prob=0.5)
+    assert policy_max_tokens(small, P) == 100 and policy_max_tokens(policy, P) == 17 * 17
+    bad = [
+        ResolutionPolicy("side_sampling", 64, 128, tokens=36, budget_prob=1.5),  # not a share
+        ResolutionPolicy("side_sampling", 64, 128, tokens=0, budget_prob=0.5),  # no budget
+        ResolutionPolicy("native", tokens=36, budget_prob=0.5),  # nothing drawn
+    ]
+    for policy in bad:
+        with pytest.raises(ValueError, match="resolution.budget_prob"):
             policy.validate()
 
 
