@@ -110,6 +110,19 @@ RECIPE = [o for o in NAVIT if not o.startswith(("model.", "tokenizer.", "data.re
 
 
 SHAPES = {"clip": OPENCLIP_CONFIG, "siglip": SIGLIP_CONFIG}  # the checkpoint's open_clip model config
+# What a shape's recipe adds to RECIPE. The sigmoid fine-tune: half the images sized to the checkpoint's
+# own token count (its grid, aspect kept), the rest drawn from the side range with the tail twice as
+# likely, so the tail keeps its 8 % of all images. SigLIP shapes -> digits, 3 seeds: own 0.97x -> 1.35x,
+# native 1.08x -> 1.24x; on the CLIP checkpoint it cost native 29.3 -> 25.7 %, so CLIP keeps the range
+# (bench/NOTES.md, twenty-second round).
+SHAPE_RECIPE = {
+    "clip": [],
+    "siglip": [
+        "data.resolution.budget_prob=0.5",
+        f"data.resolution.tokens={(TRAINED_SIDE // OPENCLIP_CONFIG['vision_cfg']['patch_size']) ** 2}",
+        "data.resolution.reach_prob=0.16",
+    ],
+}
 
 
 def peer_lock_flags(unlocked: int) -> list[str]:
@@ -245,7 +258,13 @@ def one_race(args, transfer: str, seed: int, device, precision: str, oc_precisio
     converted = convert_openclip(
         str(ckpt / "vit-ti.json"), ckpt / "pretrained.safetensors", work / "converted.pt"
     )
-    overrides = [*RECIPE, f"model.init_from={converted}", f"train.lr={args.lr}", f"train.warmup={WARMUP}"]
+    overrides = [
+        *RECIPE,
+        *SHAPE_RECIPE[args.shape],
+        f"model.init_from={converted}",
+        f"train.lr={args.lr}",
+        f"train.warmup={WARMUP}",
+    ]
     finetuned = work / "finetuned.pt"
     b = run_navit(
         data, [args.budget], overrides + args.overrides, device, str(finetuned), seed + 1, precision
@@ -279,7 +298,7 @@ def peer_settings(args) -> dict:
 
 def navit_settings(args) -> dict:
     """What the saved navit-clip figures depend on besides those: the recipe and the run's overrides."""
-    return {"recipe": RECIPE, "navit_overrides": args.overrides}
+    return {"recipe": RECIPE + SHAPE_RECIPE[args.shape], "navit_overrides": args.overrides}
 
 
 def _matches(done: dict, settings: dict) -> bool:
