@@ -398,10 +398,12 @@ def _with_derived(cfg: Config, tree: dict) -> Config:
 
 def trained_side(policy: ResolutionPolicy, patch_size: int) -> int:
     """The longest side, in patches, of the images `policy` trains on: max_side / patch (side
-    sampling, native), or the side of a square at the token budget."""
+    sampling, native), or the side of a square at the token budget (a budget share counts both)."""
+    budget_side = max(1, math.ceil(math.sqrt(policy.tokens)))
     if policy.kind == "budget":
-        return max(1, math.ceil(math.sqrt(policy.tokens)))
-    return max(1, math.ceil(policy.largest_side() / patch_size))
+        return budget_side
+    side = max(1, math.ceil(policy.largest_side() / patch_size))
+    return max(side, budget_side) if policy.budget_prob else side
 
 
 # The packed layout (tokens per sequence, images per sequence) is the data's: the tower takes any.

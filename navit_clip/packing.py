@@ -402,7 +402,8 @@ def target_size(
     """The pixel size (H, W), multiples of `patch_size`, an image is resized to under `policy` (at
     training step `step`, which a scheduled side range reads).
 
-    The longer side is set (native: kept, at most max_side; side_sampling: drawn), the shorter one
+    A `budget_prob` share of side-sampled images is sized as the `budget` kind sizes it. Otherwise
+    the longer side is set (native: kept, at most max_side; side_sampling: drawn), the shorter one
     follows the aspect ratio, both are rounded to the nearest patch multiple (so the aspect ratio is
     kept within one patch), and the result is shrunk further if it has more than `seq_len` tokens.
     """

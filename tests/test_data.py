@@ -9,6 +9,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from navit_clip.config import trained_side
 from navit_clip.data.decode import BadSample, decode_image
 from navit_clip.data.pipeline import DataConfig, PackedImageText, make_loader
 from navit_clip.data.shards import pairs_from_folder, pairs_from_table, write_shards
@@ -279,6 +280,7 @@ def test_a_budget_share_sizes_images_to_the_token_count_and_the_rest_draw_sides(
         assert all(max(s) >= 160 - P for s in sizes if s not in at_budget)  # the rest: from the range
     small = ResolutionPolicy("side_sampling", min_side=16, max_side=32, tokens=100, budget_prob=0.5)
     assert policy_max_tokens(small, P) == 100 and policy_max_tokens(policy, P) == 17 * 17
+    assert trained_side(small, P) == 10 and trained_side(policy, P) == 16  # rope_span's cap counts both
     bad = [
         ResolutionPolicy("side_sampling", 64, 128, tokens=36, budget_prob=1.5),  # not a share
         ResolutionPolicy("side_sampling", 64, 128, tokens=0, budget_prob=0.5),  # no budget
