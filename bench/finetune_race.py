@@ -233,6 +233,7 @@ def one_race(args, transfer: str, seed: int, device, precision: str, oc_precisio
         and not (args.only_navit or args.wise_ft or args.rerun_navit)
     ):
         print(f"== {transfer} seed {seed}: done with these settings, reused ({saved}; --rerun runs it again)")
+        print(f"  {seed_figures(done)}")  # a paste of reused seeds still shows what each side read
         return done
     if args.only_navit and not peers_saved:
         raise SystemExit(f"--only-navit reuses the peers of {saved}: run the race with these settings first")
@@ -311,6 +312,17 @@ def _top1(side: dict, k: str, own: int) -> float:
     favours the peer: that is how its users evaluate it."""
     x = side[f"top1_{k}"]
     return max(x, side.get(f"top1_{TRAINED_SIDE}px", 0.0)) if k == str(own) else x
+
+
+def seed_figures(done: dict) -> str:
+    """One seed's saved sides in a line: steps, top-1 at the checkpoint's own count and at native size."""
+    own = (TRAINED_SIDE // OPENCLIP_CONFIG["vision_cfg"]["patch_size"]) ** 2
+    return "; ".join(
+        f"{side} {done[side]['steps']} steps, {100 * _top1(done[side], str(own), own):.1f} % at {own}* tokens, "
+        f"{100 * done[side]['top1_native']:.1f} % native"
+        for side in ("openclip", "naflex", "navit")
+        if side in done
+    )
 
 
 def summarise(transfer: str, runs: list[dict], sides: list[str], results: dict) -> None:
