@@ -90,6 +90,7 @@ WARMUP = 20
 # evaluated budget's side (256 px: 256 tokens), buys the large budgets on both transfers and keeps the
 # checkpoint's own (bench/NOTES.md, eighteenth round).
 TRAINED_SIDE = OPENCLIP_CONFIG["vision_cfg"]["image_size"]
+OWN_TOKENS = (TRAINED_SIDE // OPENCLIP_CONFIG["vision_cfg"]["patch_size"]) ** 2  # the checkpoint's own count
 # the square side of the largest evaluated budget (256 tokens: 16 patches of 16 px), where the tail reaches
 LARGEST_BUDGET_SIDE = round(math.sqrt(max(BUDGET_TOKENS))) * OPENCLIP_CONFIG["vision_cfg"]["patch_size"]
 RECIPE = [o for o in NAVIT if not o.startswith(("model.", "tokenizer.", "data.resolution.schedule"))] + [
@@ -119,7 +120,7 @@ SHAPE_RECIPE = {
     "clip": [],
     "siglip": [
         "data.resolution.budget_prob=0.5",
-        f"data.resolution.tokens={(TRAINED_SIDE // OPENCLIP_CONFIG['vision_cfg']['patch_size']) ** 2}",
+        f"data.resolution.tokens={OWN_TOKENS}",
         "data.resolution.reach_prob=0.16",
     ],
 }
@@ -306,20 +307,19 @@ def _matches(done: dict, settings: dict) -> bool:
     return all(done.get("settings", {}).get(k, "?") == v for k, v in settings.items())
 
 
-def _top1(side: dict, k: str, own: int) -> float:
+def _top1(side: dict, k: str) -> float:
     """A side's top-1 at budget `k`. At the checkpoint's own count, a side evaluated with open_clip's
     own val transform (square, TRAINED_SIDE px: the same tokens) counts the better of the two, which
     favours the peer: that is how its users evaluate it."""
     x = side[f"top1_{k}"]
-    return max(x, side.get(f"top1_{TRAINED_SIDE}px", 0.0)) if k == str(own) else x
+    return max(x, side.get(f"top1_{TRAINED_SIDE}px", 0.0)) if k == str(OWN_TOKENS) else x
 
 
 def seed_figures(done: dict) -> str:
     """One seed's saved sides in a line: steps, top-1 at the checkpoint's own count and at native size."""
-    own = (TRAINED_SIDE // OPENCLIP_CONFIG["vision_cfg"]["patch_size"]) ** 2
     return "; ".join(
-        f"{side} {done[side]['steps']} steps, {100 * _top1(done[side], str(own), own):.1f} % at {own}* tokens, "
-        f"{100 * done[side]['top1_native']:.1f} % native"
+        f"{side} {done[side]['steps']} steps, {100 * _top1(done[side], str(OWN_TOKENS)):.1f} % at "
+        f"{OWN_TOKENS}* tokens, {100 * done[side]['top1_native']:.1f} % native"
         for side in ("openclip", "naflex", "navit")
         if side in done
     )
@@ -327,7 +327,7 @@ def seed_figures(done: dict) -> str:
 
 def summarise(transfer: str, runs: list[dict], sides: list[str], results: dict) -> None:
     """One transfer's table (means of the seeds, min..max) and its verdict against the best peer."""
-    own = (TRAINED_SIDE // OPENCLIP_CONFIG["vision_cfg"]["patch_size"]) ** 2
+    own = str(OWN_TOKENS)
     peers = [p for p in ("openclip", "naflex") if p in sides]
     print(
         f"\n{transfer}: zero-shot top-1 on {transfer.split(':')[1]}, mean of {len(runs)} seed(s) (min..max)"
@@ -341,18 +341,18 @@ def summarise(transfer: str, runs: list[dict], sides: list[str], results: dict) 
     for k in ["native", *map(str, BUDGET_TOKENS)]:
         cells, means = [], {}
         for side in sides:
-            xs = [_top1(r[side], k, own) for r in runs]
+            xs = [_top1(r[side], k) for r in runs]
             means[side] = statistics.fmean(xs)
             cells.append(f"{100 * means[side]:5.1f} ({100 * min(xs):4.1f}..{100 * max(xs):4.1f})")
             results[f"{transfer}_{side}_top1_{k}"] = round(means[side], 4)
         best = max(peers, key=lambda p: means[p])
         ratios[k] = (means["navit"] / max(means[best], 1e-9), best)
         results[f"{transfer}_ratio_navit_over_best_{k}"] = round(ratios[k][0], 3)
-        mark = "*" if k == str(own) else " "
+        mark = "*" if k == own else " "
         print(f"{k + mark:>13} " + " ".join(f"{c:>17}" for c in cells) + f" {best:>10} {ratios[k][0]:6.2f}")
     worst = min(map(str, BUDGET_TOKENS), key=lambda k: ratios[k][0])
     print(
-        f"verdict {transfer}: own {own} tokens {ratios[str(own)][0]:.2f}x vs {ratios[str(own)][1]}; native "
+        f"verdict {transfer}: own {own} tokens {ratios[own][0]:.2f}x vs {ratios[own][1]}; native "
         f"{ratios['native'][0]:.2f}x vs {ratios['native'][1]}; worst budget {worst} tokens {ratios[worst][0]:.2f}x "
         f"vs {ratios[worst][1]} (* the checkpoint's own count)"
     )
