@@ -114,8 +114,8 @@ SHAPES = {"clip": OPENCLIP_CONFIG, "siglip": SIGLIP_CONFIG}  # the checkpoint's 
 # What a shape's recipe adds to RECIPE. The sigmoid fine-tune: half the images sized to the checkpoint's
 # own token count (its grid, aspect kept), the rest drawn from the side range with the tail twice as
 # likely, so the tail keeps its 8 % of all images. SigLIP shapes -> digits, 3 seeds: own 0.97x -> 1.35x,
-# native 1.08x -> 1.24x; on the CLIP checkpoint it cost native 29.3 -> 25.7 %, so CLIP keeps the range
-# (bench/NOTES.md, twenty-second round).
+# native 1.08x -> 1.24x (5 seeds, every side in one hour: 1.32x / 1.34x, 256 tokens a tie); on the CLIP
+# checkpoint it cost native 29.3 -> 25.7 %, so CLIP keeps the range (bench/NOTES.md, rounds 22-23).
 SHAPE_RECIPE = {
     "clip": [],
     "siglip": [
