@@ -32,8 +32,9 @@ open_clip_train runs `--precision amp_bf16`, gained it no steps and lost it 7.6 
 navit-clip's precision elsewhere). All evaluate in float32.
 At each budget all are evaluated zero-shot on the same held-out image folder; navit-clip at 36 tokens
 per image (aspect kept; the headline ratio against the best peer, equal inference compute), at native
-resolution and, at the last budget, at several token budgets. The last lines give each side's images/s,
-image tokens/s and padding fraction.
+resolution and, at the last budget, at several token budgets. The last lines give the lead as time (when
+navit-clip's mean first reaches the best peer's top-1 at the last budget, between the budgets read:
+`--budgets 60,90,120,180` reads it finer), each side's images/s, image tokens/s and padding fraction.
 
     python bench/learning_race.py --openclip-src DIR           -> bench/results/learning_race.json
     python bench/learning_race.py --budgets 60,120 --only navit model.vision.pool=mean   (an ablation)
@@ -41,6 +42,7 @@ image tokens/s and padding fraction.
     python bench/learning_race.py --peers plain               (one peer: today's loop, as before 2026-12)
     python bench/learning_race.py --device cuda
     python bench/learning_race.py --task digits            (real scans: bench/digits.py)
+    python bench/learning_race.py --task digits --show     (a saved race's summary again, nothing trained)
 A race saves every side's figures with the settings the peers ran with (bench/results/NAME.json): a rerun
 whose peer settings match (task, budgets, device, peers and their flags, precision, open_clip checkout)
 reuses each seed's saved peer figures, says so, and runs navit-clip only (a recipe change is measured
@@ -485,6 +487,7 @@ def summarise(runs: list[dict], budgets: list[float]) -> dict:
                 xs = [r[f"{p}_{key}"][PEER_METRIC[p]] for r in runs]
                 out[f"{p}_{PEER_METRIC[p]}_{key}"] = xs
                 print(f"{'':9}{p} {_spread(xs)}")
+    out.update(time_to_match(runs, budgets, peers))
     throughput(runs, budgets[-1], ["navit", *peers])
     for side in ["navit"] + [p for p in peers if p == "naflex"]:
         last = [r[f"{side}_at_{budgets[-1]:.0f}s"] for r in runs]
@@ -496,6 +499,39 @@ def summarise(runs: list[dict], budgets: list[float]) -> dict:
             + ", ".join(f"{k[5:]} {100 * statistics.fmean(r[k] for r in last):.1f}%" for k in keys)
         )
     return out
+
+
+def time_to_match(runs: list[dict], budgets: list[float], peers: list[str]) -> dict:
+    """The lead as time: when navit-clip's mean top-1 at 36 tokens first reaches what the best peer
+    reads at the last budget T, linearly between the budgets read (the curve between reads is not
+    measured, so more budgets give a finer figure). T / that time is how much less training time
+    navit-clip needs for the peer's accuracy; nothing is printed past the last budget."""
+    T = budgets[-1]
+
+    def mean(side: str, b: float) -> float:
+        return statistics.fmean(r[f"{side}_at_{b:.0f}s"][PEER_METRIC.get(side, "top1_36")] for r in runs)
+
+    best = max(peers, key=lambda p: mean(p, T))
+    target = mean(best, T)
+    curve = [(b, mean("navit", b)) for b in budgets]
+    key, found = f"time_to_best_peer_{T:.0f}s", {"peer": best, "top1": round(target, 4)}
+    if curve[0][1] >= target:
+        print(
+            f"time to {best}'s {T:.0f}s top-1 ({100 * target:.1f} %): navit@36 has it by its first budget "
+            f"({curve[0][0]:.0f}s, {100 * curve[0][1]:.1f} %): >= {T / curve[0][0]:.2f}x less time"
+        )
+        return {key: {**found, "navit_s_at_most": curve[0][0]}}
+    for (b0, a0), (b1, a1) in zip(curve, curve[1:]):
+        if a1 >= target:
+            t = b0 + (b1 - b0) * (target - a0) / (a1 - a0)
+            print(
+                f"time to {best}'s {T:.0f}s top-1 ({100 * target:.1f} %): navit@36 reaches it at {t:.0f}s, "
+                f"between its reads at {b0:.0f}s ({100 * a0:.1f} %) and {b1:.0f}s ({100 * a1:.1f} %): "
+                f"{T / t:.2f}x less time"
+            )
+            return {key: {**found, "navit_s": round(t, 1), "time_ratio": round(T / t, 3)}}
+    print(f"time to {best}'s {T:.0f}s top-1 ({100 * target:.1f} %): navit@36 does not reach it by {T:.0f}s")
+    return {key: {**found, "navit_s": None}}
 
 
 def throughput(runs: list[dict], budget: float, sides: list[str]) -> None:
@@ -517,8 +553,27 @@ def throughput(runs: list[dict], budget: float, sides: list[str]) -> None:
         )
 
 
+def race_name(args: argparse.Namespace) -> str:
+    return args.name or ("learning_race" if args.task == "shapes" else f"learning_race_{args.task}")
+
+
+def show(name: str) -> None:
+    """The summary of a saved race (its means, ratios and the lead as time), as its run printed it."""
+    path = ROOT / "bench" / "results" / f"{name}.json"
+    if not path.exists():
+        raise SystemExit(f"--show: no saved race {path}")
+    saved = json.loads(path.read_text())
+    runs = saved.get("runs") or [saved]
+    if not saved["peers"] or f"navit_at_{saved['budgets_s'][0]:.0f}s" not in runs[0]:
+        raise SystemExit(f"--show: {path} holds one side only (an --only run); nothing to compare")
+    print(f"{name}: {saved['task']}, seeds {saved['seeds']}, navit-clip overrides {saved['navit_overrides']}")
+    summarise(runs, saved["budgets_s"])
+
+
 def main() -> None:
     args = parse_args()
+    if args.show:
+        return show(race_name(args))
     random.seed(0)
     budgets = sorted(float(b) for b in args.budgets.split(","))
     device = torch.device(args.device)
@@ -551,7 +606,7 @@ def main() -> None:
         "openclip_src": args.openclip_src if "naflex" in peers else None,
         "peer_args": {"openclip_train": args.openclip_train_args, "naflex": args.naflex_args},
     }
-    name = args.name or ("learning_race" if args.task == "shapes" else f"learning_race_{args.task}")
+    name = race_name(args)
     saved = {} if args.rerun else saved_peers(name, results)
     runs = []
     for seed in seeds:
@@ -660,6 +715,11 @@ def parse_args() -> argparse.Namespace:
         "--rerun",
         action="store_true",
         help="run the peers again even where figures with these settings are saved",
+    )
+    ap.add_argument(
+        "--show",
+        action="store_true",
+        help="train nothing: print the summary of the race saved as bench/results/NAME.json",
     )
     ap.add_argument("--save", help="write navit-clip's final weights here (a checkpoint for navit-clip eval)")
     ap.add_argument("overrides", nargs="*", help="navit-clip config overrides (section.key=value)")
