@@ -8,14 +8,22 @@ import torch
 
 from navit_clip.packing import fit_grid
 
+RESULTS = Path(__file__).parent / "results"
+
 
 def save_results(name: str, results: dict) -> Path:
     """Write bench/results/NAME.json (one flat object of figures and settings) and say so."""
-    out = Path(__file__).parent / "results" / f"{name}.json"
+    out = RESULTS / f"{name}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote bench/results/{name}.json")
     return out
+
+
+def load_results(name: str) -> dict | None:
+    """What `save_results(name, ...)` last wrote, or None where nothing was."""
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def mixed_grids(

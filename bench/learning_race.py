@@ -53,7 +53,6 @@ The peers and the digits need the bench extra: pip install -e ".[bench]".
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -64,7 +63,7 @@ from pathlib import Path
 import open_clip
 import torch
 import webdataset as wds
-from common import save_results
+from common import load_results, save_results
 from open_clip.loss import ClipLoss, SigLipLoss
 from PIL import Image
 from safetensors.torch import save_file
@@ -559,13 +558,14 @@ def race_name(args: argparse.Namespace) -> str:
 
 def show(name: str) -> None:
     """The summary of a saved race (its means, ratios and the lead as time), as its run printed it."""
-    path = ROOT / "bench" / "results" / f"{name}.json"
-    if not path.exists():
-        raise SystemExit(f"--show: no saved race {path}")
-    saved = json.loads(path.read_text())
+    saved = load_results(name)
+    if saved is None:
+        raise SystemExit(f"--show: no saved race bench/results/{name}.json")
     runs = saved.get("runs") or [saved]
     if not saved["peers"] or f"navit_at_{saved['budgets_s'][0]:.0f}s" not in runs[0]:
-        raise SystemExit(f"--show: {path} holds one side only (an --only run); nothing to compare")
+        raise SystemExit(
+            f"--show: bench/results/{name}.json holds one side only (an --only run); nothing to compare"
+        )
     print(f"{name}: {saved['task']}, seeds {saved['seeds']}, navit-clip overrides {saved['navit_overrides']}")
     summarise(runs, saved["budgets_s"])
 
@@ -648,11 +648,8 @@ PEER_SETTINGS = ("task", "budgets_s", "device", "openclip_precision", "peers", "
 def saved_peers(name: str, settings: dict) -> dict[int, dict]:
     """{seed: its peers' saved figures} from the last race written to bench/results/NAME.json, if that
     race's peers ran with these settings (PEER_SETTINGS); else nothing."""
-    path = ROOT / "bench" / "results" / f"{name}.json"
-    if not settings["peers"] or not path.exists():
-        return {}
-    last = json.loads(path.read_text())
-    if any(last.get(k) != settings[k] for k in PEER_SETTINGS):
+    last = load_results(name) if settings["peers"] else None
+    if last is None or any(last.get(k) != settings[k] for k in PEER_SETTINGS):
         return {}
     runs = last.get("runs") or [last]
     keys = tuple(f"{peer}_" for peer in settings["peers"])
