@@ -72,19 +72,19 @@ def _race(out: str) -> str:
         r"^lead at (\d+)s: navit@36 ([\d.]+) % vs best peer (\w+) ([\d.]+) % \(([\d.]+)x\)", out, re.M
     )
     if leads:  # three peers (open_clip in a loop, open_clip_train, open_clip main's NaFlex): the best one
+        shown = [lead for lead in leads if lead[0] in HEADLINE_BUDGETS] or leads
         row = "; ".join(
-            f"{ours} % vs {peer} % ({name}) at {t} s ({ratio}x)"
-            for t, ours, name, peer, ratio in leads
-            if t in HEADLINE_BUDGETS
+            f"{ours} % vs {peer} % ({name}) at {t} s ({ratio}x)" for t, ours, name, peer, ratio in shown
         )
-        timed = re.search(
-            r"^time to (\w+)'s (\d+)s top-1 \(([\d.]+) %\): navit@36 reaches it at (\d+)s.*: ([\d.]+)x less time",
+        timed = re.search(  # the lead as time: reached between two reads, or already by the first one
+            r"^time to (\w+)'s (\d+)s top-1 \(([\d.]+) %\): navit@36 "
+            r"(?:reaches it at |has it by its first budget \()(\d+)s.*: (>= )?([\d.]+)x less time",
             out,
             re.M,
         )
-        if timed:  # the lead as time, where the race read budgets between its first and last
-            name, t, top1, at, ratio = timed.groups()
-            row += f"; {name}'s {t} s top-1 ({top1} %) by {at} s ({ratio}x less time)"
+        if timed:
+            name, t, top1, at, bound, ratio = timed.groups()
+            row += f"; {name}'s {t} s top-1 ({top1} %) by {at} s ({bound or ''}{ratio}x less time)"
         return row
     rows = re.findall(r"^\s+(\d+)s\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)", out, re.M)
     return "; ".join(
