@@ -452,6 +452,11 @@ def openclip_init(seed: int, path: Path) -> str:
     return str(path)
 
 
+def side_mean(runs: list[dict], side: str, budget: float) -> float:
+    """A side's mean top-1 over seeds at a budget: navit-clip (and NaFlex) at 36 tokens, open_clip at 96 px."""
+    return statistics.fmean(r[f"{side}_at_{budget:.0f}s"][PEER_METRIC.get(side, "top1_36")] for r in runs)
+
+
 def summarise(runs: list[dict], budgets: list[float]) -> dict:
     """The headline: navit-clip at 36 tokens per image (open_clip's 96 x 96 / 16^2, NaFlex's 36-token
     budget: equal inference compute) and native, against each peer and the best of them, per budget;
@@ -463,7 +468,7 @@ def summarise(runs: list[dict], budgets: list[float]) -> dict:
         key = f"at_{b:.0f}s"
         ours = [r[f"navit_{key}"]["top1_36"] for r in runs]
         native = [r[f"navit_{key}"]["top1_native"] for r in runs]
-        means = {p: statistics.fmean(max(r[f"{p}_{key}"][PEER_METRIC[p]], 1e-9) for r in runs) for p in peers}
+        means = {p: max(side_mean(runs, p, b), 1e-9) for p in peers}
         best = max(means, key=means.get)
         m_ours, m_native = statistics.fmean(ours), statistics.fmean(native)
         print(
@@ -506,13 +511,9 @@ def time_to_match(runs: list[dict], budgets: list[float], peers: list[str]) -> d
     measured, so more budgets give a finer figure). T / that time is how much less training time
     navit-clip needs for the peer's accuracy; nothing is printed past the last budget."""
     T = budgets[-1]
-
-    def mean(side: str, b: float) -> float:
-        return statistics.fmean(r[f"{side}_at_{b:.0f}s"][PEER_METRIC.get(side, "top1_36")] for r in runs)
-
-    best = max(peers, key=lambda p: mean(p, T))
-    target = mean(best, T)
-    curve = [(b, mean("navit", b)) for b in budgets]
+    best = max(peers, key=lambda p: side_mean(runs, p, T))
+    target = side_mean(runs, best, T)
+    curve = [(b, side_mean(runs, "navit", b)) for b in budgets]
     key, found = f"time_to_best_peer_{T:.0f}s", {"peer": best, "top1": round(target, 4)}
     if curve[0][1] >= target:
         print(
