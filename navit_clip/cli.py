@@ -273,6 +273,12 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from navit_clip.export import export_encoder
 
+    if args.format == "hf":
+        from navit_clip.convert.hf import export_hf
+
+        out = export_hf(args.checkpoint, args.out_dir, with_text=args.with_text, max_tokens=args.max_tokens)
+        print(f"exported to {out} (transformers' own classes, no remote code): " + ", ".join(sorted(p.name for p in out.iterdir())))
+        return 0
     out = export_encoder(
         args.checkpoint,
         args.out_dir,
@@ -286,8 +292,19 @@ def _export(args: argparse.Namespace) -> int:
 
 def _convert_openclip(args: argparse.Namespace) -> int:
     from navit_clip.convert import convert_openclip
+    from navit_clip.convert.hf import convert_hf, is_hf_folder
 
-    out = convert_openclip(args.model, args.pretrained, args.out, args.tokenizer)
+    if is_hf_folder(args.model):
+        if args.pretrained or args.tokenizer:
+            raise ValueError(
+                f"{args.model} is a transformers folder: its weights and tokenizer are read from it "
+                "(--pretrained and --tokenizer are for open_clip models)"
+            )
+        out, fresh_text = convert_hf(args.model, args.out)
+        if fresh_text:
+            print(f"{args.model} is a vision tower alone: the checkpoint's text tower is navit-clip's default, fresh")
+    else:
+        out = convert_openclip(args.model, args.pretrained, args.out, args.tokenizer)
     print(
         f"wrote {out}: evaluate it with `navit-clip eval {out} --data ...`, export it with "
         f"`navit-clip export {out} DIR`, fine-tune it with `python train_clip.py --config "
@@ -366,7 +383,7 @@ def _eval_parser(sub) -> None:
 
 
 def _checkpoint_parsers(sub) -> None:
-    """The commands that turn one checkpoint into another artefact: export, convert-openclip, wise-ft."""
+    """The commands that turn one checkpoint into another artefact: export, convert (convert-openclip), wise-ft."""
     p = sub.add_parser(
         "export", help="export the image encoder for VLMs (safetensors, torch-only module, HF, ONNX)"
     )
@@ -377,14 +394,40 @@ def _checkpoint_parsers(sub) -> None:
     p.add_argument(
         "--max-tokens", type=int, default=256, help="the processor's default token budget per image"
     )
+    p.add_argument(
+        "--format",
+        default="navit",
+        choices=["navit", "hf"],
+        help="navit: navit-clip's own encoder (every tower; torch-only module, remote-code AutoModel, ONNX); "
+        "hf: transformers' own CLIP / SigLIP / SigLIP2 classes, no remote code (towers of that shape)",
+    )
     p.set_defaults(fn=_export)
 
+    for name in ("convert", "convert-openclip"):
+        _convert_parser(sub, name)
+
     p = sub.add_parser(
-        "convert-openclip",
-        help="an open_clip checkpoint (its ViTs, timm ViT / NaFlexViT towers: SigLIP, SigLIP2) -> a "
-        "navit-clip checkpoint computing the same embeddings",
+        "wise-ft", help="weight-space ensemble of a fine-tuned checkpoint with its start (WiSE-FT)"
     )
-    p.add_argument("model", help="open_clip model name (ViT-B-32, ViT-B-16-SigLIP2, ...) or its config .json")
+    p.add_argument("start", help="the checkpoint the fine-tune started from (e.g. a converted one)")
+    p.add_argument("finetuned", help="the fine-tuned checkpoint")
+    p.add_argument("out", help="the checkpoint to write (.pt)")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the fine-tuned model, 0..1")
+    p.set_defaults(fn=_wise_ft)
+
+
+def _convert_parser(sub, name: str) -> None:
+    p = sub.add_parser(
+        name,
+        help="a transformers folder (CLIP, SigLIP, SigLIP2 / NaFlex: whole or vision tower) or an open_clip "
+        "checkpoint (its ViTs, timm ViT / NaFlexViT towers) -> a navit-clip checkpoint computing the same "
+        "embeddings" + (" (alias of convert)" if name != "convert" else ""),
+    )
+    p.add_argument(
+        "model",
+        help="a local transformers folder (config.json + weights), or an open_clip model name "
+        "(ViT-B-32, ViT-B-16-SigLIP2, ...) or its config .json",
+    )
     p.add_argument(
         "--pretrained",
         default="",
@@ -398,15 +441,6 @@ def _checkpoint_parsers(sub) -> None:
         "tokenizer.json or SentencePiece .model (optional: train and eval can name it later)",
     )
     p.set_defaults(fn=_convert_openclip)
-
-    p = sub.add_parser(
-        "wise-ft", help="weight-space ensemble of a fine-tuned checkpoint with its start (WiSE-FT)"
-    )
-    p.add_argument("start", help="the checkpoint the fine-tune started from (e.g. a converted one)")
-    p.add_argument("finetuned", help="the fine-tuned checkpoint")
-    p.add_argument("out", help="the checkpoint to write (.pt)")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the fine-tuned model, 0..1")
-    p.set_defaults(fn=_wise_ft)
 
 
 def build_parser() -> argparse.ArgumentParser:

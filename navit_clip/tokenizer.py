@@ -188,8 +188,9 @@ def tokenizer_for(cfg, fixed_vocab: bool = False):
     if not fixed_vocab:
         text.vocab_size = tokenizer.num_embeddings
     text.pad_id = tokenizer.pad_id
-    # trailing padding may be cut only where the tower never reads it (causal, pooled at the text's end)
-    tokenizer.trim_padding = text.causal
+    # trailing padding may be cut only where the tower never reads it (causal, pooled at the last
+    # non-padding token or over the real tokens): pool=argmax / eos may read a pad id that is the eos
+    tokenizer.trim_padding = text.causal and text.pool in ("eot", "map")
     return tokenizer
 
 
@@ -239,3 +240,29 @@ def train_sentencepiece(captions: Iterable[str], out_prefix: str | Path, vocab_s
         minloglevel=2,
     )
     return out_prefix.with_suffix(".model")
+
+
+def write_clip_tokenizer(folder: str | Path, context_length: int, pad_token: str = "!"):
+    """open_clip's BPE as transformers' CLIPTokenizer in `folder` (vocab.json, merges.txt and the
+    tokenizer's own files): the same ids as OpenCLIPTokenizer for the same text, padded with `pad_token`
+    ("!", id 0, as open_clip pads; "<|endoftext|>" as openai's transformers tokenizer does) to
+    `context_length`. What `navit-clip export --format hf --with-text` ships for a model trained with
+    open_clip's BPE."""
+    import json
+
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
+
+    inner = SimpleTokenizer()
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}  # transformers' names
+    vocab = {names.get(token, token): i for token, i in inner.encoder.items()}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    merges = sorted(inner.bpe_ranks, key=inner.bpe_ranks.get)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    settings = {"tokenizer_class": "CLIPTokenizer", "pad_token": pad_token, "model_max_length": context_length}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)  # reads vocab.json + merges.txt
+    tok.save_pretrained(folder)
+    return tok

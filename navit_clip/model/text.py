@@ -24,19 +24,23 @@ except ImportError:
     import navit_layers as layers
 
 
-POOLS = ("eot", "map", "last", "first")
+POOLS = ("eot", "argmax", "eos", "map", "last", "first")
+ENDS = ("eot", "argmax", "eos")  # pooled at the caption's end, each finding it its own way (caption_ends)
 
 
 @dataclass
 class TextConfig:
     vocab_size: int = 49408  # embedding rows; the tokenizer's `num_embeddings`
     pad_id: int = 0  # the tokenizer's padding id (right padding)
+    eos_id: int = -1  # the end-of-text id that pool=eos reads (-1: none)
     context_length: int = 32
     width: int = 512
     depth: int = 12
     heads: int = 8
     mlp_ratio: float = 4.0
     pool: str = "eot"  # eot: the last non-padding token (causal: it has seen the whole text) | map
+    #                    | argmax: the largest id (transformers' CLIP with its legacy eos_token_id 2)
+    #                    | eos: the first eos_id (transformers' CLIP: its tokenizer may pad with eos)
     #                    | last / first: the context's last / first position (SigLIP's, with causal=false)
     ln_eps: float = 1e-5
     act: str = "gelu"  # gelu | quick_gelu (OpenAI's CLIP weights) | gelu_tanh (SigLIP2's)
@@ -60,6 +64,10 @@ class TextConfig:
                 f"model.text.pool={self.pool} reads a fixed position of the padded context: it needs "
                 "model.text.causal=false (SigLIP's text tower)"
             )
+        if self.pool in ("argmax", "eos") and not self.causal:
+            raise ValueError(f"model.text.pool={self.pool} needs model.text.causal=true (CLIP's text tower)")
+        if self.pool == "eos" and self.eos_id < 0:
+            raise ValueError("model.text.pool=eos needs model.text.eos_id, the tokenizer's end-of-text id")
         if self.act not in layers.ACTIVATIONS:
             raise ValueError(f"model.text.act={self.act!r} is not one of {tuple(layers.ACTIVATIONS)}")
         if self.lock_unlocked_groups < 0:
@@ -108,6 +116,18 @@ def caption_lengths(ids_NK: torch.Tensor, pad_id: int) -> torch.Tensor:
     """
     position_K = torch.arange(1, ids_NK.shape[1] + 1, device=ids_NK.device)
     return ((ids_NK != pad_id) * position_K).amax(1).clamp(min=1)
+
+
+def caption_ends(ids_NK: torch.Tensor, cfg: TextConfig) -> torch.Tensor:
+    """Tokens up to and including the position each caption is pooled at [N] (pool=eot, argmax, eos;
+    `caption_lengths` otherwise): argmax and eos as transformers' CLIPTextModel finds the end of text
+    (the first largest id; the first eos_id, position 0 where there is none), so a tokenizer that pads
+    with its end-of-text id (openai's CLIP tokenizer) pools where transformers does."""
+    if cfg.pool == "argmax":
+        return ids_NK.argmax(1) + 1
+    if cfg.pool == "eos":
+        return (ids_NK == cfg.eos_id).int().argmax(1) + 1
+    return caption_lengths(ids_NK, cfg.pad_id)
 
 
 def _padded_attention(q_NKHd, k_NKHd, v_NKHd, causal: bool) -> torch.Tensor:
@@ -164,7 +184,7 @@ class TextTransformer(nn.Module):
         N, K = ids_NK.shape
         starts_N = torch.arange(N, device=ids_NK.device) * K
         captions = layers.by_length(
-            starts_N, caption_lengths(ids_NK, self.cfg.pad_id), multiple=layers.TOKEN_MULTIPLE
+            starts_N, caption_ends(ids_NK, self.cfg), multiple=layers.TOKEN_MULTIPLE
         )
         x_TD = self.token_embed(ids_NK.flatten()[captions.index]) + self.pos_embed[captions.position]
         attend = partial(layers.grouped_attention, groups=captions.groups, causal=True)
@@ -200,7 +220,7 @@ class TextTransformer(nn.Module):
         x_NKD = self.norm(x_NKD)
         if read is not None:
             return x_NKD[:, 0]
-        len_N = caption_lengths(ids_NK, self.cfg.pad_id)
+        len_N = caption_ends(ids_NK, self.cfg)
         if self.probe is None:
             return x_NKD[torch.arange(N, device=ids_NK.device), len_N - 1]
         real_NK = torch.arange(K, device=ids_NK.device) < len_N[:, None]
