@@ -184,3 +184,59 @@ def test_siglip2_naflex_round_trip_through_a_packed_fine_tune(tmp_path):
     with torch.no_grad():
         got = loaded(**inputs).pooler_output
         torch.testing.assert_close(got, create_model(ckpt).encode_image(_pixels("siglip2", inputs)), **TOL)
+
+
+def test_a_tiny_llava_reads_the_exported_siglip_towers_penultimate_features(tmp_path):
+    """A random LlavaForConditionalGeneration (from a config) whose vision tower is a --format hf SigLIP
+    export runs a forward on a real image; its tower's hidden_states[-2] (LLaVA's vision_feature_layer)
+    equal navit-clip's penultimate-block features for the same pixels, in the training model and in the
+    default export."""
+    from navit_clip.export import export_encoder, load_exported_module
+    from navit_clip.packing import pack_images
+
+    folder, _ = hf_folder(tmp_path, "siglip")
+    ckpt, out = tmp_path / "c.pt", tmp_path / "export"
+    assert cli(["convert", str(folder), str(ckpt)]) == 0
+    assert cli(["export", str(ckpt), str(out), "--format", "hf"]) == 0
+    vision = tf.SiglipVisionModel.from_pretrained(out)
+    text = tf.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
+    config = tf.LlavaConfig(
+        vision_config=vision.config.to_dict(),
+        text_config=text.to_dict(),
+        image_token_id=63,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="full",
+    )
+    llava = tf.LlavaForConditionalGeneration(config).eval()
+    llava.model.vision_tower.load_state_dict(vision.state_dict())
+    seen = {}
+
+    def keep(module, args, output):  # returns None: the output is left as it is
+        seen["hidden"] = output.hidden_states
+
+    llava.model.vision_tower.register_forward_hook(keep)
+    pixels = tf.AutoImageProcessor.from_pretrained(out)(
+        images=real_images(1), return_tensors="pt"
+    ).pixel_values
+    n = (pixels.shape[-1] // P) ** 2
+    ids = torch.tensor([[1, *[63] * n, 5, 7]])
+    with torch.no_grad():
+        logits = llava(input_ids=ids, pixel_values=pixels).logits
+        assert logits.shape == (1, n + 3, 64) and torch.isfinite(logits).all()
+        want = seen["hidden"][-2][0]  # [n, D]
+        model = create_model(ckpt)
+        batch = pack_images([pixels[0]], P, n, 1)
+        ours = model.visual(batch, output_hidden_states=True).hidden_states[-2][0, :n]
+        torch.testing.assert_close(ours, want, **TOL)
+        default = export_encoder(ckpt, tmp_path / "navit", onnx=False)
+        encoder = load_exported_module(default).NaViTEncoder.from_pretrained(default)
+        side = pixels.shape[-1] // P
+        got = encoder(patchify(pixels[0], P)[0], torch.tensor([[side, side]]))["penultimate_hidden_state"]
+        torch.testing.assert_close(got, want, **TOL)

@@ -121,9 +121,10 @@ class NaViTEncoderMixin:
         token_grid: torch.Tensor,
         segment_ids: torch.Tensor,
         grid_hw: torch.Tensor,
+        with_penultimate: bool = False,
     ) -> tuple[torch.Tensor, ...]:
         """The traceable core (exported to ONNX): per-token layout in, (tokens [T, D], pooled [n, D],
-        image_embeds [n, E]) out. Attention is block-diagonal through a [T, T] segment mask."""
+        image_embeds [n, E]) out, and with `with_penultimate` the last block's input tokens [T, D]. Attention is block-diagonal through a [T, T] segment mask."""
         n, T = grid_hw.shape[0], pixel_values.shape[0]
         is_cls = None
         if self.cls_token is not None:  # one class token per image, after all patches: the mask keeps
@@ -150,7 +151,9 @@ class NaViTEncoderMixin:
             attend = with_rope2d(
                 attend, pos_T2[None], self.navit_config["width"] // self.navit_config["heads"]
             )
+        penultimate_1TD = x_1TD
         for block in self.blocks:
+            penultimate_1TD = x_1TD
             x_1TD = block(x_1TD, attend)
         fc_norm = self.navit_config.get("fc_norm", False)  # the final norm after pooling (timm's)
         if not fc_norm:
@@ -166,6 +169,8 @@ class NaViTEncoderMixin:
             pooled_nD = mean_pool(x_TD, segment_ids, n)
         if fc_norm:
             pooled_nD = self.norm(pooled_nD)
+        if with_penultimate:  # the patch tokens' input to the last block, un-normed
+            return x_TD, pooled_nD, self.image_proj(pooled_nD), penultimate_1TD[0, :T]
         return x_TD, pooled_nD, self.image_proj(pooled_nD)
 
     def forward(self, pixel_values: torch.Tensor, grid_hw: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -176,8 +181,16 @@ class NaViTEncoderMixin:
                 f"{int((grid_hw[:, 0] * grid_hw[:, 1]).sum())}"
             )
         coords, token_grid, seg = token_layout(grid_hw)
-        tokens, pooled, embeds = self.forward_tokens(pixel_values, coords, token_grid, seg, grid_hw)
-        return {"last_hidden_state": tokens, "pooler_output": pooled, "image_embeds": embeds}
+        tokens, pooled, embeds, penultimate = self.forward_tokens(
+            pixel_values, coords, token_grid, seg, grid_hw, with_penultimate=True
+        )
+        return {
+            "last_hidden_state": tokens,
+            "pooler_output": pooled,
+            "image_embeds": embeds,
+            # what LLaVA-style VLMs read (transformers' hidden_states[-2]): before the last block, un-normed
+            "penultimate_hidden_state": penultimate,
+        }
 
     def forward_padded(
         self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor, spatial_shapes: torch.Tensor

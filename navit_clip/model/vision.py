@@ -125,6 +125,9 @@ class VisionOutput:
     pooled: torch.Tensor  # [B, E, D] one embedding per slot (invalid slots are zero)
     slot_valid: torch.Tensor  # [B, E] bool
     lay_out: Callable[[], torch.Tensor] = field(repr=False)  # -> `tokens`
+    # with output_hidden_states: the input tokens (after ln_pre) and every block's output, un-normed,
+    # each [B, L, D] in `tokens`' layout: transformers' hidden_states (a VLM reads hidden_states[-2])
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
     @cached_property
     def tokens(self) -> torch.Tensor:
@@ -151,7 +154,7 @@ class NaViT(nn.Module):
         )
         init_weights(self)
 
-    def forward(self, batch: PackedBatch) -> VisionOutput:
+    def forward(self, batch: PackedBatch, output_hidden_states: bool = False) -> VisionOutput:
         B, E = batch.slot_valid.shape
         seg_BL, patches, coords, grid = batch.segment_ids, batch.patches, batch.coords, batch.grid
         is_cls = dest_BL = None
@@ -170,8 +173,11 @@ class NaViT(nn.Module):
         if self.posemb.rope:
             pos = rope2d_positions(coords, grid, self.cfg.rope_span, self.cfg.rope_mode)
             attend = with_rope2d(attend, pos, self.cfg.width // self.cfg.heads)
+        hidden = [x] if output_hidden_states else None
         for block in self.blocks:
             x = block(x, attend)
+            if hidden is not None:
+                hidden.append(x)
         if not self.cfg.fc_norm:
             x = self.norm(x)
         slot_BL = slot_index(seg_BL, E)
@@ -189,10 +195,15 @@ class NaViT(nn.Module):
         if self.cfg.fc_norm:
             pooled = self.norm(pooled)
         pooled_BED = pooled.view(B, E, -1)
-        lay_out = partial(plan.from_flat, x) if plan.flat else lambda: x
+        layout = plan.from_flat if plan.flat else _same
         if dest_BL is not None:  # the patch tokens, back in the batch's own [B, L] layout
-            lay_out = partial(_patch_tokens, lay_out, dest_BL)
-        return VisionOutput(pooled=pooled_BED, slot_valid=batch.slot_valid, lay_out=lay_out)
+            layout = partial(_patch_tokens, layout, dest_BL)
+        return VisionOutput(
+            pooled=pooled_BED,
+            slot_valid=batch.slot_valid,
+            lay_out=partial(layout, x),
+            hidden_states=tuple(layout(h) for h in hidden) if hidden is not None else None,
+        )
 
     def lock_groups(self, proj: list[nn.Parameter] = ()) -> list[list[nn.Parameter]]:
         """The tower's parameters, and its projection's `proj` where they lock with it, in its lock
@@ -230,8 +241,12 @@ class NaViT(nn.Module):
         return unpack_slots(self(batch).pooled, batch, len(images))
 
 
-def _patch_tokens(lay_out: Callable[[], torch.Tensor], dest_BL: torch.Tensor) -> torch.Tensor:
-    x_BXD = lay_out()  # [B, L + E, D] with class tokens
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _patch_tokens(layout: Callable, dest_BL: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    x_BXD = layout(x)  # [B, L + E, D] with class tokens
     return x_BXD.gather(1, dest_BL[..., None].expand(-1, -1, x_BXD.shape[-1]))
 
 
