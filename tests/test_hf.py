@@ -240,3 +240,43 @@ def test_a_tiny_llava_reads_the_exported_siglip_towers_penultimate_features(tmp_
         side = pixels.shape[-1] // P
         got = encoder(patchify(pixels[0], P)[0], torch.tensor([[side, side]]))["penultimate_hidden_state"]
         torch.testing.assert_close(got, want, **TOL)
+
+
+def test_a_tower_trained_from_configs_b16_siglip2_exports_as_siglip2_vision_model(tmp_path):
+    """configs/b16_siglip2.yaml's tower (shrunk) is Siglip2VisionModel's: it exports with --format hf and
+    transformers' processor + model give navit-clip's embeddings; --with-text with open_clip's BPE is
+    refused in one line (its bidirectional text tower reads padding no transformers tokenizer writes)."""
+    from navit_clip.checkpoint import atomic_save
+    from navit_clip.config import load_config, to_dict
+    from navit_clip.model.clip import NaViTCLIP
+
+    small = [
+        "model.embed_dim=64",
+        "model.vision.width=64",
+        "model.vision.depth=2",
+        "model.vision.heads=4",
+        "model.text.width=32",
+        "model.text.depth=1",
+        "model.text.heads=2",
+    ]
+    cfg = load_config("configs/b16_siglip2.yaml", small)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "c.pt"
+    atomic_save({"model": NaViTCLIP(cfg.model).state_dict(), "config": to_dict(cfg), "step": 0}, ckpt)
+    out = tmp_path / "export"
+    assert cli(["export", str(ckpt), str(out), "--format", "hf"]) == 0
+    loaded = tf.Siglip2VisionModel.from_pretrained(out).eval()
+    inputs = tf.AutoImageProcessor.from_pretrained(out)(images=real_images(4), return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(**inputs).pooler_output, create_model(ckpt).encode_image(_pixels("siglip2", inputs)), **TOL
+        )
+    assert cli(["export", str(ckpt), str(tmp_path / "t"), "--format", "hf", "--with-text"]) == 2
+
+
+def test_the_docs_table_of_transformers_families_is_the_codes():
+    from pathlib import Path
+
+    from navit_clip.convert.hf import hf_table_markdown
+
+    assert hf_table_markdown() in (Path(__file__).parents[1] / "docs" / "converting.md").read_text()

@@ -255,8 +255,8 @@ def _vision_config(family: str, v, source: str) -> tuple[VisionConfig, int]:
     G = round(v.num_patches**0.5) if family == "siglip2" else v.image_size // P
     if family == "siglip2" and G * G != v.num_patches:
         raise ValueError(f"{source} has vision_config.num_patches={v.num_patches}, not a square table")
-    if family != "siglip2" and G * P != v.image_size:
-        raise ValueError(f"{source}: image_size={v.image_size} is not a multiple of patch_size={P}")
+    # image_size need not be a multiple of P (SO400M/14 at 384): transformers' strided patch conv then
+    # reads the first G * P rows and columns alone, which is the grid navit-clip's table is trained at
     vision = VisionConfig(
         patch_size=P,
         width=v.hidden_size,
@@ -485,19 +485,23 @@ def hf_family(cfg: Config) -> str:
     return "clip" if clip else ("siglip2" if v.posemb_interp == "bilinear" else "siglip")
 
 
+def _sizes(tower: VisionConfig | TextConfig) -> dict:
+    """transformers' encoder fields of a navit-clip tower (both towers name them alike)."""
+    return dict(
+        hidden_size=tower.width,
+        intermediate_size=int(tower.width * tower.mlp_ratio),
+        num_hidden_layers=tower.depth,
+        num_attention_heads=tower.heads,
+        hidden_act=ACTS[tower.act],
+        layer_norm_eps=tower.ln_eps,
+    )
+
+
 def _hf_vision_config(family: str, cfg: Config):
     import transformers as tf
 
     v = cfg.model.vision
-    common = dict(
-        hidden_size=v.width,
-        intermediate_size=int(v.width * v.mlp_ratio),
-        num_hidden_layers=v.depth,
-        num_attention_heads=v.heads,
-        patch_size=v.patch_size,
-        hidden_act=ACTS[v.act],
-        layer_norm_eps=v.ln_eps,
-    )
+    common = dict(**_sizes(v), patch_size=v.patch_size)
     size = v.max_grid * v.patch_size
     if family == "clip":
         return tf.CLIPVisionConfig(**common, image_size=size, projection_dim=cfg.model.embed_dim)
@@ -530,14 +534,9 @@ def _hf_text_config(family: str, cfg: Config, eos_id: int | None):
             f"the text tower has no transformers counterpart: {', '.join(wrong)} (export without --with-text)"
         )
     common = dict(
+        **_sizes(t),
         vocab_size=t.vocab_size,
-        hidden_size=t.width,
-        intermediate_size=int(t.width * t.mlp_ratio),
-        num_hidden_layers=t.depth,
-        num_attention_heads=t.heads,
         max_position_embeddings=t.context_length,
-        hidden_act=ACTS[t.act],
-        layer_norm_eps=t.ln_eps,
         pad_token_id=t.pad_id,
         eos_token_id=eos,
     )
@@ -567,11 +566,19 @@ def _image_processor(family: str, cfg: Config, max_tokens: int):
     )
 
 
-def _export_tokenizer(cfg: Config, out: Path):
+def _export_tokenizer(cfg: Config, out: Path, family: str):
     """Write the text tower's tokenizer as transformers files into `out`; returns its end-of-text id."""
     from navit_clip.tokenizer import load_hf_tokenizer, tokenizer_for, write_clip_tokenizer
 
     t = cfg.tokenizer
+    if t.kind == "openclip" and family != "clip":
+        # a bidirectional tower reads its padding: open_clip pads with id 0, which transformers'
+        # CLIPTokenizer can name only as "!" (then tokenizing a real "!" as 0 too)
+        raise ValueError(
+            "--with-text --format hf: a SigLIP-shaped text tower reads its padding, and open_clip's BPE pads "
+            "with id 0, which no transformers tokenizer reproduces; train it with a Hugging Face tokenizer "
+            "(tokenizer.kind=hf, layout=hf), or export the image tower alone (no --with-text)"
+        )
     if t.kind == "openclip":  # openai's layout: padded with end-of-text (a causal tower never reads it)
         write_clip_tokenizer(out, t.context_length, pad_token="<|endoftext|>")
         return tokenizer_for(cfg, fixed_vocab=True).inner.eot_token_id
@@ -605,7 +612,7 @@ def export_hf(
     if family == "clip" and cfg.model.image_proj == "none":  # CLIP's projection as the identity
         state["image_proj.weight"] = torch.eye(cfg.model.vision.width)
     if with_text:
-        text_cfg = _hf_text_config(family, cfg, _export_tokenizer(cfg, out))
+        text_cfg = _hf_text_config(family, cfg, _export_tokenizer(cfg, out, family))
         if cfg.model.text_proj != "linear_bias" and family != "clip":  # SigLIP's text head has a bias
             state["text_proj.bias"] = torch.zeros(cfg.model.embed_dim)
         if cfg.model.text_proj == "none":
@@ -624,3 +631,25 @@ def export_hf(
     hf.save_pretrained(out, max_shard_size="1000GB")
     _image_processor(family, cfg, max_tokens).save_pretrained(out)
     return out
+
+
+def hf_table_markdown() -> str:
+    """docs/converting.md's table of what converts from and exports to transformers, by family, from
+    MODEL_TYPES and hf_class (tests/test_hf.py checks the docs hold it)."""
+    rows = [
+        "| family | `navit-clip convert` reads (model_type: class) | `export --format hf` writes | with `--with-text` |",
+        "|---|---|---|---|",
+    ]
+    for family in ("clip", "siglip", "siglip2"):
+        types = [t for t, (f, _) in MODEL_TYPES.items() if f == family]
+        reads = []
+        for t in types:
+            whole = MODEL_TYPES[t][1]
+            classes = {hf_class(family, whole).__name__}
+            if family == "clip" and not whole:
+                classes.add(hf_class(family, whole, ["CLIPVisionModel"]).__name__)
+            reads.append(f"`{t}`: {', '.join(sorted(classes))}")
+        rows.append(
+            f"| {family} | {'; '.join(reads)} | {hf_class(family, False).__name__} | {hf_class(family, True).__name__} |"
+        )
+    return "\n".join(rows)
