@@ -277,7 +277,10 @@ def _export(args: argparse.Namespace) -> int:
         from navit_clip.convert.hf import export_hf
 
         out = export_hf(args.checkpoint, args.out_dir, with_text=args.with_text, max_tokens=args.max_tokens)
-        print(f"exported to {out} (transformers' own classes, no remote code): " + ", ".join(sorted(p.name for p in out.iterdir())))
+        print(
+            f"exported to {out} (transformers' own classes, no remote code): "
+            + ", ".join(sorted(p.name for p in out.iterdir()))
+        )
         return 0
     out = export_encoder(
         args.checkpoint,
@@ -302,7 +305,9 @@ def _convert_openclip(args: argparse.Namespace) -> int:
             )
         out, fresh_text = convert_hf(args.model, args.out)
         if fresh_text:
-            print(f"{args.model} is a vision tower alone: the checkpoint's text tower is navit-clip's default, fresh")
+            print(
+                f"{args.model} is a vision tower alone: the checkpoint's text tower is navit-clip's default, fresh"
+            )
     else:
         out = convert_openclip(args.model, args.pretrained, args.out, args.tokenizer)
     print(

@@ -261,7 +261,11 @@ def write_clip_tokenizer(folder: str | Path, context_length: int, pad_token: str
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     merges = sorted(inner.bpe_ranks, key=inner.bpe_ranks.get)
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    settings = {"tokenizer_class": "CLIPTokenizer", "pad_token": pad_token, "model_max_length": context_length}
+    settings = {
+        "tokenizer_class": "CLIPTokenizer",
+        "pad_token": pad_token,
+        "model_max_length": context_length,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(settings))
     tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)  # reads vocab.json + merges.txt
     tok.save_pretrained(folder)

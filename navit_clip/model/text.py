@@ -183,9 +183,7 @@ class TextTransformer(nn.Module):
             return self.forward_padded(ids_NK)
         N, K = ids_NK.shape
         starts_N = torch.arange(N, device=ids_NK.device) * K
-        captions = layers.by_length(
-            starts_N, caption_ends(ids_NK, self.cfg), multiple=layers.TOKEN_MULTIPLE
-        )
+        captions = layers.by_length(starts_N, caption_ends(ids_NK, self.cfg), multiple=layers.TOKEN_MULTIPLE)
         x_TD = self.token_embed(ids_NK.flatten()[captions.index]) + self.pos_embed[captions.position]
         attend = partial(layers.grouped_attention, groups=captions.groups, causal=True)
         at_eot = self.probe is None and len(self.blocks) > 0
