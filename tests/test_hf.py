@@ -280,3 +280,16 @@ def test_the_docs_table_of_transformers_families_is_the_codes():
     from navit_clip.convert.hf import hf_table_markdown
 
     assert hf_table_markdown() in (Path(__file__).parents[1] / "docs" / "converting.md").read_text()
+
+
+def test_a_sharded_folder_converts_as_one_file_does(tmp_path):
+    """A folder saved in shards (model.safetensors.index.json + pieces) gives the same checkpoint."""
+    folder, hf = hf_folder(tmp_path, "siglip2", whole=False)
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    one, _, _ = from_hf(folder)
+    many, _, _ = from_hf(sharded)
+    for k, t in one.state_dict().items():
+        if k.startswith(("visual.", "image_proj")):
+            assert torch.equal(t, many.state_dict()[k]), k
