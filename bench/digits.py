@@ -6,6 +6,11 @@ to a random size (longer side 24..160 px) and aspect ratio (1:2..2:1), captions 
 templates. The held-out images come from scans the training pairs never use (the last 300), so the
 zero-shot figure measures recognising new handwriting. Shape is everything here, colour nothing.
 
+`digits_es` is the same scans named and captioned in Spanish ("cero" .. "nueve", "el número siete
+escrito a mano"): a target whose class names and caption words no race checkpoint has read. The
+shape task's captions (English shape, colour and size words) and the English digits' share no word with
+it; most of its names are several BPE pieces ("cuatro", "nueve"), some pieces shared between names.
+
     python bench/learning_race.py --task digits     (needs `pip install scikit-learn`)
 """
 
@@ -31,6 +36,18 @@ TEMPLATES = (
     "the digit {name}, written in black ink",
 )
 ZEROSHOT_TEMPLATES = ("a handwritten {}.", "the digit {}.", "the number {}.")
+# The Spanish names, in the English NAMES' order (the scans' labels), and captions worded unlike the
+# English templates (and unlike the shape task's)
+NAMES_ES = ("cero", "uno", "dos", "tres", "cuatro", "cinco", "seis", "siete", "ocho", "nueve")
+TEMPLATES_ES = (
+    "un {name} escrito a mano",
+    "el número {name}",
+    "la cifra {name}, en tinta negra",
+    "{name}",
+    "escaneo de un {name} manuscrito",
+    "aquí pone {name}",
+)
+ZEROSHOT_TEMPLATES_ES = ("un {} escrito a mano.", "el número {}.", "la cifra {}.")
 HELDOUT_SCANS = 300
 
 
@@ -43,8 +60,8 @@ def _scans() -> tuple[np.ndarray, np.ndarray]:
     return d.images, d.target
 
 
-def _drawer(images: np.ndarray, labels: np.ndarray):
-    by_name = {name: np.flatnonzero(labels == NAMES.index(name)) for name in NAMES}
+def _drawer(images: np.ndarray, labels: np.ndarray, names=NAMES, templates=TEMPLATES):
+    by_name = {name: np.flatnonzero(labels == names.index(name)) for name in names}
 
     def draw(rng: random.Random, name: str) -> tuple[Image.Image, str]:
         scan = images[rng.choice(by_name[name])]
@@ -55,22 +72,25 @@ def _drawer(images: np.ndarray, labels: np.ndarray):
             (long_side, round(long_side / aspect)) if aspect >= 1 else (round(long_side * aspect), long_side)
         )
         img = ink.resize((max(8, W), max(8, H)), Image.BICUBIC).convert("RGB")
-        return img, rng.choice(TEMPLATES).format(name=name)
+        return img, rng.choice(templates).format(name=name)
 
     return draw
 
 
 def ensure_digit_data(
-    root: str | os.PathLike, n_train: int = 6000, n_heldout: int = 300, seed: int = 0
+    root: str | os.PathLike, n_train: int = 6000, n_heldout: int = 300, seed: int = 0, spanish: bool = False
 ) -> dict[str, str]:
+    """The task's shards and held-out folder under `root` (generated unless complete); `spanish`: the
+    `digits_es` names and captions."""
     images, labels = _scans()
     cut = len(images) - HELDOUT_SCANS
+    names, templates = (NAMES_ES, TEMPLATES_ES) if spanish else (NAMES, TEMPLATES)
     return ensure_dataset(
         root,
-        {"kind": "digits-v1"},
-        CLASSNAMES,
-        _drawer(images[:cut], labels[:cut]),
-        _drawer(images[cut:], labels[cut:]),
+        {"kind": "digits-es-v1" if spanish else "digits-v1"},
+        sorted(names),
+        _drawer(images[:cut], labels[:cut], names, templates),
+        _drawer(images[cut:], labels[cut:], names, templates),
         n_train,
         n_heldout,
         per_shard=1000,

@@ -374,12 +374,13 @@ def _chunks(xs: list, n: int):
 
 def race_data(task: str, root: str | None) -> dict:
     """The task's generated shards, held-out folder, class names and zero-shot templates."""
-    if task == "digits":
-        from digits import ZEROSHOT_TEMPLATES as templates
-        from digits import ensure_digit_data
+    if task in ("digits", "digits_es"):
+        import digits
 
-        root = root or str(ROOT / "bench" / "results" / "race_data_digits")
-        return {**ensure_digit_data(root), "templates": templates, "root": root}
+        spanish = task == "digits_es"
+        templates = digits.ZEROSHOT_TEMPLATES_ES if spanish else digits.ZEROSHOT_TEMPLATES
+        root = root or str(ROOT / "bench" / "results" / f"race_data_{task}")
+        return {**digits.ensure_digit_data(root, spanish=spanish), "templates": templates, "root": root}
     root = root or str(ROOT / "bench" / "results" / "race_data")
     return {
         **ensure_demo_data(root, n_train=8000, n_heldout=500, task="shapes"),
@@ -684,7 +685,9 @@ def parse_args() -> argparse.Namespace:
             "e.g. '--lr 2.5e-4 --grad-clip-norm 1.0': to give a peer its best settings",
         )
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--task", choices=("shapes", "digits"), default="shapes", help="the dataset (see above)")
+    ap.add_argument(
+        "--task", choices=("shapes", "digits", "digits_es"), default="shapes", help="the dataset (see above)"
+    )
     ap.add_argument(
         "--data", help="where the task's data is generated (default bench/results/race_data[_digits])"
     )

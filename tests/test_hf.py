@@ -282,14 +282,21 @@ def test_the_docs_table_of_transformers_families_is_the_codes():
     assert hf_table_markdown() in (Path(__file__).parents[1] / "docs" / "converting.md").read_text()
 
 
-def test_a_sharded_folder_converts_as_one_file_does(tmp_path):
-    """A folder saved in shards (model.safetensors.index.json + pieces) gives the same checkpoint."""
+@pytest.mark.parametrize("layout", ["sharded", "bin"])
+def test_a_sharded_or_bin_folder_converts_as_one_file_does(layout, tmp_path):
+    """A folder saved in shards (model.safetensors.index.json + pieces), or as an older pytorch_model.bin,
+    gives the same checkpoint as one model.safetensors."""
     folder, hf = hf_folder(tmp_path, "siglip2", whole=False)
-    sharded = tmp_path / "sharded"
-    hf.save_pretrained(sharded, max_shard_size="100KB")
-    assert (sharded / "model.safetensors.index.json").is_file()
+    other = tmp_path / layout
+    if layout == "sharded":
+        hf.save_pretrained(other, max_shard_size="100KB")
+        assert (other / "model.safetensors.index.json").is_file()
+    else:
+        hf.config.save_pretrained(other)
+        torch.save(hf.state_dict(), other / "pytorch_model.bin")
+        assert not list(other.glob("*.safetensors"))
     one, _, _ = from_hf(folder)
-    many, _, _ = from_hf(sharded)
+    many, _, _ = from_hf(other)
     for k, t in one.state_dict().items():
         if k.startswith(("visual.", "image_proj")):
             assert torch.equal(t, many.state_dict()[k]), k
