@@ -55,7 +55,12 @@ COMMANDS = {  # sections run with arguments
         "--openclip-src", OPENCLIP_SRC,
     ],
 }  # fmt: skip
-NOTES = (ROOT / "bench" / "NOTES.md").read_text() if (ROOT / "bench" / "NOTES.md").exists() else ""
+# BENCHMARKS.md is the pasted runs alone; the ablations, the questions behind each change and their
+# figures are the lab notebook's (bench/NOTES.md, an index of one line a round at its top)
+NOTES_POINTER = (
+    "Ablations, probes and the reasons behind each recipe change, with their commands and figures: "
+    "[bench/NOTES.md](bench/NOTES.md) (its index at the top, one line a round).\n"
+)
 HEADLINE = re.compile(r"<!-- headline -->\n.*?<!-- /headline -->\n", re.S)
 
 
@@ -100,10 +105,14 @@ def _finetune(out: str) -> str:
         re.M,
     )
     if verdicts:  # transfers against the best peer (open_clip continuing, open_clip main's NaFlex)
-        return "; ".join(
+        row = "; ".join(
             f"{t.replace(':', ' -> ')}: own {n} tokens {r}x ({p}), native {rn}x ({pn}), worst {w} tokens {rw}x ({pw})"
             for t, n, r, p, rn, pn, w, rw, pw in verdicts
         )
+        if len(verdicts) > 1:  # the transfer where navit-clip leads least, at its own count or native
+            worst = min(verdicts, key=lambda v: min(float(v[2]), float(v[4])))
+            row += f"; worst transfer {worst[0].replace(':', ' -> ')} ({min(float(worst[2]), float(worst[4])):.2f}x)"
+        return row
     cell = r"[\d.]+ \(.*?\)"
     found = re.findall(
         rf"^\s+(native|36)\s+{cell}\s+([\d.]+) \(.*?\)\s+([\d.]+) \(.*?\)\s+([\d.]+)$", out, re.M
@@ -248,7 +257,7 @@ def main() -> None:
     table = headline(body)
     path.write_text(
         f"# Benchmarks\n\nEvery figure below is the printed output of the command above it, "
-        f"pasted by `python bench/report.py`.\n{machine}\n\n## Headline\n\n{table}\n{NOTES}\n{body}"
+        f"pasted by `python bench/report.py`.\n{machine}\n\n## Headline\n\n{table}\n{NOTES_POINTER}\n{body}"
     )
     readme = ROOT / "README.md"
     text = readme.read_text()

@@ -326,6 +326,16 @@ def _wise_ft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _consolidate(args: argparse.Namespace) -> int:
+    from navit_clip.checkpoint import consolidate
+
+    if not Path(args.step_dir).is_dir():
+        raise ValueError(f"{args.step_dir} is no step folder (a sharded checkpoint is a folder step_N/)")
+    out = consolidate(args.step_dir, args.out)
+    print(f"wrote {out}: every command and train.resume read it as any one-file checkpoint")
+    return 0
+
+
 def _data_parsers(sub) -> None:
     p = sub.add_parser("make-shards", help="write webdataset shards from an image folder or a CSV/TSV")
     p.add_argument("source", help="folder of IMG.ext + IMG.txt, or a .csv/.tsv with path and caption columns")
@@ -388,7 +398,8 @@ def _eval_parser(sub) -> None:
 
 
 def _checkpoint_parsers(sub) -> None:
-    """The commands that turn one checkpoint into another artefact: export, convert (convert-openclip), wise-ft."""
+    """The commands that turn one checkpoint into another artefact: export, convert (convert-openclip),
+    wise-ft, consolidate."""
     p = sub.add_parser(
         "export", help="export the image encoder for VLMs (safetensors, torch-only module, HF, ONNX)"
     )
@@ -419,6 +430,14 @@ def _checkpoint_parsers(sub) -> None:
     p.add_argument("out", help="the checkpoint to write (.pt)")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the fine-tuned model, 0..1")
     p.set_defaults(fn=_wise_ft)
+
+    p = sub.add_parser(
+        "consolidate",
+        help="a sharded checkpoint's step folder (train.checkpoint_format=sharded) -> one .pt file",
+    )
+    p.add_argument("step_dir", help="the step folder, e.g. runs/demo/step_00001000")
+    p.add_argument("out", help="the one-file checkpoint to write (.pt): model, optimizer, schedule, state")
+    p.set_defaults(fn=_consolidate)
 
 
 def _convert_parser(sub, name: str) -> None:

@@ -130,7 +130,14 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 200
     keep_last: int = 3
-    resume: str = ""  # "", "latest", or a checkpoint path
+    # full: one torch.save file gathered on rank 0 (step_N.pt) | sharded: a torch.distributed.checkpoint
+    # folder (step_N/), every rank writing its own shards, loadable on any number of ranks | auto:
+    # sharded under FSDP2 on several ranks, full otherwise (docs/training.md, "Checkpoints")
+    checkpoint_format: str = "auto"
+    async_checkpoint: bool = (
+        False  # sharded only: stage the state, write it in the background (dcp.async_save)
+    )
+    resume: str = ""  # "", "latest", a step_N.pt file or a step_N/ folder
     stop_at: int = (
         0  # stop (after a checkpoint) at this step; the schedule still spans `steps` (0: run to the end)
     )
@@ -163,10 +170,23 @@ class TrainConfig:
             "parallel": ("ddp", "fsdp"),
             "resume_data": ("exact", "fresh"),
             "device": ("auto", "cpu", "cuda"),
+            "checkpoint_format": ("auto", "full", "sharded"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"train.{name}={getattr(self, name)!r} must be one of {allowed}")
+        if self.async_checkpoint and self.checkpoint_format == "full":
+            raise ValueError(
+                "train.async_checkpoint=true needs train.checkpoint_format=sharded (or auto under FSDP2): "
+                "the full format gathers and writes on rank 0 in the step"
+            )
+
+    def resolved_checkpoint_format(self, world_size: int) -> str:
+        """`checkpoint_format` with auto decided: sharded under FSDP2 on several ranks, else full (and
+        sharded whenever async_checkpoint asks for it)."""
+        if self.checkpoint_format != "auto":
+            return self.checkpoint_format
+        return "sharded" if self.async_checkpoint or (self.parallel == "fsdp" and world_size > 1) else "full"
 
 
 @dataclass
@@ -324,11 +344,18 @@ def with_init_from(tree: dict) -> dict:
     path = _get(tree, ("model", "init_from"))
     if not path:
         return tree
-    if not Path(path).is_file():
-        raise ValueError(f"model.init_from={path} does not exist (a navit-clip checkpoint file)")
+    if not Path(path).exists():
+        raise ValueError(
+            f"model.init_from={path} does not exist (a navit-clip checkpoint file or sharded step folder)"
+        )
     import torch  # only here: reading a config file needs no torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    from navit_clip.checkpoint import read_checkpoint
+
+    if Path(path).is_dir():  # a sharded step folder: its config alone (read_checkpoint checks the rest)
+        state = {"model": True, **read_checkpoint(path, parts=())}
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if "config" not in state or "model" not in state:
         raise ValueError(
             f"model.init_from={path} is not a navit-clip checkpoint (no model weights and config); "

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from navit_clip.checkpoint import read_checkpoint
 from navit_clip.config import Config, load_config, saved_config
 from navit_clip.data.pipeline import make_preprocess
 from navit_clip.model.clip import NaViTCLIP
@@ -28,7 +29,9 @@ def config_of(source: str | Path | Config) -> Config:
         return load_config(path)
     if not path.exists():
         raise ValueError(f"{path} is neither a config file nor a checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = (
+        read_checkpoint(path, parts=()) if path.is_dir() else torch.load(path, weights_only=True, mmap=True)
+    )
     if "config" in state:
         return saved_config(state["config"])
     run_cfg = path.parent / "config.yaml"
@@ -58,8 +61,7 @@ def create_model(source: str | Path | Config, device: str | torch.device = "cpu"
         tokenizer_for(cfg)
     model = NaViTCLIP(cfg.model)
     if _is_checkpoint(source):
-        state = torch.load(source, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(read_checkpoint(source)["model"])
     return model.to(device).eval()
 
 

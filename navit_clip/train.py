@@ -26,6 +26,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from navit_clip.checkpoint import (
+    ShardedCheckpointer,
     latest_checkpoint,
     load_checkpoint,
     load_weights,
@@ -206,6 +207,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     loss_fn: ContrastiveLoss
     autocast: object
+    sharded: ShardedCheckpointer | None = None  # train.checkpoint_format=sharded's writer, else None
 
 
 @dataclass
@@ -293,7 +295,11 @@ def build(cfg: Config, info: DistInfo, tokenizer) -> Run:
         comm_dtype=lc.comm_dtype,
     )
     autocast = autocast_for(tc.precision, info.device)
-    return Run(cfg, info, out, resolved, tokenizer, model, wrapped, optimizer, scheduler, loss_fn, autocast)
+    fmt = tc.resolved_checkpoint_format(info.world_size)
+    sharded = ShardedCheckpointer(out, tc.keep_last, tc.async_checkpoint) if fmt == "sharded" else None
+    return Run(
+        cfg, info, out, resolved, tokenizer, model, wrapped, optimizer, scheduler, loss_fn, autocast, sharded
+    )
 
 
 def resume(run: Run) -> tuple[TrainState, dict]:
@@ -316,7 +322,9 @@ def resume(run: Run) -> tuple[TrainState, dict]:
         skipped_steps=saved.get("skipped_steps", 0),
         skip_counts=Counter(saved.get("skip_counts", {})),
     )
-    return state, {k: saved.get(k, 0) for k in ("data_batches", "data_epoch", "data_origin")}
+    data = {k: saved.get(k, 0) for k in ("data_batches", "data_epoch", "data_origin")}
+    # a checkpoint from before the world size was saved: written by this run's world, as was required
+    return state, {**data, "world_size": saved.get("world_size", run.info.world_size)}
 
 
 def train_step(run: Run, batches, state: TrainState, window: Window) -> dict:
@@ -413,17 +421,24 @@ def log_window(run: Run, state: TrainState, window: Window, last: dict, metrics:
 
 
 def checkpoint(run: Run, state: TrainState, dataset: PackedImageText, window: Window) -> None:
-    """Save everything a resume needs (a collective: every rank calls it)."""
-    extra = {
+    """Save everything a resume needs (a collective: every rank calls it), in the run's format."""
+    own = {  # this rank's: its RNG and where its data stream stands
         "data_batches": state.data_batches,
         "data_epoch": dataset.epoch,
         "data_origin": dataset.origin,
+        "rng": rng_state(),
+    }
+    shared = {
         "skipped_steps": state.skipped_steps,
         "skip_counts": dict(state.skip_counts + Counter(sum_counts(window.skips, run.info))),
-        "rng": rng_state(),
         "config": run.resolved,
     }
     tc = run.cfg.train
+    if run.sharded is not None:
+        shared |= {"scheduler": run.scheduler.state_dict(), "step": state.step}
+        run.sharded.save(state.step, run.model, run.optimizer, shared, own)
+        return
+    extra = {**own, **shared, "world_size": run.info.world_size}
     save_checkpoint(
         run.out, state.step, run.model, run.optimizer, run.scheduler, extra, tc.keep_last, run.info.is_main
     )
@@ -460,6 +475,8 @@ def train(cfg: Config) -> dict:
     run.wrapped.train()
     with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
         for _ in bar:
+            if run.sharded is not None and run.sharded.failed():
+                run.sharded.wait()  # raises CheckpointWriteError naming the folder: stop now
             last = train_step(run, batches, state, window)
             history.append(last["loss"])
             done = state.step
@@ -471,6 +488,8 @@ def train(cfg: Config) -> dict:
             if cfg.eval.every and done % cfg.eval.every == 0 and done != tc.steps:
                 evaluate(run, metrics, done)
     bar.close()
+    if run.sharded is not None:
+        run.sharded.wait()  # the last background write is on disk (or its error raised) before the end
 
     final = {
         "losses": history,
@@ -513,6 +532,20 @@ def open_data(cfg: Config, tokenizer, info: DistInfo, start: int, saved: dict):
     replay = 0
     if start and tc.resume_data == "fresh":
         dataset.set_epoch(start)
+    elif start and not cfg.data.resampled and saved.get("world_size", info.world_size) != info.world_size:
+        # finite data is split across ranks by shard, so another world splits it otherwise: the
+        # current epoch's position means nothing there, and its next epoch begins instead
+        dataset.set_epoch(saved.get("data_epoch", 0) + 1)
+        dataset.origin = dataset.first_batch = done
+        if info.is_main:
+            log.warning(
+                "resuming finite data (data.resampled=false) on %d ranks from a checkpoint of %d: the "
+                "rest of epoch %d is skipped, epoch %d begins (docs/training.md, resharding)",
+                info.world_size,
+                saved["world_size"],
+                saved.get("data_epoch", 0),
+                dataset.epoch,
+            )
     elif start:
         dataset.set_epoch(saved.get("data_epoch", 0))
         dataset.origin = saved.get("data_origin", 0)

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 
-from navit_clip.checkpoint import atomic_save, config_differences
+from navit_clip.checkpoint import atomic_save, config_differences, read_checkpoint
 from navit_clip.config import migrate
 
 
 def _read(path: str | Path, which: str) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"{which} checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{which} {path} is not a navit-clip checkpoint (model weights and config)")
     return state

@@ -123,13 +123,6 @@ def tiny_run(shards: str, out, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-@pytest.fixture(scope="module")
-def small_shards(tmp_path_factory):
-    from navit_clip.data.demo import ensure_demo_data
-
-    return ensure_demo_data(tmp_path_factory.mktemp("demo_small"), n_train=300, n_heldout=48, per_shard=100)
-
-
 def test_resume_continues_exactly(small_shards, tmp_path):
     from navit_clip.train import train
 
