@@ -334,7 +334,7 @@ def _small_state(path: Path, md, rank: int) -> dict:
     state = {k: torch.empty(tuple(keys[k].size), dtype=torch.uint8) for k in ("train", own)}
     with _one_process_quietly():
         dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
-    return {**_unpack(state["train"]), **_unpack(state[own]), "own_state_of_rank": int(own.split("_")[1])}
+    return {**_unpack(state["train"]), **_unpack(state[own])}
 
 
 def _refuse_other_model(path: Path, config: dict | None, model_config: dict | None) -> None:

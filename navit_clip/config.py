@@ -352,11 +352,11 @@ def with_init_from(tree: dict) -> dict:
 
     from navit_clip.checkpoint import read_checkpoint
 
-    if Path(path).is_dir():  # a sharded step folder: its config alone (read_checkpoint checks the rest)
-        state = {"model": True, **read_checkpoint(path, parts=())}
+    if Path(path).is_dir():  # a sharded step folder: its config (read_checkpoint refuses any other)
+        state = read_checkpoint(path, parts=())
     else:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if "config" not in state or "model" not in state:
+    if "config" not in state or ("model" not in state and not Path(path).is_dir()):
         raise ValueError(
             f"model.init_from={path} is not a navit-clip checkpoint (no model weights and config); "
             "an open_clip checkpoint converts with `navit-clip convert-openclip MODEL --pretrained FILE OUT`"

@@ -11,7 +11,7 @@ import torch
 import yaml
 from dist_utils import run_world
 
-from navit_clip.checkpoint import atomic_save, latest_checkpoint, list_checkpoints
+from navit_clip.checkpoint import atomic_save, latest_checkpoint, list_checkpoints, read_checkpoint
 from navit_clip.config import load_config, to_dict
 from navit_clip.distributed import DistInfo, wrap_model
 from navit_clip.loss import ContrastiveLoss
@@ -437,7 +437,9 @@ def test_ddp_and_fsdp_training_runs_agree(small_shards, tmp_path):
         path = tmp_path / f"{parallel}.json"
         run_world(2, _train_on_rank, small_shards, str(tmp_path / parallel), parallel, str(path))
         runs[parallel] = json.loads(path.read_text())
-        assert (tmp_path / parallel / "step_00000003.pt").exists()
+        # DDP writes one file, FSDP2 on two ranks a sharded step folder (train.checkpoint_format=auto)
+        want = {"ddp": "step_00000003.pt", "fsdp": "step_00000003"}[parallel]
+        assert latest_checkpoint(tmp_path / parallel).name == want
         logged = [
             json.loads(line) for line in (tmp_path / parallel / "metrics.jsonl").read_text().splitlines()
         ]
@@ -476,7 +478,7 @@ def test_locked_towers_train_alike_under_ddp_and_fsdp(small_shards, tmp_path):
     torch.manual_seed(cfg.train.seed)
     start = NaViTCLIP(cfg.model).state_dict()  # the weights every run starts from (train.build)
     for parallel in ("ddp", "fsdp"):
-        end = torch.load(tmp_path / parallel / "step_00000003.pt", weights_only=True)
+        end = read_checkpoint(latest_checkpoint(tmp_path / parallel), parts=("model", "optimizer"))
         assert all(torch.equal(end["model"][k], start[k]) for k in start if k.startswith("visual."))
         assert not torch.equal(end["model"]["image_proj.weight"], start["image_proj.weight"])
         n_trainable = sum(1 for k in start if k.startswith(("image_proj.", "text_proj.", "logit_scale")))
