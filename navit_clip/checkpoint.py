@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -188,6 +189,14 @@ def _rank_key(rank: int) -> str:
     return f"rank_{rank}"
 
 
+def _one_line(e: BaseException) -> str:
+    """An error in one line; DCP's CheckpointException by its first rank's cause, not its tracebacks."""
+    if isinstance(e, CheckpointException) and e.failures:
+        rank, (cause, _) = next(iter(sorted(e.failures.items())))
+        return f"rank {rank}: {type(cause).__name__}: {cause}"
+    return f"{type(e).__name__}: {e}"
+
+
 class CheckpointWriteError(RuntimeError):
     """A background (async) checkpoint write failed: the run stops before its next save."""
 
@@ -271,10 +280,10 @@ class ShardedCheckpointer:
         try:
             future.result()
             finished.wait()  # a future's callbacks run after its waiters wake: the marker too
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP's own is a BaseException
             raise CheckpointWriteError(
-                f"the background checkpoint write to {path} failed ({type(e).__name__}: {e}); the run "
-                f"stopped before its next save. Its last complete checkpoint is "
+                f"the background checkpoint write to {path} failed ({_one_line(e)}); the run stopped "
+                f"before its next save. Its last complete checkpoint is "
                 f"{latest_checkpoint(self.folder) or 'none'}: resume from it with --resume latest"
             ) from e
         if self.distributed:  # every rank's write is done before anyone goes on (or exits)

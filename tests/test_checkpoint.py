@@ -126,7 +126,7 @@ def test_faults_are_one_line_errors_naming_the_file_or_tensor(small_shards, tmp_
     assert latest_checkpoint(tmp_path / "s") == good  # nothing was written over it
 
 
-def _unfinished_a_failed_background_write_stops_the_run_naming_the_folder(small_shards, tmp_path, monkeypatch):
+def test_a_failed_background_write_stops_the_run_naming_the_folder(small_shards, tmp_path, monkeypatch):
     """train.async_checkpoint=true: a write that fails in the background (here: the disk refuses step
     3's shards) stops the run before its next save with an error naming the folder; nothing partial
     counts as a checkpoint."""
