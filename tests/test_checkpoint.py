@@ -148,8 +148,9 @@ def test_a_failed_background_write_stops_the_run_naming_the_folder(small_shards,
 
 
 def _reshard_on_rank(rank, world, shards, out, parallel, fmt, stop, resume, result):
-    """A run on `world` gloo ranks with `parallel` (ddp / fsdp): stopped at `stop` with format `fmt`,
-    or resumed from `resume` and read back whole (rank 0 saves the full state it loaded)."""
+    """A run on `world` gloo ranks with `parallel` (ddp / fsdp) and format `fmt`: trained to `stop`
+    (0: the end), resumed from its latest checkpoint (`resume="latest"`), or only loaded from the
+    checkpoint `resume` and read back whole (rank 0 saves the full state it loaded)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -160,8 +161,10 @@ def _reshard_on_rank(rank, world, shards, out, parallel, fmt, stop, resume, resu
     from navit_clip.distributed import init_distributed
 
     common = {"train.parallel": parallel, "train.checkpoint_format": fmt}
-    if not resume:
-        losses = _train(shards, out, **common, **{"train.stop_at": stop})["losses"]
+    if not resume or resume == "latest":  # train (to `stop`, or on from the run's latest checkpoint)
+        losses = _train(
+            shards, out, **common, **{"train.stop_at": stop}, **({"train.resume": resume} if resume else {})
+        )["losses"]
         if rank == 0:
             Path(result).write_text(json.dumps(losses))
         return
@@ -180,7 +183,7 @@ def _reshard_on_rank(rank, world, shards, out, parallel, fmt, stop, resume, resu
         torch.save(got, result)
 
 
-def _unfinished_a_checkpoint_of_two_fsdp2_ranks_resumes_exactly_and_reshards_to_any_world(small_shards, tmp_path):
+def test_a_checkpoint_of_two_fsdp2_ranks_resumes_exactly_and_reshards_to_any_world(small_shards, tmp_path):
     """Written by 2 FSDP2 ranks, sharded: resumed on 2 it continues bit-identically to the unbroken
     run; loaded on 3 FSDP2 ranks, 2 DDP ranks and one process, its weights and optimizer state are
     those the one-file format gathered at the same step."""
