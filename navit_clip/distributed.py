@@ -104,14 +104,19 @@ def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float
     return {k: float(v) / info.world_size for k, v in zip(keys, t.tolist())}
 
 
+def all_gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's `obj` (small, picklable), in rank order; [obj] in one process."""
+    if not info.distributed:
+        return [obj]
+    gathered: list = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def sum_counts(counts: dict[str, int], info: DistInfo) -> dict[str, int]:
     """Sum integer counters over ranks; ranks may hold different keys (one small object gather)."""
-    if not info.distributed:
-        return dict(counts)
-    gathered: list = [None] * info.world_size
-    dist.all_gather_object(gathered, dict(counts))
     total: dict[str, int] = {}
-    for part in gathered:
+    for part in all_gather_objects(dict(counts), info):
         for k, v in part.items():
             total[k] = total.get(k, 0) + v
     return total

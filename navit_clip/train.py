@@ -34,9 +34,17 @@ from navit_clip.checkpoint import (
     save_checkpoint,
 )
 from navit_clip.config import Config, to_dict
+from navit_clip.data.consumed import ConsumedSamples, EpochRecord
 from navit_clip.data.demo import TASKS, ensure_demo_data
 from navit_clip.data.pipeline import PackedImageText, make_loader
-from navit_clip.distributed import DistInfo, all_reduce_mean, init_distributed, parallelize, sum_counts
+from navit_clip.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_mean,
+    init_distributed,
+    parallelize,
+    sum_counts,
+)
 from navit_clip.loss import ContrastiveLoss
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.tokenizer import tokenizer_for
@@ -323,6 +331,7 @@ def resume(run: Run) -> tuple[TrainState, dict]:
         skip_counts=Counter(saved.get("skip_counts", {})),
     )
     data = {k: saved.get(k, 0) for k in ("data_batches", "data_epoch", "data_origin")}
+    data |= {k: saved[k] for k in ("data_consumed", "data_skip") if k in saved}  # finite data
     # a checkpoint from before the world size was saved: written by this run's world, as was required
     return state, {**data, "world_size": saved.get("world_size", run.info.world_size)}
 
@@ -433,6 +442,11 @@ def checkpoint(run: Run, state: TrainState, dataset: PackedImageText, window: Wi
         "skip_counts": dict(state.skip_counts + Counter(sum_counts(window.skips, run.info))),
         "config": run.resolved,
     }
+    if not run.cfg.data.resampled:  # finite data: every rank's consumed samples, for another world
+        merged = EpochRecord.merged(all_gather_objects((dataset.epoch, dataset.record.state()), run.info))
+        dataset.record.drop_before(merged["epoch"])  # every rank has read those epochs whole
+        shared["data_consumed"] = merged
+        shared["data_skip"] = {e: c.state() for e, c in dataset.consumed.items() if e >= merged["epoch"]}
     tc = run.cfg.train
     if run.sharded is not None:
         shared |= {"scheduler": run.scheduler.state_dict(), "step": state.step}
@@ -529,23 +543,39 @@ def open_data(cfg: Config, tokenizer, info: DistInfo, start: int, saved: dict):
     tc = cfg.train
     done = saved.get("data_batches", 0)
     dataset = PackedImageText(cfg.data, tokenizer, info.rank, info.world_size, tc.accum, first_batch=done)
+    # finite data: what the trainer took of each epoch (checkpointed), and what the stream leaves out
+    dataset.record = EpochRecord.from_state(saved.get("data_consumed", {}).get("consumed"))
+    dataset.consumed = {int(e): ConsumedSamples(r) for e, r in saved.get("data_skip", {}).items()}
     replay = 0
     if start and tc.resume_data == "fresh":
         dataset.set_epoch(start)
     elif start and not cfg.data.resampled and saved.get("world_size", info.world_size) != info.world_size:
-        # finite data is split across ranks by shard, so another world splits it otherwise: the
-        # current epoch's position means nothing there, and its next epoch begins instead
-        dataset.set_epoch(saved.get("data_epoch", 0) + 1)
+        # finite data is split across ranks by shard, so another world splits it otherwise: every
+        # rank's stream reads the rest of each epoch, leaving out what any old rank consumed
         dataset.origin = dataset.first_batch = done
-        if info.is_main:
-            log.warning(
-                "resuming finite data (data.resampled=false) on %d ranks from a checkpoint of %d: the "
-                "rest of epoch %d is skipped, epoch %d begins (docs/training.md, resharding)",
-                info.world_size,
-                saved["world_size"],
-                saved.get("data_epoch", 0),
-                dataset.epoch,
-            )
+        if "data_consumed" in saved:
+            dataset.set_epoch(saved["data_consumed"]["epoch"])
+            dataset.consumed = {e: ConsumedSamples(c.state()) for e, c in dataset.record.epochs.items()}
+            if info.is_main:
+                log.info(
+                    "resuming finite data (data.resampled=false) on %d ranks from a checkpoint of %d: "
+                    "epoch %d goes on without the %d samples consumed of it (docs/training.md, resharding)",
+                    info.world_size,
+                    saved["world_size"],
+                    dataset.epoch,
+                    len(dataset.consumed.get(dataset.epoch, ())),
+                )
+        else:  # a checkpoint from before consumed samples were saved: the next epoch begins
+            dataset.set_epoch(saved.get("data_epoch", 0) + 1)
+            if info.is_main:
+                log.warning(
+                    "resuming finite data on %d ranks from a checkpoint of %d that names no consumed "
+                    "samples: the rest of epoch %d is skipped, epoch %d begins",
+                    info.world_size,
+                    saved["world_size"],
+                    saved.get("data_epoch", 0),
+                    dataset.epoch,
+                )
     elif start:
         dataset.set_epoch(saved.get("data_epoch", 0))
         dataset.origin = saved.get("data_origin", 0)
@@ -561,14 +591,17 @@ def open_data(cfg: Config, tokenizer, info: DistInfo, start: int, saved: dict):
 def endless(loader, dataset: PackedImageText, info: DistInfo):
     """Batches forever: resampled data never ends; finite data (data.resampled=false) starts its next
     epoch, reshuffled, when one ends. Deterministic, so resume can replay it."""
+    finite = not dataset.cfg.resampled
     while True:
         count = 0
         for batch in loader:
             count += 1
+            if finite:  # taken by the trainer now (not prefetched): a checkpoint names it consumed
+                dataset.record.record(dataset.epoch, batch.ids)
             yield batch
         dataset.first_batch += count  # schedules continue across epochs; the next epoch starts here
         dataset.origin = dataset.first_batch
-        if count == 0:
+        if count == 0 and not dataset.consumed.get(dataset.epoch):  # (not a pass the old ranks read)
             raise ValueError(
                 f"rank {info.rank} got no batch from data.shards ({dataset.cfg.shards}) in one pass: no "
                 f"usable sample in its shards, or fewer shards than ranks x data.num_workers (then give "

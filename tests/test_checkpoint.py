@@ -226,6 +226,56 @@ def test_a_checkpoint_of_two_fsdp2_ranks_resumes_exactly_and_reshards_to_any_wor
         _assert_same_state(got, want, f"{world} x {parallel}")
 
 
+def _finite_on_rank(rank, world, shards, out, stop, keys_file):
+    """A finite-data (data.resampled=false) FSDP2 run, sharded, trained to `stop` (0: on from its
+    latest checkpoint to the end), writing the keys of every batch its trainer took, with the epoch."""
+    from navit_clip import train as T
+
+    real, taken = T.endless, []
+
+    def spying(loader, dataset, info):
+        for batch in real(loader, dataset, info):
+            taken.append((dataset.epoch, [k for row in batch.keys for k in row if k]))
+            yield batch
+
+    T.endless = spying
+    extra = {"train.stop_at": stop} if stop else {"train.resume": "latest"}
+    _train(
+        shards,
+        out,
+        **extra,
+        **{
+            "data.resampled": "false",
+            "data.num_workers": 1,  # its prefetched batches are in flight at the save: not consumed
+            "train.parallel": "fsdp",
+            "train.checkpoint_format": "sharded",
+            "train.steps": 25,
+            "train.ckpt_every": 9,
+        },
+    )
+    Path(f"{keys_file}.{rank}").write_text(json.dumps(taken))
+
+
+def test_finite_data_resumed_on_another_world_reads_the_rest_of_each_epoch_once(small_shards, tmp_path):
+    """2 FSDP2 ranks read 3 shards of finite data (rank 0 two, rank 1 one: rank 1 is an epoch ahead at
+    the step-9 save) and stop there; 3 ranks resume from the sharded checkpoint. Over both runs every
+    epoch the 3 ranks finished holds each of the 300 samples exactly once: nothing consumed is read
+    again, nothing in flight (prefetched, unconsumed) is lost."""
+    shards, out = small_shards["train"], tmp_path / "run"
+    run_world(2, _finite_on_rank, shards, str(out), 9, str(tmp_path / "old"))
+    saved = read_checkpoint(out / "step_00000009")["data_consumed"]
+    assert saved["epoch"] == 0 and set(saved["consumed"]) == {0, 1}  # rank 1 was into epoch 1
+    run_world(3, _finite_on_rank, shards, str(out), 0, str(tmp_path / "new"))
+    old = [b for r in range(2) for b in json.loads((tmp_path / f"old.{r}").read_text())]
+    new = [json.loads((tmp_path / f"new.{r}").read_text()) for r in range(3)]
+    finished = min(max(e for e, _ in rank) for rank in new)  # every new rank is past the epochs before
+    assert finished >= 2, "too few steps to finish two epochs on every new rank"
+    every = {f"train{i:06d}" for i in range(300)}
+    for epoch in range(finished):
+        keys = [k for e, ks in old + [b for rank in new for b in rank] if e == epoch for k in ks]
+        assert len(keys) == len(set(keys)) == 300 and set(keys) == every, epoch
+
+
 KILL_ONE_RANK = textwrap.dedent("""
     # rank 1 dies (SIGKILL) while writing its shards of step 6's save; the other rank is left waiting
     import os, signal, sys
@@ -266,7 +316,9 @@ def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_and_the_run_
 
     def launch(out, *more, kill=False):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "0"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", **({"KILL": "1"} if kill else {})}
+        # the checkout first on the path: the script runs from tmp_path, whatever the install points at
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **({"KILL": "1"} if kill else {})}
         args = [str(script), str(ROOT / "tests"), shards, str(out), *extra, *more]
         return subprocess.run([*cmd, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 

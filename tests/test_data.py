@@ -10,6 +10,7 @@ import webdataset as wds
 from PIL import Image
 
 from navit_clip.config import trained_side
+from navit_clip.data.consumed import ConsumedSamples, EpochRecord
 from navit_clip.data.decode import BadSample, decode_image
 from navit_clip.data.pipeline import DataConfig, PackedImageText, make_loader
 from navit_clip.data.shards import pairs_from_folder, pairs_from_table, write_shards
@@ -121,6 +122,57 @@ def test_finite_mode_delivers_every_valid_sample_once_across_ranks_and_workers(t
         for name, v in s.items():
             stats[name] = stats.get(name, 0) + v
         assert shapes == {((3, 64, P * P * 3), (3, 4), (3, 4, 3))}  # fixed shapes
+    assert len(keys) == len(set(keys)) and set(keys) == good
+    for reason, n in bad_counts.items():
+        assert stats.get(f"skip_{reason}", 0) == n, (reason, stats)
+
+
+def test_consumed_samples_are_the_set_of_their_indices():
+    """The range record of navit_clip.data.consumed against a plain set, under random insertion."""
+    rng = random.Random(0)
+    got, want = ConsumedSamples(), set()
+    for _ in range(2000):
+        source, i = rng.choice("ab"), rng.randrange(300)
+        if rng.random() < 0.1:  # a run of indices at once
+            j = i + rng.randrange(1, 20)
+            got.add_range(source, i, j)
+            want |= {(source, x) for x in range(i, j)}
+        else:
+            got.add((source, i))
+            want.add((source, i))
+        assert len(got) == len(want)
+    assert {(s, i) for s in "abc" for i in range(-2, 330) if (s, i) in got} == want
+    for spans in got.ranges.values():  # disjoint, sorted, never touching
+        assert all(a < b < c for (a, b), (c, _) in zip(spans, spans[1:]))
+    assert ConsumedSamples(got.state()).ranges == got.ranges
+
+
+def test_finite_data_resumed_on_another_world_reads_each_sample_of_the_epoch_once(tmp_path):
+    """2 ranks take some batches of an epoch (2 workers each, bad samples and a shuffle buffer among
+    them); 3 ranks read on without what the 2 consumed, their record merged as a checkpoint merges it:
+    every good sample of the epoch is delivered exactly once over both, every bad one counted once."""
+    shards, good, bad_counts = write_corpus(tmp_path, n_shards=5)
+    keys, stats, records = [], {}, []
+
+    def take(ds, limit=None):
+        for n, batch in enumerate(make_loader(ds, num_workers=2)):
+            if limit is not None and n >= limit:
+                break  # the batches the loader prefetched past here are in flight: not consumed
+            ds.record.record(ds.epoch, batch.ids)
+            keys.extend(k for row in batch.keys for k in row if k)
+            for name, v in batch.stats.items():
+                stats[name] = stats.get(name, 0) + v
+
+    for rank, limit in ((0, 3), (1, 2)):
+        ds = PackedImageText(config(shards), tokenizer=toy_tokenizer, rank=rank, world_size=2)
+        take(ds, limit)
+        records.append((ds.epoch, ds.record.state()))
+    merged = EpochRecord.merged(records)
+    assert merged["epoch"] == 0 and 0 < len(ConsumedSamples(merged["consumed"][0])) < len(good)
+    for rank in range(3):
+        ds = PackedImageText(config(shards), tokenizer=toy_tokenizer, rank=rank, world_size=3)
+        ds.consumed = {e: ConsumedSamples(r) for e, r in merged["consumed"].items()}
+        take(ds)
     assert len(keys) == len(set(keys)) and set(keys) == good
     for reason, n in bad_counts.items():
         assert stats.get(f"skip_{reason}", 0) == n, (reason, stats)

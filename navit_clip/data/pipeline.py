@@ -25,6 +25,14 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from navit_clip.data.consumed import (
+    ConsumedSamples,
+    EpochRecord,
+    SampleId,
+    drop_consumed,
+    number_samples,
+    sample_id,
+)
 from navit_clip.data.decode import IMAGE_EXTS, BadSample, decode_image, find_caption, find_image
 from navit_clip.model.clip import CLIP_MEAN, CLIP_STD, NORMALIZE
 from navit_clip.packing import (
@@ -171,6 +179,7 @@ class ImageTextBatch:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     captions: list[list[str]] | None = None
+    ids: list[SampleId] = field(default_factory=list)  # every sample this batch used up, bad ones too
 
     def to(self, device, non_blocking: bool = False, dtype: torch.dtype = torch.float32) -> ImageTextBatch:
         """Move to `device` and normalise the patches there, as `dtype`."""
@@ -197,6 +206,7 @@ class Example:
     full_tokens: int  # before dropping
     label: int = -1
     waited: int = 0  # batches this example has been left over for
+    id: SampleId = ("", -1)  # (shard URL or folder, index there): navit_clip.data.consumed
 
 
 def image_to_patches(img: Image.Image, size_hw: tuple[int, int], patch_size: int) -> torch.Tensor:
@@ -255,6 +265,10 @@ class PackedImageText(IterableDataset):
         self.accum, self.first_batch, self.origin = accum, first_batch, first_batch
         self.epoch = 0
         self.mean, self.std = NORMALIZE[cfg.normalize]
+        # finite data resumed on another world size: per epoch, the samples the old ranks consumed,
+        # left out of this run's reading of that epoch (navit_clip.data.consumed)
+        self.consumed: dict[int, ConsumedSamples] = {}
+        self.record = EpochRecord()  # the trainer's: what it took of each epoch (navit_clip.train.endless)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -284,7 +298,8 @@ class PackedImageText(IterableDataset):
         if isinstance(self.cfg.shards, str) and Path(self.cfg.shards).is_dir():
             info = get_worker_info()
             worker, workers = (info.id, info.num_workers) if info else (0, 1)
-            return folder_samples(self.cfg.shards, self.rank * workers + worker, self.world_size * workers)
+            parts, consumed = self.world_size * workers, self.consumed.get(self.epoch)
+            return folder_samples(self.cfg.shards, self.rank * workers + worker, parts, consumed)
         return self._shard_samples(seed, stats)
 
     def _shard_samples(self, seed: int, stats: Counter) -> Iterator[dict]:
@@ -304,7 +319,10 @@ class PackedImageText(IterableDataset):
                 guard.count_shards,
                 wds.tarfile_to_samples(handler=guard.shard_error),
                 guard.saw_sample,
+                number_samples,
             ]
+            if not self.cfg.resampled and self.consumed.get(self.epoch):  # before the shuffle and decode
+                stages.append(functools.partial(drop_consumed, consumed=self.consumed[self.epoch]))
             if self.cfg.shuffle_buffer > 1:
                 stages.append(
                     wds.shuffle(
@@ -343,7 +361,9 @@ class PackedImageText(IterableDataset):
         h, w = H // cfg.patch_size, W // cfg.patch_size
         rate = sample_drop_rate(h * w, cfg.token_drop, rng, step)
         patches, coords = drop_tokens(patches, grid_coords(h, w), rate, g)
-        return Example(sample.get("__key__", ""), caption, patches, coords, (h, w), h * w, label)
+        return Example(
+            sample.get("__key__", ""), caption, patches, coords, (h, w), h * w, label, id=sample_id(sample)
+        )
 
     def _batch(self, examples: list[Example], bins: list[list[int]], stats: Counter) -> ImageTextBatch:
         cfg = self.cfg
@@ -390,7 +410,8 @@ class PackedImageText(IterableDataset):
             images_per_seq=len(placed) / B,
         )
         stats.clear()
-        return ImageTextBatch(packed, text, keys, out_stats, labels, self.mean, self.std, raw)
+        ids = [examples[i].id for m in bins for i in m]
+        return ImageTextBatch(packed, text, keys, out_stats, labels, self.mean, self.std, raw, ids)
 
     def __iter__(self) -> Iterator[ImageTextBatch]:
         cfg = self.cfg
@@ -442,12 +463,14 @@ class PackedImageText(IterableDataset):
         buffered_tokens, made = 0, 0
         threshold = cfg.pack_factor * cfg.batch_seqs * cfg.seq_len
         bad_in_a_row = 0
+        bad_ids: list[SampleId] = []  # bad samples since the last batch: used up with it
         for sample in self._samples(seed, stats):
             step = self.optimizer_step(emitted + made, worker, W)
             try:
                 ex = self._example(sample, rng, g, step)
             except BadSample as e:
                 stats[f"skip_{e.reason}"] += 1
+                bad_ids.append(sample_id(sample))
                 bad_in_a_row += 1
                 if bad_in_a_row >= cfg.max_bad_in_a_row:
                     raise NoUsableData(
@@ -460,6 +483,8 @@ class PackedImageText(IterableDataset):
             if buffered_tokens >= threshold:
                 stats["step"] = step
                 batch, buffer = self._pack(buffer, stats)
+                batch.ids += bad_ids
+                bad_ids = []
                 buffered_tokens = sum(e.patches.shape[0] for e in buffer)
                 made += 1
                 yield batch
@@ -469,6 +494,8 @@ class PackedImageText(IterableDataset):
             stats["step"] = self.optimizer_step(emitted + made, worker, W)
             made += 1
             batch, buffer = self._pack(buffer, stats)
+            batch.ids += bad_ids
+            bad_ids = []
             yield batch
 
     def _pack(self, buffer: list[Example], stats: Counter) -> tuple[ImageTextBatch, list[Example]]:
@@ -567,13 +594,21 @@ def folder_files(root: str | Path) -> list[tuple[int, Path]]:
     ]
 
 
-def folder_samples(root: str | Path, part: int = 0, parts: int = 1) -> Iterator[dict]:
-    """Samples {"__key__", ext: bytes, "cls": label} of `folder_files(root)`, every parts-th from part.
-    The key is the path below ROOT without its suffix."""
-    root = Path(root)
-    for label, path in folder_files(root)[part::parts]:
+def folder_samples(
+    root: str | Path, part: int = 0, parts: int = 1, consumed: ConsumedSamples | None = None
+) -> Iterator[dict]:
+    """Samples {"__key__", ext: bytes, "cls": label} of `folder_files(root)`, every parts-th from part,
+    but those in `consumed` (by the folder and the file's index in the listing, unread). The key is
+    the path below ROOT without its suffix."""
+    files = folder_files(root)
+    for i in range(part, len(files), parts):
+        if consumed and (str(root), i) in consumed:
+            continue
+        label, path = files[i]
         yield {
-            "__key__": path.relative_to(root).with_suffix("").as_posix(),
+            "__key__": path.relative_to(Path(root)).with_suffix("").as_posix(),
+            "__url__": str(root),
+            "__index__": i,
             path.suffix.lower().lstrip("."): path.read_bytes(),
             "cls": str(label),
         }
