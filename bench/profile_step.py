@@ -4,7 +4,9 @@ The race's model and recipe (ViT-Ti towers, 8 x 256 tokens, side sampling 48..12
 0.25) on its shape data, one DataLoader worker. Steps are split into named regions with
 `record_function` (data, vision forward, text forward, loss, backward, optimiser); backward is one
 region because autograd runs both towers' backward in one call. Prints the regions' share of the
-step and the costliest operators; JSON into bench/results/profile_step.json.
+step, the costliest operators, and who calls fill_ and copy_ (each call's nearest caller
+that is not one of the allocation ops around it: zeros, zero_, new_zeros, empty, fill_, and the
+shape it filled); JSON into bench/results/profile_step.json.
 
     python bench/profile_step.py
 """
@@ -62,7 +64,7 @@ def main() -> None:
     for _ in range(WARMUP):
         step()
     t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(STEPS):
             step()
     wall = (time.perf_counter() - t0) / STEPS
@@ -87,15 +89,51 @@ def main() -> None:
         print(
             f"  {e.key:40s} {e.self_cpu_time_total / 1e3 / STEPS:8.1f} ms/step  {e.count // STEPS:5d} calls/step"
         )
+    callers = {op: callers_of(prof, op) for op in FOLLOWED}
+    for op, found in callers.items():
+        print(f"who calls {op} (its nearest caller beyond the allocation ops, and the shape):")
+        for (caller, shape), (ms, calls) in sorted(found.items(), key=lambda kv: -kv[1][0])[:6]:
+            print(f"  {caller:46s} {shape:20s} {ms / STEPS:7.1f} ms/step  {calls // STEPS:4d} calls/step")
     save_results(
         "profile_step",
         {
             "step_ms": 1e3 * wall,
             "regions_ms": regions,
             "top_ops_ms": {e.key: e.self_cpu_time_total / 1e3 / STEPS for e in ops},
+            "callers_ms": {
+                op: {f"{c} {sh}": ms / STEPS for (c, sh), (ms, _) in found.items()}
+                for op, found in callers.items()
+            },
             "data": str(Path(data["train"])),
         },
     )
+
+
+FOLLOWED = ("aten::fill_", "aten::copy_")  # the step's costliest non-arithmetic operators
+ALLOCATION = (
+    "aten::zeros",
+    "aten::zero_",
+    "aten::new_zeros",
+    "aten::empty",
+    "aten::fill_",
+    "aten::zeros_like",
+)
+
+
+def callers_of(prof, op: str) -> dict:
+    """op's self time (ms) and calls, by (nearest caller that is not an allocation op, shape)."""
+    out: dict = {}
+    for e in prof.events():
+        if e.name != op:
+            continue
+        parent = e.cpu_parent
+        while parent is not None and parent.name in ALLOCATION:
+            parent = parent.cpu_parent
+        shape = "x".join(map(str, e.input_shapes[0])) if e.input_shapes and e.input_shapes[0] else "-"
+        key = (parent.name if parent is not None else "(top level: autograd)", shape)
+        ms, calls = out.get(key, (0.0, 0))
+        out[key] = (ms + e.self_cpu_time_total / 1e3, calls + 1)
+    return out
 
 
 if __name__ == "__main__":

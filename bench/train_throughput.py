@@ -37,7 +37,6 @@ import time
 
 import open_clip
 import torch
-import webdataset as wds
 from common import save_results
 from open_clip.loss import ClipLoss
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
@@ -45,6 +44,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from navit_clip.config import load_config
 from navit_clip.data.demo import ensure_demo_data
 from navit_clip.data.pipeline import PackedImageText, make_loader
+from navit_clip.data.shards import in_order
 from navit_clip.loss import ContrastiveLoss
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.packing import ResolutionPolicy, TokenDropConfig
@@ -111,9 +111,7 @@ def peer_setup(shards: str, n_images: int, precision: str):
     model = CLIP(embed_dim=128, vision_cfg=vision, text_cfg=text)
     transform = open_clip.image_transform(224, is_train=True)
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=24)
-    ds = (
-        wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode("pil").to_tuple("jpg;png", "txt")
-    )
+    ds = in_order(shards).decode("pil").to_tuple("jpg;png", "txt")
     ds = ds.map_tuple(transform, lambda t: t).batched(n_images).map(lambda b: (b[0], tokenizer(list(b[1]))))
     batches = []
     for batch in ds:

@@ -90,15 +90,14 @@ def _data_stats(args: argparse.Namespace) -> int:
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
-    import webdataset as wds
-
     from navit_clip.data.decode import BadSample, find_caption
+    from navit_clip.data.shards import in_order
     from navit_clip.tokenizer import train_sentencepiece
 
     def captions():
         n = 0
         for shards in args.shards:
-            for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
+            for sample in in_order(shards):
                 try:
                     yield find_caption(sample)
                 except BadSample:

@@ -49,6 +49,18 @@ def pairs_from_table(
             yield (path if path.is_absolute() else table.parent / path), row[caption_column]
 
 
+def in_order(shards: str):
+    """webdataset's WebDataset over `shards`, read once in order (no shard shuffling). Its check that
+    every shard yields a sample is off where the installed version has one (`empty_check`, webdataset
+    0.2.87+; 0.2.86, the oldest we support and the one open_clip_train needs, has none)."""
+    import inspect
+
+    import webdataset as wds
+
+    quiet = {"empty_check": False} if "empty_check" in inspect.signature(wds.WebDataset).parameters else {}
+    return wds.WebDataset(shards, shardshuffle=False, **quiet)
+
+
 def shard_writer(pattern: str, max_count: int):
     """webdataset's ShardWriter, with a whole-second mtime on every member.
 
