@@ -319,10 +319,11 @@ class PackedImageText(IterableDataset):
                 guard.count_shards,
                 wds.tarfile_to_samples(handler=guard.shard_error),
                 guard.saw_sample,
-                number_samples,
             ]
-            if not self.cfg.resampled and self.consumed.get(self.epoch):  # before the shuffle and decode
-                stages.append(functools.partial(drop_consumed, consumed=self.consumed[self.epoch]))
+            if not self.cfg.resampled:  # finite data: samples named for the consumed record
+                stages.append(number_samples)
+                if self.consumed.get(self.epoch):  # before the shuffle and decode
+                    stages.append(functools.partial(drop_consumed, consumed=self.consumed[self.epoch]))
             if self.cfg.shuffle_buffer > 1:
                 stages.append(
                     wds.shuffle(
